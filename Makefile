@@ -1,0 +1,43 @@
+# stockpot: the two set-up commands are `make demo` and `make test`; both are idempotent and
+# install what they need (a Debian 12 machine, as root) into .venv.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stockpot-installed
+
+.PHONY: venv demo test lint bench services clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# One pip command for everything: s3fs and moto must resolve together (aiobotocore pins botocore).
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: venv
+	$(BIN)/stockpot run configs/demo.yaml --print-config
+	@echo "make demo: the config resolves; training itself is not built yet (runtime issue)." >&2
+
+# Starts the real services the tests need (Slurm here; the S3 server is started by the tests),
+# then runs the whole suite. Under CI=true the Slurm and S3 tests must run, never skip.
+test: venv services
+	$(BIN)/python -m pytest
+
+services:
+	slurm/dev-cluster start
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# Reserved: speed and memory benchmarks, reported as ratios against a baseline from the same run.
+bench: venv
+	@echo "make bench: no benchmarks yet (reserved target)" >&2; exit 2
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,35 @@
+"""The small exception hierarchy the CLI turns into one line and an exit code."""
+
+
+class StockpotError(Exception):
+    """Base of every error stockpot raises on purpose; `exit_code` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class ConfigError(StockpotError):
+    """The config (file or `key=value` override) is wrong; the message says how to fix it."""
+
+    exit_code = 2
+
+
+class NotBuiltYet(StockpotError):
+    """A CLI subcommand that the product will have but does not yet."""
+
+    exit_code = 2
+
+
+class UsageError(StockpotError):
+    """A command was pointed at the wrong thing (no run dir, bad output name, ...)."""
+
+    exit_code = 2
+
+
+class StorageError(StockpotError):
+    """A storage operation failed for good (after retries, or a permanent error)."""
+
+
+class CheckpointCorrupt(StockpotError):
+    """A committed checkpoint fails verification (size, checksum, or an unsafe manifest)."""
+
+    exit_code = 3
