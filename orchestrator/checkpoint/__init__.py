@@ -1,0 +1,1 @@
+"""Sharded, atomically committed, verifiable checkpoints (see checkpointer.Checkpointer)."""

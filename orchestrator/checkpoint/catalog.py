@@ -1,0 +1,133 @@
+"""Discovery and verification: what is committed under a run dir, and whether it is whole.
+
+Only checkpoints whose MANIFEST.json exists and parses count. Everything else under
+`checkpoints/` is a leftover (an interrupted save, a temp dir) or corrupt (a manifest that does
+not parse or names files outside its checkpoint); readers never use either.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, MANIFEST_NAME, parse_step_dirname
+from orchestrator.checkpoint.manifest import Manifest, hash_stream
+from orchestrator.errors import CheckpointCorrupt
+from orchestrator.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    rel: str  # relative to the run dir: checkpoints/step-XXXXXXXXX
+    manifest: Manifest
+
+    @property
+    def metrics(self) -> Mapping[str, float]:
+        return self.manifest.metrics
+
+    @property
+    def data_rel(self) -> str:
+        """Where DCP's files are, relative to the run dir."""
+        data_dir = self.manifest.data_dir
+        return f"{self.rel}/{data_dir}" if data_dir else self.rel
+
+
+@dataclass(frozen=True)
+class Scan:
+    committed: list[CheckpointInfo] = field(default_factory=list)  # ascending by step
+    leftovers: list[str] = field(default_factory=list)  # rel paths, not checkpoints
+    corrupt: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason)
+
+    def latest(self) -> CheckpointInfo | None:
+        return self.committed[-1] if self.committed else None
+
+    def best(self, metric: str, mode: str = "min") -> CheckpointInfo | None:
+        scored = [c for c in self.committed if _finite(c.metrics.get(metric))]
+        if not scored:
+            return None
+        sign = 1 if mode == "min" else -1
+        return min(scored, key=lambda c: (sign * c.metrics[metric], -c.step))
+
+    def select(self, predicate: Callable[[CheckpointInfo], bool]) -> list[CheckpointInfo]:
+        return [c for c in self.committed if predicate(c)]
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and value == value and abs(value) != float("inf")
+
+
+def scan(run: Store) -> Scan:
+    """Classify every entry of `<run>/checkpoints/`."""
+    result = Scan()
+    for name in run.list(CHECKPOINTS_DIR):
+        rel = f"{CHECKPOINTS_DIR}/{name}"
+        step = parse_step_dirname(name)
+        if step is None:
+            result.leftovers.append(rel)
+            continue
+        try:
+            raw = run.read_bytes(f"{rel}/{MANIFEST_NAME}")
+        except FileNotFoundError:
+            result.leftovers.append(rel)
+            continue
+        try:
+            manifest = Manifest.from_json(raw, where=f"{rel}/{MANIFEST_NAME}")
+            if manifest.step != step:
+                raise CheckpointCorrupt(f"{rel}/{MANIFEST_NAME}: says step {manifest.step}")
+        except CheckpointCorrupt as exc:
+            result.corrupt.append((rel, str(exc)))
+            continue
+        result.committed.append(CheckpointInfo(step, rel, manifest))
+    result.committed.sort(key=lambda c: c.step)
+    return result
+
+
+def load_info(store: Store) -> CheckpointInfo:
+    """The checkpoint whose directory `store` is rooted at (CheckpointCorrupt if uncommitted)."""
+    try:
+        raw = store.read_bytes(MANIFEST_NAME)
+    except FileNotFoundError:
+        raise CheckpointCorrupt(
+            f"{store.path()} is not a committed checkpoint (no {MANIFEST_NAME})"
+        ) from None
+    manifest = Manifest.from_json(raw, where=store.path(MANIFEST_NAME))
+    return CheckpointInfo(manifest.step, "", manifest)
+
+
+def verify(ckpt: Store, manifest: Manifest, *, checksums: bool = True) -> list[str]:
+    """Problems of the checkpoint at `ckpt` against its manifest, each naming a file; [] if whole."""
+    present = ckpt.walk_files()
+    problems = []
+    for name, entry in sorted(manifest.files.items()):
+        if name not in present:
+            problems.append(f"{ckpt.path(name)}: missing")
+        elif present[name] != entry.size:
+            problems.append(f"{ckpt.path(name)}: size {present[name]} != {entry.size} in manifest")
+        elif checksums:
+            with ckpt.open_read(name) as stream:
+                got = hash_stream(stream)
+            if got.checksum != entry.checksum:
+                problems.append(
+                    f"{ckpt.path(name)}: checksum mismatch ({manifest.checksum_algorithm})"
+                )
+    return problems
+
+
+def newest_good(
+    run: Store, candidates: Iterable[CheckpointInfo], *, checksums: bool
+) -> CheckpointInfo | None:
+    """The newest candidate that verifies; each one that does not is reported loudly and skipped."""
+    for info in sorted(candidates, key=lambda c: c.step, reverse=True):
+        problems = verify(run.child(info.rel), info.manifest, checksums=checksums)
+        if not problems:
+            return info
+        log.error(
+            "checkpoint %s FAILED verification, falling back to the previous one: %s",
+            info.rel,
+            "; ".join(problems[:3]),
+        )
+    return None

@@ -1,0 +1,202 @@
+"""Sharded tensor I/O on torch.distributed.checkpoint (DCP), through fsspec, with checksums.
+
+Every stream DCP opens for writing is wrapped so its size and xxh3-128 are computed as the bytes
+go out; the records feed the manifest, so saving never re-reads what it wrote. DCP's `.metadata`
+is a pickle: it is read with a restricted unpickler that only builds DCP's own metadata classes,
+never arbitrary objects; tensors and byte items are loaded by DCP with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import (
+    FileSystem,
+    FsspecReader,
+    FsspecWriter,
+)
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from orchestrator import dist
+from orchestrator.checkpoint.manifest import FileEntry, Hasher
+from orchestrator.errors import CheckpointCorrupt
+from orchestrator.storage import Store
+
+METADATA_NAME = ".metadata"
+
+
+class _HashingStream:
+    """Passes writes through to `raw`, feeding a Hasher on the way."""
+
+    def __init__(self, raw: Any, hasher: Hasher) -> None:
+        self._raw, self._hasher = raw, hasher
+        self.closed = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self._hasher.update(b)
+        written = self._raw.write(b)
+        return memoryview(b).nbytes if written is None else written
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        self.closed = True
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's fsspec FileSystem, recording (size, checksum) of each file by its name under `root`."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__()
+        self.root = root
+        self.records: dict[str, FileEntry] = {}
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
+        with super().create_stream(path, mode) as stream:
+            if "w" not in mode:
+                yield stream
+                return
+            hasher = Hasher()
+            yield _HashingStream(stream, hasher)
+        self.records[self._name(path)] = hasher.entry()
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        super().rename(path, new_path)  # DCP's .metadata.tmp -> .metadata
+        entry = self.records.pop(self._name(path), None)
+        if entry is not None:
+            self.records[self._name(new_path)] = entry
+
+    def _name(self, path: str | os.PathLike) -> str:
+        return os.path.relpath(os.fspath(path), self.root).replace(os.sep, "/")
+
+
+class _Writer(FsspecWriter):
+    def __init__(self, store: Store, rel: str) -> None:
+        # S3 has no fsync: DCP would fall back to os.sync() of the whole machine.
+        super().__init__(store.path(rel), sync_files=not store.is_s3, **store.storage_options())
+        hashing = _HashingFileSystem(os.fspath(self.path))
+        hashing.fs = self.fs.fs
+        self.fs: _HashingFileSystem = hashing  # type: ignore[assignment]
+
+
+class _SafeMetadataUnpickler(pickle.Unpickler):
+    """Builds only DCP's own metadata classes and the torch types they hold.
+
+    No functions or modules (no `getattr`, no `os`): a tampered `.metadata` cannot run code.
+    """
+
+    _DCP_MODULES = frozenset(
+        {"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"}
+    )
+    _EXACT = frozenset({("torch", "Size"), ("torch.serialization", "_get_layout")})
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name) if self._allowed(module, name) else None
+        if found is None:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name} from checkpoint metadata"
+            )
+        return found
+
+    def _allowed(self, module: str, name: str) -> bool:
+        if (module, name) in self._EXACT:
+            return True
+        if module == "torch":
+            return isinstance(getattr(torch, name, None), torch.dtype)
+        if module in self._DCP_MODULES:
+            obj = getattr(sys.modules.get(module), name, None)
+            return isinstance(obj, type) and obj.__module__ == module
+        return False
+
+
+class _Reader(FsspecReader):
+    def __init__(self, store: Store, rel: str) -> None:
+        super().__init__(store.path(rel), **store.storage_options())
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self.fs.concat_path(self.path, METADATA_NAME)
+        try:
+            with self.fs.create_stream(path, "rb") as stream:
+                metadata = _SafeMetadataUnpickler(stream).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as exc:
+            raise CheckpointCorrupt(f"{path}: unreadable DCP metadata ({exc})") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointCorrupt(f"{path}: not DCP metadata")
+        metadata.storage_meta = metadata.storage_meta or dcp.metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    # Without a process group DCP warns "assuming the intent is to save in a single process"
+    # on every call; that is exactly our intent (tools, world size 1).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_shards(
+    state: Mapping[str, Any], store: Store, rel: str, group: Any = None
+) -> dict[str, FileEntry]:
+    """Write this rank's shards of `state` under `rel`; (size, checksum) of each file it wrote."""
+    writer = _Writer(store, rel)
+    with _quiet_single_process():
+        dcp.save(
+            dict(state),
+            storage_writer=writer,
+            process_group=group,
+            no_dist=not dist.is_initialized(),
+        )
+    return writer.fs.records
+
+
+def load_shards(state: dict[str, Any], store: Store, rel: str, group: Any = None) -> None:
+    """Fill `state` in place from the checkpoint at `rel`, resharding to this world's layout."""
+    with _quiet_single_process():
+        dcp.load(
+            state,
+            storage_reader=_Reader(store, rel),
+            process_group=group,
+            no_dist=not dist.is_initialized(),
+        )
+
+
+def read_metadata(store: Store, rel: str) -> Metadata:
+    return _Reader(store, rel).read_metadata()
+
+
+def load_flat(store: Store, rel: str, keys: list[str]) -> dict[str, Any]:
+    """Load the named flat keys (e.g. 'model.fc.weight') whole, with no model and no group."""
+    md = read_metadata(store, rel)
+    state: dict[str, Any] = {}
+    for key in keys:
+        tmeta = md.state_dict_metadata[key]
+        if isinstance(tmeta, TensorStorageMetadata):
+            state[key] = torch.empty(tmeta.size, dtype=tmeta.properties.dtype)
+        else:  # a small object saved as bytes; DCP loads it with weights_only=True
+            state[key] = None
+    with _quiet_single_process():
+        dcp.load(state, storage_reader=_Reader(store, rel), no_dist=True)
+    return state

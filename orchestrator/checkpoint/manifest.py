@@ -1,0 +1,162 @@
+"""MANIFEST.json: the commit record of a checkpoint, its schema, checksums and confinement.
+
+A checkpoint is committed if and only if its MANIFEST.json exists and parses. The manifest lists
+every file of the checkpoint with its size and xxh3-128 checksum, computed while the file was
+written (never by re-reading it on the save path). Paths are relative, posix, and must stay
+inside the checkpoint: a manifest naming `../x` or `/etc/x` is corrupt and nothing it names is
+read or deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import posixpath
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import xxhash
+
+from orchestrator.errors import CheckpointCorrupt
+
+MANIFEST_NAME = "MANIFEST.json"
+FORMAT = "stockpot.checkpoint"
+VERSION = 1
+CHECKSUM_ALGORITHM = "xxh3_128"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    checksum: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int
+    files: Mapping[str, FileEntry]
+    world_size: int
+    parallel: str = ""
+    config_hash: str = ""
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    timings: Mapping[str, float] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+    versions: Mapping[str, str] = field(default_factory=lambda: library_versions())
+    checksum_algorithm: str = CHECKSUM_ALGORITHM
+    # Sub-directory holding the data ("" = the checkpoint dir itself). On S3 each save attempt
+    # writes under its own nonce, so a racing or crashed writer can never mix files with it.
+    data_dir: str = ""
+
+    def data_path(self, name: str) -> str:
+        """Path of a data file (as DCP names it) relative to the checkpoint directory."""
+        return f"{self.data_dir}/{name}" if self.data_dir else name
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(entry.size for entry in self.files.values())
+
+    def to_json(self) -> bytes:
+        body = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        return (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str = "MANIFEST.json") -> Manifest:
+        """Parse and check a manifest; CheckpointCorrupt (naming `where`) if it is not one."""
+        try:
+            body = json.loads(raw)
+            _check(body.get("format") == FORMAT, "not a stockpot manifest")
+            _check(body.get("version") == VERSION, f"unsupported version {body.get('version')!r}")
+            files = {
+                name: FileEntry(int(e["size"]), str(e["checksum"]))
+                for name, e in body["files"].items()
+            }
+            for name in files:
+                check_confined(name)
+            manifest = cls(
+                step=int(body["step"]),
+                files=files,
+                world_size=int(body["world_size"]),
+                parallel=str(body.get("parallel", "")),
+                config_hash=str(body.get("config_hash", "")),
+                metrics={str(k): float(v) for k, v in body.get("metrics", {}).items()},
+                timings={str(k): float(v) for k, v in body.get("timings", {}).items()},
+                created_at=float(body.get("created_at", 0.0)),
+                versions=dict(body.get("versions", {})),
+                checksum_algorithm=str(body.get("checksum_algorithm", "")),
+                data_dir=str(body.get("data_dir", "")),
+            )
+            if manifest.data_dir:
+                check_confined(manifest.data_dir)
+            _check(manifest.checksum_algorithm == CHECKSUM_ALGORITHM, "unknown checksum algorithm")
+        except CheckpointCorrupt as exc:
+            raise CheckpointCorrupt(f"{where}: {exc}") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointCorrupt(
+                f"{where}: unreadable manifest ({type(exc).__name__}: {exc})"
+            ) from None
+        return manifest
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise CheckpointCorrupt(message)
+
+
+def check_confined(name: str) -> str:
+    """`name` if it is a plain relative path inside the checkpoint, else CheckpointCorrupt."""
+    normal = posixpath.normpath(name)
+    _check(
+        bool(name)
+        and not name.startswith("/")
+        and "\\" not in name
+        and ":" not in name
+        and normal == name
+        and normal != "."
+        and not normal.startswith(".."),
+        f"file name {name!r} escapes the checkpoint",
+    )
+    return name
+
+
+def library_versions() -> dict[str, str]:
+    import torch
+
+    from orchestrator import __version__
+
+    return {
+        "stockpot": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+class Hasher:
+    """Size and xxh3-128 of a byte stream, fed as it is written."""
+
+    def __init__(self) -> None:
+        self._h = xxhash.xxh3_128()
+        self.size = 0
+
+    def update(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        self._h.update(view)
+        self.size += view.nbytes
+
+    def entry(self) -> FileEntry:
+        return FileEntry(self.size, self._h.hexdigest())
+
+
+def hash_bytes(data: bytes) -> FileEntry:
+    h = Hasher()
+    h.update(data)
+    return h.entry()
+
+
+def hash_stream(stream: Any, chunk: int = 8 << 20) -> FileEntry:
+    """Size and checksum of a readable binary stream (verification reads; saving never does)."""
+    h = Hasher()
+    while block := stream.read(chunk):
+        h.update(block)
+    return h.entry()

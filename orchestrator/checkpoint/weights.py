@@ -1,0 +1,99 @@
+"""Model weights out of a checkpoint with no model code: find them, read them by plain name.
+
+`ModelAndOptimizer` registered under a name (e.g. `train`) stores the model's tensors under the
+flat DCP keys `<name>.model.<param>`. Used by `stockpot export` and by `model.init_from`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.errors import CheckpointCorrupt, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from orchestrator.storage import S3Options
+
+MODEL_KEY = ".model."  # ModelAndOptimizer's flat DCP keys: <registered name>.model.<param>
+
+
+def model_prefixes(keys: Iterable[str]) -> list[str]:
+    """Every `<name>.model.` that starts a flat key (registered names have no dots)."""
+    found = set()
+    for key in keys:
+        name, _, rest = key.partition(".")
+        if rest.startswith(MODEL_KEY[1:]):
+            found.add(name + MODEL_KEY)
+    return sorted(found)
+
+
+def choose_prefix(tensors: Mapping[str, Any], requested: str) -> str:
+    """`requested`, or the one model prefix there is when it is `auto`; UsageError otherwise."""
+    present = model_prefixes(tensors)
+    if requested != "auto":
+        prefix = requested if requested.endswith(".") else requested + "."
+        if not any(k.startswith(prefix) for k in tensors):
+            raise UsageError(
+                f"no tensors under --prefix {prefix!r}; model prefixes here: {_listed(present)}"
+            )
+        return prefix
+    if len(present) == 1:
+        return present[0]
+    others = sorted({k.partition(".")[0] + "." for k in tensors})
+    if not present:
+        raise UsageError(
+            f"no '<name>{MODEL_KEY}' tensors in this checkpoint; top-level prefixes: "
+            f"{_listed(others)}; choose one with --prefix"
+        )
+    raise UsageError(
+        f"several model prefixes: {_listed(present)}; choose one with --prefix, "
+        f"e.g. --prefix {present[0]}"
+    )
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names) if names else "none"
+
+
+def read_weights(url: str, s3: S3Options | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """Plain-named model weights from a `.safetensors` file, a committed checkpoint, or a run dir
+    (its newest checkpoint that verifies), local or s3://; and a description of the source."""
+    from orchestrator.checkpoint import catalog, dcp_io
+    from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, MANIFEST_NAME
+    from orchestrator.storage import Store
+
+    if url.endswith(".safetensors"):
+        return _read_safetensors(url, s3), url
+    store = Store(url, s3)
+    if store.exists(MANIFEST_NAME):
+        info = catalog.load_info(store)
+        ckpt = store
+    elif store.exists(CHECKPOINTS_DIR):
+        found = catalog.newest_good(store, catalog.scan(store).committed, checksums=True)
+        if found is None:
+            raise UsageError(f"{store.path()} has no committed checkpoint that verifies")
+        info, ckpt = found, store.child(found.rel)
+    else:
+        raise UsageError(
+            f"{url} is not a .safetensors file, a committed checkpoint, or a run directory"
+        )
+    problems = catalog.verify(ckpt, info.manifest, checksums=True)
+    if problems:
+        raise CheckpointCorrupt(f"{ckpt.path()}: {problems[0]}")
+    data = info.manifest.data_dir
+    metadata = dcp_io.read_metadata(ckpt, data).state_dict_metadata
+    prefix = choose_prefix(metadata, "auto")
+    keys = [k for k, meta in metadata.items() if k.startswith(prefix) and hasattr(meta, "size")]
+    loaded = dcp_io.load_flat(ckpt, data, keys)
+    return {k[len(prefix) :]: loaded[k] for k in keys}, f"{ckpt.path()} (step {info.step})"
+
+
+def _read_safetensors(url: str, s3: S3Options | None) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    from orchestrator.storage import Store
+
+    parent, _, name = url.rpartition("/")
+    return load(Store(parent or ".", s3).read_bytes(name))

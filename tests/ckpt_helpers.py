@@ -1,0 +1,29 @@
+"""Shared helpers for checkpoint tests: comparing nested states, runs on local disk or S3."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def assert_same(a: Any, b: Any, where: str = "state") -> None:
+    """Bitwise equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (
+            f"{where}: keys {a.keys()} != {b.keys()}"
+        )
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def load_dump(path: Any) -> Any:
+    return torch.load(path, weights_only=True)

@@ -1,0 +1,286 @@
+"""The Checkpointer in one process: async saves, failures, fallback, races, garbage, retention."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from orchestrator.checkpoint import catalog
+from orchestrator.checkpoint.checkpointer import Checkpointer, CheckpointError
+from orchestrator.checkpoint.layout import MANIFEST_NAME
+from orchestrator.checkpoint.retention import KeepBest, RetentionPolicy
+from orchestrator.errors import CheckpointCorrupt
+from orchestrator.state import ModelAndOptimizer, RNGState
+from orchestrator.storage import Store
+from tests.ckpt_helpers import assert_same
+
+
+class GatedStore(Store):
+    """A real Store whose manifest writes wait for a gate (or fail), to hold a commit open."""
+
+    def __init__(
+        self, url: str, gate: threading.Event | threading.Barrier | None = None, fail: bool = False
+    ) -> None:
+        super().__init__(url)
+        self.gate, self.fail = gate, fail
+
+    def write_bytes(self, rel: str, data: bytes, *, create_only: bool = False) -> None:
+        if rel.endswith(MANIFEST_NAME):
+            if self.fail:
+                raise OSError("injected: disk on fire")
+            if isinstance(self.gate, threading.Barrier):
+                self.gate.wait(timeout=60)
+            elif self.gate is not None:
+                assert self.gate.wait(timeout=60)
+        super().write_bytes(rel, data, create_only=create_only)
+
+
+def _model() -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    return model, torch.optim.AdamW(model.parameters(), lr=0.05)
+
+
+def _train(model: nn.Module, optim: torch.optim.Optimizer, steps: int = 1) -> None:
+    for _ in range(steps):
+        model(torch.randn(4, 8)).pow(2).mean().backward()
+        optim.step()
+        optim.zero_grad()
+
+
+def _checkpointer(
+    store: Store, model: nn.Module, optim: torch.optim.Optimizer, **kw
+) -> Checkpointer:
+    ckpt = Checkpointer(store, **kw)
+    ckpt.register("train", ModelAndOptimizer(model, optim))
+    ckpt.register("rng", RNGState(), per_rank=True)
+    return ckpt
+
+
+def _fresh_restore(url: str, **kw) -> tuple[nn.Module, torch.optim.Optimizer, object]:
+    model, optim = _model()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # differs from anything saved
+    ckpt = _checkpointer(Store(url), model, optim)
+    return model, optim, ckpt.restore(**kw)
+
+
+def test_async_save_stages_then_commits_the_state_of_the_save_step(tmp_path: Path) -> None:
+    gate = threading.Event()
+    model, optim = _model()
+    _train(model, optim, 2)
+    at_save = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt = _checkpointer(GatedStore(str(tmp_path), gate), model, optim, async_save=True)
+    ckpt.save(2)
+    _train(model, optim, 3)  # training continues while the save is held open
+    assert catalog.scan(Store(str(tmp_path))).committed == [], "not committed before the gate opens"
+    gate.set()
+    info = ckpt.wait()
+    assert info is not None and info.step == 2
+    ckpt.close()
+    restored, _, _ = _fresh_restore(str(tmp_path))
+    assert_same(at_save, restored.state_dict())
+    assert not torch.equal(restored[0].weight, model[0].weight)
+
+
+def test_at_most_one_save_in_flight(tmp_path: Path) -> None:
+    gate = threading.Event()
+    model, optim = _model()
+    ckpt = _checkpointer(GatedStore(str(tmp_path), gate), model, optim, async_save=True)
+    ckpt.save(1)
+    second = threading.Thread(target=ckpt.save, args=(2,))
+    second.start()
+    second.join(timeout=1.0)
+    assert second.is_alive(), "the second save waits for the first"
+    gate.set()
+    second.join(timeout=60)
+    ckpt.close()
+    assert [c.step for c in catalog.scan(Store(str(tmp_path))).committed] == [1, 2]
+
+
+def test_background_failure_surfaces_at_next_save_and_at_close(tmp_path: Path) -> None:
+    model, optim = _model()
+    ckpt = _checkpointer(GatedStore(str(tmp_path), fail=True), model, optim, async_save=True)
+    ckpt.save(1)  # returns: the failure happens in the background
+    with pytest.raises(
+        CheckpointError, match="step 1 not committed: OSError: injected: disk on fire"
+    ):
+        ckpt.save(2)  # raised before step 2 is staged: nothing new is in flight
+    ckpt.save(3)
+    with pytest.raises(CheckpointError, match="step 3 not committed"):
+        ckpt.close()
+    assert catalog.scan(Store(str(tmp_path))).committed == []
+
+
+def test_sync_failure_raises_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    model, optim = _model()
+    _checkpointer(Store(str(tmp_path)), model, optim).save(1)
+    with pytest.raises(CheckpointError, match="step 2 not committed"):
+        _checkpointer(GatedStore(str(tmp_path), fail=True), model, optim).save(2)
+    assert [c.step for c in catalog.scan(Store(str(tmp_path))).committed] == [1]
+
+
+def test_flipped_byte_falls_back_loudly_to_the_previous_checkpoint(tmp_path: Path, caplog) -> None:
+    model, optim = _model()
+    ckpt = _checkpointer(Store(str(tmp_path)), model, optim)
+    _train(model, optim)
+    ckpt.save(1)
+    at_one = {k: v.clone() for k, v in model.state_dict().items()}
+    _train(model, optim)
+    ckpt.save(2)
+    shard = next((tmp_path / "checkpoints/step-000000002").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with caplog.at_level(logging.ERROR):
+        restored, _, info = _fresh_restore(str(tmp_path))
+    assert info.step == 1
+    assert_same(at_one, restored.state_dict())
+    assert "step-000000002 FAILED verification" in caplog.text and shard.name in caplog.text
+    with pytest.raises(CheckpointCorrupt, match=f"{shard.name}: checksum mismatch"):
+        _fresh_restore(str(tmp_path), step=2)
+
+
+def test_size_check_runs_even_with_checksums_off(tmp_path: Path) -> None:
+    model, optim = _model()
+    ckpt = _checkpointer(Store(str(tmp_path)), model, optim)
+    ckpt.save(1)
+    ckpt.save(2)
+    shard = next((tmp_path / "checkpoints/step-000000002").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-1])
+    fresh = _checkpointer(Store(str(tmp_path)), *_model(), verify_checksums=False)
+    assert fresh.restore().step == 1
+
+
+def test_user_registered_state_and_hooks_round_trip(tmp_path: Path) -> None:
+    class Counter:
+        def __init__(self) -> None:
+            self.n, self.history = 0, [0.0]
+
+        def state_dict(self) -> dict:
+            return {"n": self.n, "history": list(self.history), "t": torch.arange(3) * self.n}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.n, self.history = state["n"], list(state["history"])
+
+    saved: dict = {}
+    counter, position = Counter(), {"index": 0}
+    ckpt = Checkpointer(Store(str(tmp_path)))
+    ckpt.register("counter", counter)
+    ckpt.register("data", save=lambda: dict(position), load=saved.update, per_rank=True)
+    counter.n, counter.history, position["index"] = 7, [0.5, 0.25], 1234
+    ckpt.save(5)
+    other = Counter()
+    fresh = Checkpointer(Store(str(tmp_path)))
+    fresh.register("counter", other)
+    fresh.register("data", save=dict, load=saved.update, per_rank=True)
+    assert fresh.restore().step == 5
+    assert (other.n, other.history, saved) == (7, [0.5, 0.25], {"index": 1234})
+
+
+def test_register_refuses_bad_names_and_arguments(tmp_path: Path) -> None:
+    ckpt = Checkpointer(Store(str(tmp_path)))
+    ckpt.register("a", RNGState())
+    for name in ("a", "b.c", ""):
+        with pytest.raises(ValueError, match="is empty, has a dot, or is taken"):
+            ckpt.register(name, RNGState())
+    with pytest.raises(TypeError, match="save= and load="):
+        ckpt.register("x", save=dict)
+
+
+def test_saving_a_committed_step_again_is_refused(tmp_path: Path) -> None:
+    model, optim = _model()
+    ckpt = _checkpointer(Store(str(tmp_path)), model, optim)
+    ckpt.save(3)
+    with pytest.raises(CheckpointError, match="step-000000003 is already committed"):
+        ckpt.save(3)
+
+
+def test_retention_keeps_newest_and_best(tmp_path: Path) -> None:
+    model, optim = _model()
+    policy = RetentionPolicy(keep_last=2, keep_best=KeepBest("eval/loss", "min", 1))
+    ckpt = _checkpointer(Store(str(tmp_path)), model, optim, policy=policy)
+    for step, loss in [(1, 5.0), (2, 0.5), (3, 4.0), (4, 3.0), (5, 2.0)]:
+        ckpt.save(step, {"eval/loss": loss})
+    assert [c.step for c in catalog.scan(Store(str(tmp_path))).committed] == [2, 4, 5]
+    assert catalog.scan(Store(str(tmp_path))).best("eval/loss").step == 2
+
+
+def test_garbage_from_an_interrupted_session_is_collected_at_the_next_save(tmp_path: Path) -> None:
+    model, optim = _model()
+    _checkpointer(Store(str(tmp_path)), model, optim).save(5)
+    ck = tmp_path / "checkpoints"
+    for name in (".tmp-step-000000006-deadbeef", "step-000000003", "step-000000009"):
+        (ck / name).mkdir()
+        (ck / name / "__0_0.distcp").write_bytes(b"partial")
+    corrupt = ck / "step-000000001"
+    corrupt.mkdir()
+    (corrupt / MANIFEST_NAME).write_text(
+        '{"format": "stockpot.checkpoint", "version": 1, "step": 1, '
+        '"world_size": 1, "files": {"../x": {"size": 1, "checksum": "0"}}}'
+    )
+    scan = catalog.scan(Store(str(tmp_path)))
+    assert [c.step for c in scan.committed] == [5]
+    assert [rel for rel, _ in scan.corrupt] == ["checkpoints/step-000000001"]
+    assert "escapes the checkpoint" in scan.corrupt[0][1]
+    _checkpointer(Store(str(tmp_path)), model, optim).save(10)
+    left = sorted(p.name for p in ck.iterdir())
+    # temp dir and the uncommitted step older than the newest commit are gone; the uncommitted
+    # newer one is left (it could belong to a writer still running); the corrupt one is never touched
+    assert left == ["step-000000001", "step-000000005", "step-000000009", "step-000000010"]
+
+
+def test_two_writers_race_to_commit_one_step_on_s3(s3_server, s3_bucket, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    url = f"{s3_bucket}/run"
+    barrier = threading.Barrier(2)  # both reach the create-only manifest PUT together
+    outcomes: list[object] = []
+
+    def writer() -> None:
+        model, optim = _model()
+        try:
+            _checkpointer(GatedStore(url, barrier), model, optim).save(7)
+            outcomes.append("committed")
+        except CheckpointError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=writer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert outcomes.count("committed") == 1
+    (loser,) = [o for o in outcomes if o != "committed"]
+    assert "another writer committed" in str(loser) and "step-000000007 first" in str(loser)
+    (info,) = catalog.scan(Store(url)).committed
+    assert catalog.verify(Store(url).child(info.rel), info.manifest) == []
+    _, _, restored = _fresh_restore(url)
+    assert restored.step == 7
+    # the loser's attempt is garbage inside the committed step; the next session removes it
+    assert len(Store(url).list(info.rel)) == 3
+    model, optim = _model()
+    _checkpointer(Store(url), model, optim).save(8)
+    assert sorted(Store(url).list(info.rel)) == sorted([MANIFEST_NAME, info.manifest.data_dir])
+
+
+def test_tampered_dcp_metadata_cannot_run_code(tmp_path: Path) -> None:
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    model, optim = _model()
+    _checkpointer(Store(str(tmp_path)), model, optim).save(1)
+    (tmp_path / "checkpoints/step-000000001/.metadata").write_bytes(pickle.dumps(Evil()))
+    from orchestrator.checkpoint import dcp_io
+
+    with pytest.raises(CheckpointCorrupt, match=r"refusing to load posix\.system"):
+        dcp_io.read_metadata(Store(str(tmp_path)), "checkpoints/step-000000001")
+    assert not (tmp_path / "pwned").exists()
