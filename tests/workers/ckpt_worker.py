@@ -18,6 +18,7 @@ from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.checkpoint.retention import RetentionPolicy
 from orchestrator.state import ModelAndOptimizer, RNGState
 from orchestrator.storage import Store
+from orchestrator.worker import exit_now
 
 
 def build_model(width: int) -> nn.Module:
@@ -103,7 +104,8 @@ def main() -> None:
     if args.dump and dist.rank() == 0:
         torch.save(state, args.dump)
     dist.barrier()
-    dist.teardown()
+    # Leave with the model alive: destroying DDP's Reducer can deadlock with gloo's thread.
+    exit_now(0)
 
 
 if __name__ == "__main__":

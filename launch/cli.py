@@ -1,0 +1,162 @@
+"""The `stockpot` console script (also `python -m launch`).
+
+Heavy modules (torch, fsspec, submitit) are imported inside the command that needs them, so
+`stockpot --help` and config errors answer at once. Every StockpotError becomes one line on
+stderr and its exit code; a traceback only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from orchestrator.errors import NotBuiltYet, StockpotError
+
+EXIT_INTERRUPTED = 130
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="overrides, e.g. trainer.max_steps=200"
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (with its hash) and exit",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stockpot",
+        description="Fault-tolerant training on Slurm: atomic sharded checkpoints, "
+        "exact resume after preemption, model soups.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="train here (spawns trainer.nproc local ranks), resuming")
+    _add_config_args(run)
+    run.set_defaults(handler=_cmd_run)
+
+    submit = sub.add_parser("submit", help="submit the run to Slurm (or the local executor)")
+    _add_config_args(submit)
+    submit.add_argument("--dry-run", action="store_true", help="print the sbatch script only")
+    submit.set_defaults(handler=_not_built("submit"))
+
+    status = sub.add_parser("status", help="committed checkpoints and leftovers of a run")
+    status.add_argument("run_dir", help="run directory: local path or s3://bucket/prefix")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_inspect("cmd_status"))
+
+    verify = sub.add_parser("verify", help="check sizes and checksums (exit 3 if bad)")
+    verify.add_argument("path", help="a run directory (all checkpoints) or one checkpoint")
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.set_defaults(handler=_inspect("cmd_verify"))
+
+    export = sub.add_parser("export", help="write a checkpoint's weights as one safetensors file")
+    export.add_argument("checkpoint", help="a committed checkpoint directory")
+    export.add_argument("--out", required=True, help="output .safetensors file")
+    export.add_argument(
+        "--prefix",
+        "--key-prefix",
+        dest="prefix",
+        default="auto",
+        help="flat key prefix of the model tensors, e.g. train.model. (default: auto-detect)",
+    )
+    export.set_defaults(handler=_inspect("cmd_export"))
+
+    soup = sub.add_parser("soup", help="merge committed checkpoints into a model soup")
+    soup.add_argument("config", help="YAML config file with a soup: section")
+    soup.add_argument("overrides", nargs="*", metavar="key=value")
+    soup.set_defaults(handler=_not_built("soup"))
+    return parser
+
+
+def _not_built(name: str) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        raise NotBuiltYet(f"'stockpot {name}' is not built yet")
+
+    return handler
+
+
+def _inspect(name: str) -> Handler:
+    """A read-only command from launch.inspect, imported only when it runs."""
+
+    def handler(args: argparse.Namespace) -> int:
+        from launch import inspect as commands
+
+        command: Handler = getattr(commands, name)
+        return command(args)
+
+    return handler
+
+
+def _load_config(args: argparse.Namespace):  # -> orchestrator.config.Config
+    from orchestrator import config
+
+    cfg = config.load(args.config, args.overrides)
+    if args.print_config:
+        print(config.to_yaml(cfg), end="")
+    return cfg
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    if args.print_config:
+        return 0
+    return run_config(cfg)
+
+
+def run_config(cfg) -> int:  # cfg: orchestrator.config.Config
+    """Train `cfg` here: in this process when Slurm or torchrun started the ranks, else spawn
+    trainer.nproc local ranks. Returns the worst rank's exit code (75: stopped, resumable)."""
+    import json
+    import os
+    import tempfile
+
+    from launch.local import in_managed_job, spawn_local
+
+    if in_managed_job(os.environ):
+        from orchestrator.worker import exit_now, main_with
+
+        exit_now(main_with(cfg))  # torch objects must not be torn down in-process
+    with tempfile.TemporaryDirectory(prefix="stockpot-") as tmp:
+        path = os.path.join(tmp, "config.json")
+        with open(path, "w") as f:
+            json.dump(cfg.to_dict(), f)
+        argv = [sys.executable, "-m", "orchestrator.worker", path]
+        return spawn_local(argv, cfg.trainer.nproc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except StockpotError as exc:
+        if args.debug:
+            raise
+        print(f"stockpot: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # storage: missing paths, permissions, exhausted retries
+        if args.debug:
+            raise
+        print(f"stockpot: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stockpot: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

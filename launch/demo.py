@@ -1,0 +1,105 @@
+"""`make demo`: train the demo, interrupt it with a real signal midway, resume, summarise.
+
+    python -m launch.demo [CONFIG] [key=value ...]
+
+1. `stockpot run CONFIG` starts (2 local ranks on the demo config) in a fresh run dir.
+2. Once it has committed a checkpoint and trained on a little, the job gets SIGUSR2, as Slurm
+   sends before a time limit: the ranks agree at the next step boundary, save, and exit 75.
+3. `stockpot run CONFIG` again resumes from the newest committed checkpoint and finishes.
+4. A summary: steps, restarts, checkpoints, final held-out accuracy (read from the run dir).
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from orchestrator.config import Config, load
+
+STOPPED = 75
+
+
+def main(argv: list[str]) -> int:
+    path, overrides = (argv[0], argv[1:]) if argv else ("configs/demo.yaml", [])
+    cfg = load(path, overrides)
+    if cfg.run.dir.startswith("s3://"):
+        raise SystemExit("make demo trains on local disk; drop the s3:// run.dir")
+    run_dir = Path(cfg.run.dir)
+    if run_dir.exists():
+        print(f"demo: starting afresh: removing the previous demo run {run_dir}")
+        shutil.rmtree(run_dir)
+    command = [sys.executable, "-m", "launch", "run", path, *overrides]
+    first = _interrupted_run(command, run_dir, cfg)
+    if first not in (0, STOPPED):
+        print(f"demo: the first run failed with exit {first}", file=sys.stderr)
+        return first
+    if first == STOPPED:
+        print(
+            "\ndemo: the job saved and stopped (exit 75); starting it again to resume\n", flush=True
+        )
+        code = subprocess.call(command)
+        if code != 0:
+            print(f"demo: the resumed run failed with exit {code}", file=sys.stderr)
+            return code
+    _summary(cfg, run_dir)
+    return 0
+
+
+def _interrupted_run(command: list[str], run_dir: Path, cfg: Config) -> int:
+    from orchestrator.checkpoint import catalog
+    from orchestrator.storage import Store
+
+    job = subprocess.Popen(command)
+    store = Store(str(run_dir))
+    target = max(1, cfg.trainer.max_steps // 2)
+    while job.poll() is None:
+        latest = catalog.scan(store).latest() if run_dir.exists() else None
+        if latest is not None and latest.step >= target // 2 and _trained_past(store, target):
+            print(
+                f"\ndemo: sending SIGUSR2 to the job (pid {job.pid}), as Slurm does before a "
+                "time limit\n",
+                flush=True,
+            )
+            job.send_signal(signal.SIGUSR2)
+            break
+        time.sleep(0.2)
+    return job.wait()
+
+
+def _trained_past(store, step: int) -> bool:
+    from orchestrator.metrics import read_metrics
+
+    return any(rec.get("step", 0) >= step for rec in read_metrics(store))
+
+
+def _summary(cfg: Config, run_dir: Path) -> None:
+    from orchestrator.checkpoint import catalog
+    from orchestrator.metrics import last_per_step, read_metrics
+    from orchestrator.storage import Store
+
+    store = Store(str(run_dir))
+    scan = catalog.scan(store)
+    records = read_metrics(store)
+    accuracy = last_per_step(records, "eval/accuracy")
+    steps = max((r["step"] for r in records), default=0)
+    print("\n=== stockpot demo summary ===")
+    print(f"run dir        {run_dir}")
+    print(f"steps trained  {steps} of {cfg.trainer.max_steps}")
+    resumes = [r for r in records if r.get("event") == "resumed"]
+    where = ", ".join(f"from step {r['step']}" for r in resumes)
+    print(f"restarts       {len(resumes)}" + (f" (resumed {where})" if resumes else ""))
+    print(
+        f"checkpoints    {', '.join(str(c.step) for c in scan.committed)} (committed, verified on resume)"
+    )
+    if accuracy:
+        last = max(accuracy)
+        print(f"held-out acc   {accuracy[last]:.3f} at step {last} (chance: 0.10)")
+    print(f"inspect        stockpot status {run_dir}   |   stockpot verify {run_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

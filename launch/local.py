@@ -1,0 +1,187 @@
+"""`stockpot run`'s local spawner: N worker processes on this machine, like `torchrun --standalone`.
+
+Each child gets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR and
+MASTER_PORT (a free port picked here), so `DistEnv.from_environ` reads it as torchrun-style.
+When one child fails the others get `grace_s` to finish on their own, then SIGTERM, then
+SIGKILL after another `grace_s` (what torchrun does).
+
+Signals: SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 sent to the spawner are forwarded to every child,
+with handlers installed only while the children run. A handler only records the signal; the
+wait loop forwards it (within POLL_S), so no forwarding races the start of the children.
+
+Children stay in the spawner's process group, so a terminal's Ctrl-C reaches them directly, as
+it would without the spawner. The tty then delivers SIGINT to the spawner too; forwarding it
+would give every child a second SIGINT, and a second KeyboardInterrupt can break a worker's
+clean-up. So SIGINT is not forwarded while the spawner is the terminal's foreground process
+group (the tty has already delivered it); a `kill -INT <spawner>` in that state reaches only
+the spawner: use SIGTERM for that. Other signals come from `kill`/Slurm, aimed at one process,
+and are always forwarded; someone signalling the whole group (`kill -- -PGID`, or Slurm
+signalling every process of a batch step) delivers twice, which stockpot's workers tolerate
+because their handlers only set a flag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from types import FrameType
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+# How often the wait loop checks children and forwards signals.
+POLL_S = 0.05
+MASTER_ADDR = "127.0.0.1"
+
+
+def in_managed_job(env: Mapping[str, str]) -> bool:
+    """True when ranks already exist: inside an srun step, or under torchrun/`stockpot run`.
+
+    The sbatch batch script is NOT a step: Slurm 22.05 gives it SLURM_PROCID=0 and the
+    allocation's SLURM_NTASKS but no SLURM_STEP_ID, and it is one process; there `stockpot run`
+    spawns its own ranks.
+    """
+
+    def is_set(name: str) -> bool:
+        return bool(env.get(name, "").strip())
+
+    in_step = is_set("SLURM_PROCID") and (is_set("SLURM_STEP_ID") or is_set("SLURM_STEPID"))
+    return in_step or (is_set("RANK") and is_set("WORLD_SIZE"))
+
+
+def free_port(host: str = MASTER_ADDR) -> int:
+    """A TCP port free right now (rank 0 binds it a moment later; torchrun takes the same risk)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def rank_environ(base: Mapping[str, str], rank: int, nproc: int, port: int) -> dict[str, str]:
+    """The environment of local rank `rank` of `nproc`; the rank variables win over `base`."""
+    return {
+        **base,
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "GROUP_RANK": "0",
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "MASTER_ADDR": MASTER_ADDR,
+        "MASTER_PORT": str(port),
+    }
+
+
+def exit_code(returncode: int) -> int:
+    """A Popen return code as a shell reports it: killed by signal N -> 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def spawn_local(
+    argv: list[str], nproc: int, *, env: Mapping[str, str] | None = None, grace_s: float = 10.0
+) -> int:
+    """Run `argv` as `nproc` ranks on this machine; wait; return the job's exit code.
+
+    0 if every child exits 0; otherwise the code of the first child to fail (lowest rank on a
+    tie): the others usually fail because of it (a lost peer, or our SIGTERM), so theirs would
+    hide the cause. nproc=1 still runs a child, so signals behave the same at every size.
+    """
+    if nproc < 1:
+        raise ValueError(f"nproc={nproc} must be >= 1")
+    if not argv:
+        raise ValueError("argv is empty: nothing to run")
+    if grace_s < 0:
+        raise ValueError(f"grace_s={grace_s} must be >= 0")
+    base = {**os.environ, **(env or {})}
+    port = free_port()
+    children = _Children()
+    with _recording_signals(children.pending):
+        try:
+            for rank in range(nproc):
+                children.start(argv, rank_environ(base, rank, nproc, port))
+            return children.wait(grace_s)
+        finally:
+            children.kill_running()
+
+
+class _Children:
+    """The spawned ranks, and the signals waiting to be forwarded to them."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.pending: list[int] = []
+
+    def start(self, argv: list[str], env: Mapping[str, str]) -> None:
+        # Same process group as the spawner (no start_new_session): see the module docstring.
+        self.procs.append(subprocess.Popen(argv, env=env))
+
+    def wait(self, grace_s: float) -> int:
+        failure: int | None = None
+        escalations = iter((signal.SIGTERM, signal.SIGKILL))
+        deadline = float("inf")
+        while True:
+            self.forward_pending()
+            codes = [p.poll() for p in self.procs]
+            if failure is None:
+                failed = [c for c in codes if c is not None and c != 0]
+                if failed:
+                    failure = exit_code(failed[0])
+                    deadline = time.monotonic() + grace_s
+            if all(c is not None for c in codes):
+                return failure or 0
+            if time.monotonic() >= deadline:
+                sig = next(escalations, None)
+                self.send(signal.SIGKILL if sig is None else sig)
+                deadline = time.monotonic() + grace_s
+            time.sleep(POLL_S)
+
+    def forward_pending(self) -> None:
+        while self.pending:
+            sig = self.pending.pop(0)
+            if sig == signal.SIGINT and _terminal_sent_to_group():
+                continue
+            self.send(sig)
+
+    def send(self, sig: int) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(sig)
+
+    def kill_running(self) -> None:
+        """Leave no child behind (the normal path has none left; an exception may)."""
+        self.send(signal.SIGKILL)
+        for p in self.procs:
+            p.wait()
+
+
+def _terminal_sent_to_group() -> bool:
+    """Whether a SIGINT here most likely came from our terminal, to our whole process group."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False  # no controlling terminal: the SIGINT was aimed at us alone
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _recording_signals(pending: list[int]) -> Iterator[None]:
+    """Append each FORWARDED signal to `pending` while inside; restore the old handlers after."""
+
+    def record(signum: int, _frame: FrameType | None) -> None:
+        pending.append(signum)
+
+    previous = {sig: signal.signal(sig, record) for sig in FORWARDED}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            # None: the old handler was not set from Python; the default is the best guess.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)

@@ -1,0 +1,355 @@
+"""Who this process is in the job (rank, world, rendezvous address), read from its environment.
+
+Pure: every function reads only the mapping it is given, so the same code is tested with plain
+dicts and runs under Slurm (`srun`, submitit), under `torchrun`, under `stockpot run`'s local
+spawner, or alone. No torch import: the launcher plane uses this too.
+
+Precedence (first that applies):
+1. torchrun-style: RANK and WORLD_SIZE both set (torchrun and `stockpot run` set them; they win
+   even inside a Slurm step, because whoever set them spawned this process).
+2. Slurm: SLURM_PROCID and SLURM_NTASKS set (a task of an `srun` step).
+3. single: rank 0 of 1 on 127.0.0.1, port 0.
+
+A variable set to an empty string counts as unset (`export RANK=` is the shell idiom for it).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+Source = Literal["slurm", "torchrun", "single"]
+RequestedDevice = Literal["auto", "cpu", "cuda"]
+
+LOOPBACK = "127.0.0.1"
+# Derived Slurm master ports lie in [PORT_BASE, PORT_BASE + PORT_SPAN): above the usual
+# registered services, below Linux's default ephemeral range (32768-60999 overlaps the top part;
+# a collision there only costs one failed rendezvous, and MASTER_PORT overrides it).
+PORT_BASE = 20000
+PORT_SPAN = 30000
+# A nodelist expanding to more hosts than this is a typo, not a cluster.
+MAX_HOSTS = 65536
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job; `from_environ` builds it from SLURM_* or torchrun vars."""
+
+    # Global rank, 0 <= rank < world_size.
+    rank: int
+    # Rank among the processes on this node; picks the GPU (`cuda:<local_rank>`).
+    local_rank: int
+    world_size: int
+    # Processes on this node.
+    local_world_size: int
+    # Rendezvous host of rank 0 and its TCP port (0: let a world of one pick any).
+    master_addr: str
+    master_port: int
+    source: Source
+    node_rank: int = 0
+    num_nodes: int = 1
+    # Slurm job id ("<array job>_<task>" for array tasks, as submitit names them); None outside.
+    job_id: str | None = None
+    # SLURM_RESTART_COUNT: 0 on the first run (Slurm leaves it unset), n after n requeues.
+    restart_count: int = 0
+
+    def __post_init__(self) -> None:
+        _check_index("rank", self.rank, "world_size", self.world_size)
+        _check_index("local_rank", self.local_rank, "local_world_size", self.local_world_size)
+        _check_index("node_rank", self.node_rank, "num_nodes", self.num_nodes)
+        if not 0 <= self.master_port <= 65535:
+            raise ValueError(f"master_port={self.master_port} is not a port (0-65535)")
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_environ(cls, env: Mapping[str, str]) -> DistEnv:
+        """Read the environment (e.g. `os.environ`); one-line ValueError naming a bad variable."""
+        if _get(env, "RANK") is not None and _get(env, "WORLD_SIZE") is not None:
+            return _from_torchrun(env)
+        if _get(env, "SLURM_PROCID") is not None and _get(env, "SLURM_NTASKS") is not None:
+            return _from_slurm(env)
+        job_id, restarts = _job_identity(env)
+        return cls(0, 0, 1, 1, LOOPBACK, 0, "single", job_id=job_id, restart_count=restarts)
+
+
+def backend_for(device: str) -> str:
+    """The torch.distributed backend for a device string ("cuda", "cuda:1", "cpu")."""
+    return "nccl" if device.split(":", 1)[0] == "cuda" else "gloo"
+
+
+def device_for(local_rank: int, requested: RequestedDevice, cuda_available: bool) -> str:
+    """`cuda:<local_rank>` when CUDA is requested (or "auto" and available), else "cpu"."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device={requested!r} is not one of 'auto', 'cpu', 'cuda'")
+    if requested == "cuda" and not cuda_available:
+        raise ValueError("device='cuda' but CUDA is not available here; use 'cpu' or 'auto'")
+    if requested == "cpu" or not cuda_available:
+        return "cpu"
+    return f"cuda:{local_rank}"
+
+
+# ------------------------------------------------------------------------------- sources ----
+
+
+def _from_torchrun(env: Mapping[str, str]) -> DistEnv:
+    world = _int(env, "WORLD_SIZE", minimum=1)
+    rank = _int(env, "RANK")
+    _check_index("RANK", rank, "WORLD_SIZE", world)
+    # Without the local variables assume one node (what a hand-written RANK/WORLD_SIZE means).
+    local_world = _int(env, "LOCAL_WORLD_SIZE", default=world, minimum=1)
+    if local_world > world:
+        raise ValueError(f"LOCAL_WORLD_SIZE={local_world} exceeds WORLD_SIZE={world}")
+    local_rank = _int(env, "LOCAL_RANK", default=rank % local_world)
+    _check_index("LOCAL_RANK", local_rank, "LOCAL_WORLD_SIZE", local_world)
+    num_nodes = -(-world // local_world)
+    # torchrun's GROUP_RANK is the node rank.
+    node_rank = _int(env, "GROUP_RANK", default=rank // local_world)
+    _check_index("GROUP_RANK", node_rank, "node count WORLD_SIZE/LOCAL_WORLD_SIZE", num_nodes)
+    if world == 1:
+        addr = _get(env, "MASTER_ADDR") or LOOPBACK
+        port = _port(env, "MASTER_PORT", default=0, distributed=False)
+    else:
+        addr = _required(env, "MASTER_ADDR", f"with RANK={rank} and WORLD_SIZE={world}")
+        port = _port(env, "MASTER_PORT", default=None, distributed=True)
+    job_id, restarts = _job_identity(env)
+    return DistEnv(
+        rank, local_rank, world, local_world, addr, port, "torchrun",
+        node_rank=node_rank, num_nodes=num_nodes, job_id=job_id, restart_count=restarts,
+    )  # fmt: skip
+
+
+def _from_slurm(env: Mapping[str, str]) -> DistEnv:
+    world = _int(env, "SLURM_NTASKS", minimum=1)
+    rank = _int(env, "SLURM_PROCID")
+    _check_index("SLURM_PROCID", rank, "SLURM_NTASKS", world)
+    if world > 1 and _get(env, "SLURM_STEP_ID") is None and _get(env, "SLURM_STEPID") is None:
+        # The batch script has SLURM_PROCID=0 and the allocation's SLURM_NTASKS but is one
+        # process: taking it for rank 0 of many would wait for peers that never come.
+        raise ValueError(
+            f"SLURM_NTASKS={world} but SLURM_STEP_ID is unset: this is the batch script, not a "
+            "task of an srun step; start the ranks with srun or `stockpot run`"
+        )
+    num_nodes_var, num_nodes = _first_int(
+        env, ("SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"), default=1
+    )
+    node_rank = _int(env, "SLURM_NODEID", default=0)
+    _check_index("SLURM_NODEID", node_rank, num_nodes_var, num_nodes)
+    local_world = _slurm_local_world_size(env, node_rank, world, num_nodes)
+    local_rank = _int(env, "SLURM_LOCALID", default=0)
+    _check_index("SLURM_LOCALID", local_rank, "tasks on this node", local_world)
+    addr = _get(env, "MASTER_ADDR") or _slurm_first_host(env)
+    derived = _slurm_port(env)
+    if derived is None and world > 1 and _get(env, "MASTER_PORT") is None:
+        raise ValueError("MASTER_PORT is not set and SLURM_JOB_ID is missing to derive one")
+    port = _port(env, "MASTER_PORT", default=derived or 0, distributed=world > 1)
+    job_id, restarts = _job_identity(env)
+    return DistEnv(
+        rank, local_rank, world, local_world, addr, port, "slurm",
+        node_rank=node_rank, num_nodes=num_nodes, job_id=job_id, restart_count=restarts,
+    )  # fmt: skip
+
+
+def _slurm_local_world_size(
+    env: Mapping[str, str], node_rank: int, world: int, num_nodes: int
+) -> int:
+    """Tasks on this node. The step's layout first: a step may use part of the allocation, and
+    SLURM_NTASKS_PER_NODE is the sbatch request, which a later srun need not follow."""
+    for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        value = _get(env, name)
+        if value is not None:
+            counts = parse_tasks_per_node(value, name)
+            if node_rank >= len(counts):
+                raise ValueError(f"{name}={value!r} has no entry for SLURM_NODEID={node_rank}")
+            return counts[node_rank]
+    if _get(env, "SLURM_NTASKS_PER_NODE") is not None:
+        return _int(env, "SLURM_NTASKS_PER_NODE", minimum=1)
+    if num_nodes == 1:
+        return world
+    raise ValueError("SLURM_TASKS_PER_NODE is not set, so tasks per node are unknown")
+
+
+def _slurm_first_host(env: Mapping[str, str]) -> str:
+    for name in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"):
+        value = _get(env, name)
+        if value is not None:
+            try:
+                return parse_nodelist(value)[0]
+            except ValueError as e:
+                raise ValueError(f"{name}={value!r}: {e}") from None
+    raise ValueError("MASTER_ADDR is not set and neither is SLURM_JOB_NODELIST")
+
+
+def _slurm_port(env: Mapping[str, str]) -> int | None:
+    """A master port every task of the job computes alike; None without SLURM_JOB_ID.
+
+    It moves with each requeue (restart * 13): the requeued run may land on the same node while
+    its predecessor's listening socket still sits in TIME_WAIT. Jobs are spread by id * 7, so
+    neighbouring jobs on one node differ too.
+    """
+    if _get(env, "SLURM_JOB_ID") is None:
+        return None
+    job = _int(env, "SLURM_JOB_ID")
+    restarts = _int(env, "SLURM_RESTART_COUNT", default=0)
+    return PORT_BASE + (job * 7 + restarts * 13) % PORT_SPAN
+
+
+def _job_identity(env: Mapping[str, str]) -> tuple[str | None, int]:
+    array_job, array_task = _get(env, "SLURM_ARRAY_JOB_ID"), _get(env, "SLURM_ARRAY_TASK_ID")
+    job_id = f"{array_job}_{array_task}" if array_job and array_task else _get(env, "SLURM_JOB_ID")
+    return job_id, _int(env, "SLURM_RESTART_COUNT", default=0)
+
+
+# ------------------------------------------------------------------------ variable reading ----
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or not value.strip():
+        return None
+    return value.strip()
+
+
+def _required(env: Mapping[str, str], name: str, why: str) -> str:
+    value = _get(env, name)
+    if value is None:
+        raise ValueError(f"{name} is not set (needed {why})")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, *, default: int | None = None, minimum: int = 0) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        if default is None:
+            raise ValueError(f"{name} is not set")
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def _first_int(env: Mapping[str, str], names: tuple[str, ...], *, default: int) -> tuple[str, int]:
+    for name in names:
+        if _get(env, name) is not None:
+            return name, _int(env, name, minimum=1)
+    return names[0], default
+
+
+def _port(env: Mapping[str, str], name: str, *, default: int | None, distributed: bool) -> int:
+    if _get(env, name) is None and default is None:
+        raise ValueError(f"{name} is not set (needed when WORLD_SIZE > 1)")
+    port = _int(env, name, default=default)
+    if port > 65535:
+        raise ValueError(f"{name}={port} is not a port (0-65535)")
+    if port == 0 and distributed:
+        raise ValueError(f"{name}=0: ranks cannot meet on port 0; set a fixed port")
+    return port
+
+
+def _check_index(index_name: str, index: int, size_name: str, size: int) -> None:
+    if size < 1:
+        raise ValueError(f"{size_name}={size} must be >= 1")
+    if not 0 <= index < size:
+        raise ValueError(f"{index_name}={index} is not in [0, {size_name}={size})")
+
+
+# ------------------------------------------------------------------------- Slurm syntaxes ----
+
+_TASKS_ENTRY = re.compile(r"(\d+)(?:\(x(\d+)\))?")
+_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
+_LITERAL = re.compile(r"[^\s\[\],]*")
+
+
+def parse_tasks_per_node(value: str, name: str = "SLURM_TASKS_PER_NODE") -> list[int]:
+    """Slurm's compressed per-node counts: "2(x3),1" -> [2, 2, 2, 1]."""
+    counts: list[int] = []
+    for entry in value.split(","):
+        m = _TASKS_ENTRY.fullmatch(entry.strip())
+        if m is None or int(m.group(1)) < 1:
+            raise ValueError(f"{name}={value!r} is not a tasks-per-node list like '2(x3),1'")
+        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
+    return counts
+
+
+def parse_nodelist(nodelist: str) -> list[str]:
+    """Expand a Slurm hostlist: "gpu[01-03,07],cpu3" -> gpu01 gpu02 gpu03 gpu07 cpu3.
+
+    Zero padding follows the range's first number, as in Slurm ("n[08-10]" -> n08 n09 n10,
+    "n[8-10]" -> n8 n9 n10). Several brackets in one name expand as a product, the first
+    varying slowest ("a[1-2]b[3-4]" -> a1b3 a1b4 a2b3 a2b4). Order and duplicates are kept.
+    """
+    if not nodelist.strip():
+        raise ValueError("empty nodelist")
+    hosts: list[str] = []
+    for expression in _split_top_level(nodelist):
+        hosts.extend(_expand_host(expression, budget=MAX_HOSTS - len(hosts)))
+    return hosts
+
+
+def _split_top_level(nodelist: str) -> list[str]:
+    """Split on the commas outside brackets; brackets must pair up and not nest."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(nodelist):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(nodelist[start:i])
+            start = i + 1
+        if depth not in (0, 1):
+            raise ValueError(f"nodelist {nodelist!r}: unbalanced or nested brackets at {i}")
+    if depth:
+        raise ValueError(f"nodelist {nodelist!r}: unclosed '['")
+    parts.append(nodelist[start:])
+    if not all(parts):
+        raise ValueError(f"nodelist {nodelist!r}: empty host name")
+    return parts
+
+
+def _expand_host(expression: str, budget: int) -> list[str]:
+    # re.split with a group keeps the brackets: literal, [..], literal, [..], ..., literal
+    tokens = re.split(r"(\[[^\]]*\])", expression)
+    names = [""]
+    for token in tokens:
+        if token.startswith("["):
+            choices = _expand_brackets(token, expression)
+        elif _LITERAL.fullmatch(token):
+            choices = [token]
+        else:
+            raise ValueError(f"nodelist host {expression!r}: bad character in {token!r}")
+        if len(names) * len(choices) > budget:
+            raise ValueError(f"nodelist host {expression!r}: more than {MAX_HOSTS} hosts")
+        names = [name + choice for name in names for choice in choices]
+    return names
+
+
+def _expand_brackets(token: str, expression: str) -> list[str]:
+    out: list[str] = []
+    for item in token[1:-1].split(","):
+        m = _RANGE.fullmatch(item)
+        if m is None:
+            raise ValueError(f"nodelist host {expression!r}: bad range {item!r} in {token}")
+        lo, hi = m.group(1), m.group(2)
+        if hi is None:
+            out.append(lo)
+            continue
+        first, last = int(lo), int(hi)
+        if first > last:
+            raise ValueError(f"nodelist host {expression!r}: range {item!r} runs backwards")
+        if last - first >= MAX_HOSTS:
+            raise ValueError(f"nodelist host {expression!r}: more than {MAX_HOSTS} hosts")
+        out.extend(f"{i:0{len(lo)}d}" for i in range(first, last + 1))
+    return out

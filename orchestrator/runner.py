@@ -1,0 +1,204 @@
+"""One rank's training run: join the group, build the parts, resume, train, leave.
+
+The same code runs under Slurm (srun/submitit), under torchrun, and under `stockpot run`'s own
+local spawner; the environment decides rank, world size and rendezvous (`env.DistEnv`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import numpy as np
+import torch
+
+from orchestrator import dist, parallel
+from orchestrator.checkpoint import catalog
+from orchestrator.checkpoint.checkpointer import Checkpointer
+from orchestrator.checkpoint.retention import KeepBest, RetentionPolicy
+from orchestrator.config import Config, computation_view, config_hash, diff_views, to_yaml
+from orchestrator.data import ResumableSampler
+from orchestrator.env import DistEnv, backend_for, device_for
+from orchestrator.errors import ConfigError
+from orchestrator.loop import Outcome, Parts, train
+from orchestrator.metrics import MetricsLog
+from orchestrator.optim import build_optimizer, build_scheduler
+from orchestrator.preemption import StopFlag
+from orchestrator.progress import Progress
+from orchestrator.state import ModelAndOptimizer, RNGState
+from orchestrator.storage import S3Options, Store
+from orchestrator.tasks import build_task
+
+log = logging.getLogger(__name__)
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal after committing a checkpoint; run again
+
+# Wrapped models and process groups are never destroyed in this process: destroying a DDP
+# Reducer holds the GIL while gloo's worker thread waits for it to free a tensor (a deadlock
+# seen here), and other C++ teardown aborts now and then. The process leaves with os._exit
+# once everything is committed (worker.exit_now), so they are kept referenced until then.
+_RETAINED: list[object] = []
+
+
+def run(cfg: Config, env: DistEnv) -> Outcome:
+    """Train this rank. The process group is left up (see _RETAINED): leave with exit_now."""
+    device = device_for(env.local_rank, cfg.trainer.device, torch.cuda.is_available())
+    if env.is_distributed:
+        dist.init(backend_for(device), env.rank, env.world_size, env.master_addr, env.master_port)
+    with StopFlag() as stop:
+        parts = build(cfg, env, device, stop)
+        _RETAINED.append(parts)
+        return train(parts, cfg.trainer, cfg.checkpoint)
+
+
+def exit_code(outcome: Outcome) -> int:
+    return 0 if outcome.finished else EXIT_STOPPED
+
+
+def run_store(cfg: Config) -> Store:
+    s3 = cfg.storage.s3
+    return Store(
+        cfg.run.dir,
+        S3Options(
+            endpoint_url=s3.endpoint_url,
+            region=s3.region,
+            profile=s3.profile,
+            max_attempts=s3.max_attempts,
+        ),
+    )
+
+
+def retention_policy(cfg: Config) -> RetentionPolicy:
+    c = cfg.checkpoint
+    best = (
+        KeepBest(c.keep_best.metric, c.keep_best.mode, c.keep_best.k)
+        if c.keep_best.metric
+        else None
+    )
+    return RetentionPolicy(
+        keep_last=c.keep_last, keep_best=best, keep_every_steps=c.keep_every_steps
+    )
+
+
+def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> Parts:
+    store = run_store(cfg)
+    task = build_task(cfg.task.target, dict(cfg.task.params))
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = task.build_model()
+    fresh = not catalog.scan(store).committed
+    if fresh and cfg.model.init_from:
+        init_from(model, cfg.model.init_from, store)
+    model = parallel.wrap(
+        model, cfg.trainer.parallel, device=device, mixed_precision=cfg.trainer.mixed_precision
+    )
+    _RETAINED.append(model)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    progress = Progress()
+    scheduler = build_scheduler(optimizer, cfg.scheduler, lambda: progress.horizon)
+    train_data, eval_data = task.train_set(), task.eval_set()
+    sampler = ResumableSampler(
+        len(train_data), cfg.trainer.batch_size, env.rank, env.world_size, cfg.run.seed
+    )
+    ckpt = Checkpointer(
+        store,
+        policy=retention_policy(cfg),
+        async_save=cfg.checkpoint.async_save,
+        verify_checksums=cfg.checkpoint.verify_checksums,
+        parallel=cfg.trainer.parallel,
+        config_hash=config_hash(cfg),
+    )
+    ckpt.register("train", ModelAndOptimizer(model, optimizer))
+    ckpt.register("scheduler", scheduler)
+    ckpt.register("sampler", sampler)
+    ckpt.register("progress", progress)
+    ckpt.register("rng", RNGState(), per_rank=True)
+    _seed_rank(cfg.run.seed, env.rank)  # restore overwrites these with the saved streams
+    _resume_or_start(cfg, ckpt, progress, sampler, env)
+    if env.is_leader:
+        store.write_bytes("config.yaml", to_yaml(cfg).encode())
+    metrics = MetricsLog(store, enabled=env.is_leader, restart=env.restart_count)
+    if progress.resumes:
+        metrics.record(progress.step, {}, event="resumed", resumes=progress.resumes)
+    return Parts(
+        env,
+        device,
+        task,
+        model,
+        optimizer,
+        scheduler,
+        train_data,
+        eval_data,
+        sampler,
+        progress,
+        ckpt,
+        metrics,
+        stop,
+    )
+
+
+def _seed_rank(seed: int, rank: int) -> None:
+    mixed = seed * 1_000_003 + rank
+    random.seed(mixed)
+    np.random.seed(mixed % 2**32)
+    torch.manual_seed(mixed)
+
+
+def _resume_or_start(
+    cfg: Config, ckpt: Checkpointer, progress: Progress, sampler: ResumableSampler, env: DistEnv
+) -> None:
+    info = ckpt.restore()
+    view = computation_view(cfg)
+    if info is None:
+        progress.horizon = cfg.scheduler.decay_steps or cfg.trainer.max_steps
+        progress.config = view
+        return
+    changes = diff_views(progress.config, view)
+    if changes and not cfg.resume.allow_config_change:
+        raise ConfigError(
+            f"config changed since checkpoint step {info.step}: {'; '.join(changes)}; "
+            "set resume.allow_config_change=true to resume anyway, or use a new run.dir"
+        )
+    if changes:
+        log.warning("resuming with a changed config (allowed): %s", "; ".join(changes))
+        progress.config = view
+    if info.manifest.world_size != env.world_size and env.is_leader:
+        log.warning(
+            "resuming world size %d from a checkpoint of world size %d: model and "
+            "optimizer are exact; data continues at global sample %d",
+            env.world_size,
+            info.manifest.world_size,
+            sampler.samples_seen,
+        )
+    progress.resumes += 1
+    if env.is_leader:
+        log.info("resumed from step %d (resume #%d)", info.step, progress.resumes)
+
+
+def init_from(model: torch.nn.Module, source: str, store: Store) -> None:
+    """Load matching parameters from `source` into a fresh model; refuse shape mismatches."""
+    from orchestrator.checkpoint.weights import read_weights
+
+    weights, where = read_weights(source, store.s3)
+    own = model.state_dict()
+    for name, tensor in weights.items():
+        if name in own and tuple(own[name].shape) != tuple(tensor.shape):
+            raise ConfigError(
+                f"model.init_from {source}: parameter {name!r} has shape {tuple(tensor.shape)} "
+                f"there but {tuple(own[name].shape)} in this model"
+            )
+    result = model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+    unexpected = sorted(set(weights) - set(own))
+    if dist.rank() == 0:
+        log.info(
+            "initialised from %s: %d tensors loaded", where, len(own) - len(result.missing_keys)
+        )
+        if result.missing_keys:
+            log.warning(
+                "init_from: not in the source (left as initialised): %s",
+                ", ".join(result.missing_keys),
+            )
+        if unexpected:
+            log.warning(
+                "init_from: in the source but not in this model (ignored): %s",
+                ", ".join(unexpected),
+            )

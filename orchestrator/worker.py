@@ -1,0 +1,58 @@
+"""One rank's process: `python -m orchestrator.worker CONFIG.json`.
+
+`stockpot run` writes the resolved config as plain JSON and starts one of these per local rank
+(or runs `main` in-process when Slurm or torchrun already started the ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from orchestrator.config import Config, from_dict
+from orchestrator.env import DistEnv
+from orchestrator.errors import StockpotError
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def main_with(cfg: Config, environ: dict[str, str] | None = None) -> int:
+    from orchestrator import runner
+
+    env = DistEnv.from_environ(os.environ if environ is None else environ)
+    setup_logging(env.rank)
+    try:
+        return runner.exit_code(runner.run(cfg, env))
+    except StockpotError as exc:
+        logging.getLogger("stockpot").error("%s", exc)
+        return exc.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    (path,) = argv if argv is not None else sys.argv[1:]
+    with open(path) as f:
+        cfg = from_dict(json.load(f))
+    return main_with(cfg)
+
+
+def exit_now(code: int) -> None:
+    """Leave without interpreter finalisation. Everything durable is committed by now; what is
+    left is C++ teardown of gloo/DDP objects, which can deadlock (a DDP Reducer freed with the
+    GIL held while gloo's thread waits for it) or abort ("terminate called without an active
+    exception", exit 134) after a clean finish."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_now(main())

@@ -1,0 +1,413 @@
+"""DistEnv.from_environ and the Slurm syntaxes: tables, properties, and a real srun capture."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from orchestrator.env import (
+    MAX_HOSTS,
+    PORT_BASE,
+    PORT_SPAN,
+    DistEnv,
+    backend_for,
+    device_for,
+    parse_nodelist,
+    parse_tasks_per_node,
+)
+from tests.fixtures.slurm import SlurmCluster
+
+# What task 1 of `srun -n2 -N1` saw on the dev cluster (Slurm 22.05), trimmed to what matters.
+SRUN_TASK1 = {
+    "SLURM_JOB_ID": "8",
+    "SLURM_JOBID": "8",
+    "SLURM_JOB_NODELIST": "vm",
+    "SLURM_NODELIST": "vm",
+    "SLURM_STEP_NODELIST": "vm",
+    "SLURM_JOB_NUM_NODES": "1",
+    "SLURM_NNODES": "1",
+    "SLURM_STEP_NUM_NODES": "1",
+    "SLURM_NODEID": "0",
+    "SLURM_NTASKS": "2",
+    "SLURM_NPROCS": "2",
+    "SLURM_STEP_NUM_TASKS": "2",
+    "SLURM_TASKS_PER_NODE": "2",
+    "SLURM_STEP_TASKS_PER_NODE": "2",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "1",
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEPID": "0",
+    "SLURM_GTIDS": "0,1",
+}
+# The sbatch -n2 batch script itself: rank-like variables, but no step.
+BATCH_SCRIPT = {
+    k: v
+    for k, v in SRUN_TASK1.items()
+    if not k.startswith(("SLURM_STEP", "SLURM_GTIDS", "SLURM_PROCID", "SLURM_LOCALID"))
+} | {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_GTIDS": "0"}
+TORCHRUN = {
+    "RANK": "3",
+    "LOCAL_RANK": "1",
+    "WORLD_SIZE": "4",
+    "LOCAL_WORLD_SIZE": "2",
+    "GROUP_RANK": "1",
+    "MASTER_ADDR": "node-a",
+    "MASTER_PORT": "29500",
+}
+# Rank 3 of a 2-node step (2 tasks per node) on the virtual cluster's n1, n2.
+TWO_NODES = SRUN_TASK1 | {
+    "SLURM_JOB_ID": "41",
+    "SLURM_JOB_NODELIST": "n[1-2]",
+    "SLURM_NODELIST": "n[1-2]",
+    "SLURM_STEP_NODELIST": "n[1-2]",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_NNODES": "2",
+    "SLURM_STEP_NUM_NODES": "2",
+    "SLURM_NODEID": "1",
+    "SLURM_NTASKS": "4",
+    "SLURM_TASKS_PER_NODE": "2(x2)",
+    "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+    "SLURM_PROCID": "3",
+    "SLURM_LOCALID": "1",
+}
+
+
+def derived_port(job: int, restarts: int = 0) -> int:
+    return PORT_BASE + (job * 7 + restarts * 13) % PORT_SPAN
+
+
+# ------------------------------------------------------------------------ from_environ ----
+
+FIELDS = ("source", "rank", "local_rank", "world_size", "local_world_size", "node_rank",
+          "num_nodes", "master_addr", "master_port", "job_id", "restart_count")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        pytest.param({}, ("single", 0, 0, 1, 1, 0, 1, "127.0.0.1", 0, None, 0), id="empty"),
+        pytest.param(
+            {"SLURM_JOB_ID": "5", "SLURM_RESTART_COUNT": "2"},
+            ("single", 0, 0, 1, 1, 0, 1, "127.0.0.1", 0, "5", 2),
+            id="salloc-shell",
+        ),
+        pytest.param(
+            TORCHRUN, ("torchrun", 3, 1, 4, 2, 1, 2, "node-a", 29500, None, 0), id="torchrun"
+        ),
+        pytest.param(
+            {"RANK": "0", "WORLD_SIZE": "1"},
+            ("torchrun", 0, 0, 1, 1, 0, 1, "127.0.0.1", 0, None, 0),
+            id="torchrun-world-1-needs-no-master",
+        ),
+        pytest.param(
+            {"RANK": "2", "WORLD_SIZE": "3", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
+            ("torchrun", 2, 2, 3, 3, 0, 1, "h", 1, None, 0),
+            id="torchrun-without-local-vars-is-one-node",
+        ),
+        pytest.param(
+            SRUN_TASK1 | TORCHRUN,
+            ("torchrun", 3, 1, 4, 2, 1, 2, "node-a", 29500, "8", 0),
+            id="torchrun-inside-srun-wins",
+        ),
+        pytest.param(
+            SRUN_TASK1,
+            ("slurm", 1, 1, 2, 2, 0, 1, "vm", derived_port(8), "8", 0),
+            id="srun-capture",
+        ),
+        pytest.param(
+            SRUN_TASK1 | {"SLURM_RESTART_COUNT": "1"},
+            ("slurm", 1, 1, 2, 2, 0, 1, "vm", derived_port(8, 1), "8", 1),
+            id="srun-requeued",
+        ),
+        pytest.param(
+            SRUN_TASK1 | {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"},
+            ("slurm", 1, 1, 2, 2, 0, 1, "10.0.0.1", 1234, "8", 0),
+            id="srun-master-override",
+        ),
+        pytest.param(
+            TWO_NODES,
+            ("slurm", 3, 1, 4, 2, 1, 2, "n1", derived_port(41), "41", 0),
+            id="two-nodes",
+        ),
+        pytest.param(
+            TWO_NODES
+            | {"SLURM_NTASKS": "3", "SLURM_PROCID": "2", "SLURM_LOCALID": "0"}
+            | {"SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_TASKS_PER_NODE": "2,1"},
+            ("slurm", 2, 0, 3, 1, 1, 2, "n1", derived_port(41), "41", 0),
+            id="uneven-nodes-use-this-nodes-count",
+        ),
+        pytest.param(
+            # srun -n1 inside an sbatch --ntasks-per-node=2: the step layout wins over the request.
+            SRUN_TASK1
+            | {"SLURM_NTASKS_PER_NODE": "2", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}
+            | {"SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "1"},
+            ("slurm", 0, 0, 1, 1, 0, 1, "vm", derived_port(8), "8", 0),
+            id="step-layout-over-request",
+        ),
+        pytest.param(
+            {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "9"}
+            | {"SLURM_LOCALID": "0", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NUM_NODES": "2"}
+            | {"SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_ARRAY_JOB_ID": "7"}
+            | {"SLURM_ARRAY_TASK_ID": "2"},
+            ("slurm", 0, 0, 2, 1, 0, 2, "gpu07", derived_port(9), "7_2", 0),
+            id="array-task-ntasks-per-node",
+        ),
+        pytest.param(
+            BATCH_SCRIPT | {"SLURM_NTASKS": "1", "SLURM_TASKS_PER_NODE": "1"},
+            ("slurm", 0, 0, 1, 1, 0, 1, "vm", derived_port(8), "8", 0),
+            id="batch-script-of-one-task",
+        ),
+        pytest.param(
+            {"RANK": "", "WORLD_SIZE": " ", "SLURM_RESTART_COUNT": ""},
+            ("single", 0, 0, 1, 1, 0, 1, "127.0.0.1", 0, None, 0),
+            id="blank-is-unset",
+        ),
+    ],
+)
+def test_from_environ(env: dict[str, str], expected: tuple[object, ...]) -> None:
+    got = DistEnv.from_environ(env)
+    assert tuple(getattr(got, f) for f in FIELDS) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SLURM_PROCID": "x", "SLURM_NTASKS": "2"}, "SLURM_PROCID='x' is not an integer"),
+        (SRUN_TASK1 | {"SLURM_PROCID": "2"}, "SLURM_PROCID=2 is not in [0, SLURM_NTASKS=2)"),
+        (SRUN_TASK1 | {"SLURM_NTASKS": "0"}, "SLURM_NTASKS=0 must be >= 1"),
+        (SRUN_TASK1 | {"SLURM_LOCALID": "2"}, "SLURM_LOCALID=2 is not in [0, tasks on this"),
+        (TWO_NODES | {"SLURM_NODEID": "2"}, "SLURM_NODEID=2 is not in [0, SLURM_STEP_NUM_NODES=2)"),
+        (SRUN_TASK1 | {"SLURM_STEP_TASKS_PER_NODE": "2(x"}, "SLURM_STEP_TASKS_PER_NODE='2(x'"),
+        (TWO_NODES | {"SLURM_STEP_TASKS_PER_NODE": "4"}, "has no entry for SLURM_NODEID=1"),
+        (SRUN_TASK1 | {"SLURM_JOB_ID": "abc"}, "SLURM_JOB_ID='abc' is not an integer"),
+        (SRUN_TASK1 | {"SLURM_RESTART_COUNT": "-1"}, "SLURM_RESTART_COUNT=-1 must be >= 0"),
+        (SRUN_TASK1 | {"MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a port"),
+        (SRUN_TASK1 | {"MASTER_PORT": "0"}, "MASTER_PORT=0: ranks cannot meet on port 0"),
+        (SRUN_TASK1 | {"SLURM_STEP_NODELIST": "vm[1-"}, "SLURM_STEP_NODELIST='vm[1-'"),
+        (BATCH_SCRIPT, "SLURM_NTASKS=2 but SLURM_STEP_ID is unset"),
+        (
+            {k: v for k, v in SRUN_TASK1.items() if "NODELIST" not in k},
+            "MASTER_ADDR is not set and neither is SLURM_JOB_NODELIST",
+        ),
+        (
+            {k: v for k, v in SRUN_TASK1.items() if k != "SLURM_JOB_ID"},
+            "MASTER_PORT is not set and SLURM_JOB_ID is missing",
+        ),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 is not in [0, WORLD_SIZE=2)"),
+        ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK=-1 must be >= 0"),
+        ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+        ({"RANK": "1", "WORLD_SIZE": "2"}, "MASTER_ADDR is not set (needed with RANK=1"),
+        (
+            {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h"},
+            "MASTER_PORT is not set (needed when WORLD_SIZE > 1)",
+        ),
+        (TORCHRUN | {"LOCAL_RANK": "2"}, "LOCAL_RANK=2 is not in [0, LOCAL_WORLD_SIZE=2)"),
+        (TORCHRUN | {"LOCAL_WORLD_SIZE": "5"}, "LOCAL_WORLD_SIZE=5 exceeds WORLD_SIZE=4"),
+    ],
+)
+def test_from_environ_rejects(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        DistEnv.from_environ(env)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_properties_and_direct_validation() -> None:
+    leader = DistEnv(0, 0, 2, 2, "h", 1, "torchrun")
+    assert leader.is_leader and leader.is_distributed
+    assert not DistEnv.from_environ({}).is_distributed
+    assert not DistEnv(1, 1, 2, 2, "h", 1, "slurm").is_leader
+    with pytest.raises(ValueError, match=r"rank=2 is not in \[0, world_size=2\)"):
+        DistEnv(2, 0, 2, 2, "h", 1, "slurm")
+    with pytest.raises(ValueError, match="master_port=-1"):
+        DistEnv(0, 0, 1, 1, "h", -1, "single")
+
+
+ints = st.integers(min_value=0, max_value=10**9)
+
+
+@given(job=ints, restarts=st.integers(min_value=0, max_value=1000))
+def test_derived_port_in_range_and_moves_on_requeue(job: int, restarts: int) -> None:
+    env = SRUN_TASK1 | {"SLURM_JOB_ID": str(job), "SLURM_RESTART_COUNT": str(restarts)}
+    port = DistEnv.from_environ(env).master_port
+    assert PORT_BASE <= port < PORT_BASE + PORT_SPAN
+    # Every task derives the same port; the requeued run a different one.
+    assert (
+        DistEnv.from_environ(env | {"SLURM_PROCID": "0", "SLURM_LOCALID": "0"}).master_port == port
+    )
+    requeued = env | {"SLURM_RESTART_COUNT": str(restarts + 1)}
+    assert DistEnv.from_environ(requeued).master_port != port
+
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE")
+SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS")
+
+
+@given(present=st.sets(st.sampled_from(TORCHRUN_VARS + SLURM_VARS)), rank=st.integers(0, 3))
+def test_precedence(present: set[str], rank: int) -> None:
+    env = {"MASTER_ADDR": "m", "MASTER_PORT": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "3"}
+    env |= {"SLURM_JOB_NODELIST": "vm", "SLURM_LOCALID": str(rank)}
+    env |= {name: str(rank) for name in ("RANK", "SLURM_PROCID") if name in present}
+    env |= {name: "4" for name in ("WORLD_SIZE", "SLURM_NTASKS") if name in present}
+    got = DistEnv.from_environ(env)
+    if set(TORCHRUN_VARS) <= present:
+        assert got.source == "torchrun"
+    elif set(SLURM_VARS) <= present:
+        assert got.source == "slurm"
+    else:
+        assert got.source == "single"
+    assert (got.rank, got.world_size) == ((rank, 4) if got.source != "single" else (0, 1))
+
+
+# ---------------------------------------------------------------------- device, backend ----
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "requested", "cuda", "device", "backend"),
+    [
+        (1, "auto", True, "cuda:1", "nccl"),
+        (1, "auto", False, "cpu", "gloo"),
+        (0, "cpu", True, "cpu", "gloo"),
+        (3, "cuda", True, "cuda:3", "nccl"),
+    ],
+)
+def test_device_and_backend(
+    local_rank: int, requested: str, cuda: bool, device: str, backend: str
+) -> None:
+    got = device_for(local_rank, requested, cuda)  # type: ignore[arg-type]
+    assert got == device
+    assert backend_for(got) == backend
+
+
+def test_device_errors() -> None:
+    with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
+        device_for(0, "cuda", False)
+    with pytest.raises(ValueError, match="device='tpu' is not one of"):
+        device_for(0, "tpu", True)  # type: ignore[arg-type]
+    assert backend_for("cuda") == "nccl"
+
+
+# ------------------------------------------------------------------------- Slurm syntax ----
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "hosts"),
+    [
+        ("n1", ["n1"]),
+        ("vm", ["vm"]),
+        ("n[1-2]", ["n1", "n2"]),
+        ("n[1-2],n5", ["n1", "n2", "n5"]),
+        ("gpu[01-04,07],cpu3", ["gpu01", "gpu02", "gpu03", "gpu04", "gpu07", "cpu3"]),
+        ("n[8-10]", ["n8", "n9", "n10"]),
+        ("n[08-10]", ["n08", "n09", "n10"]),
+        ("n[007]", ["n007"]),
+        ("a[1-2]b[3-4]", ["a1b3", "a1b4", "a2b3", "a2b4"]),
+        ("node[1-2]-ib", ["node1-ib", "node2-ib"]),
+        ("rack1-n[3,1]", ["rack1-n3", "rack1-n1"]),
+        ("[1-2]", ["1", "2"]),
+        ("h.example.com,n[1-1]", ["h.example.com", "n1"]),
+    ],
+)
+def test_parse_nodelist(nodelist: str, hosts: list[str]) -> None:
+    assert parse_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize(
+    "nodelist",
+    ["", " ", "n[", "n]", "n[1-2", "n[1-2]]", "n[[1]]", "n[]", "n[a-b]", "n[2-1]", "n[1-2-3]",
+     "n[1,,2]", "n1,,n2", ",n1", "n1,", "n 1", "n[1:2]", "n[1-99999999]", "a[0-999]b[0-999]"],
+)  # fmt: skip
+def test_parse_nodelist_rejects(nodelist: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_nodelist(nodelist)
+    assert "\n" not in str(info.value)
+
+
+def test_parse_nodelist_limit() -> None:
+    assert len(parse_nodelist(f"n[1-{MAX_HOSTS}]")) == MAX_HOSTS
+    with pytest.raises(ValueError, match="more than"):
+        parse_nodelist(f"n[1-{MAX_HOSTS}],x")
+
+
+@pytest.mark.parametrize(
+    ("value", "counts"),
+    [("2", [2]), ("2(x3)", [2, 2, 2]), ("2,1", [2, 1]), ("4(x2),1,3(x1)", [4, 4, 1, 3])],
+)
+def test_parse_tasks_per_node(value: str, counts: list[int]) -> None:
+    assert parse_tasks_per_node(value) == counts
+
+
+@pytest.mark.parametrize("value", ["", "x", "2(x)", "0", "2(3)", "2,,1"])
+def test_parse_tasks_per_node_rejects(value: str) -> None:
+    with pytest.raises(ValueError, match="SLURM_TASKS_PER_NODE="):
+        parse_tasks_per_node(value)
+
+
+prefixes = st.text("abcxyz-.", min_size=1, max_size=6).filter(lambda p: not p[-1].isdigit())
+groups = st.tuples(
+    prefixes,
+    st.lists(st.integers(0, 300), min_size=1, max_size=12, unique=True).map(sorted),
+    st.integers(1, 4),
+)
+
+
+def compress(prefix: str, numbers: list[int], width: int) -> str:
+    """Slurm's compressed form: runs of consecutive numbers become ranges."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    items = [f"{r[0]:0{width}d}" + (f"-{r[-1]:0{width}d}" if len(r) > 1 else "") for r in runs]
+    return f"{prefix}[{','.join(items)}]"
+
+
+@given(st.lists(groups, min_size=1, max_size=4))
+def test_parse_nodelist_round_trip(spec: list[tuple[str, list[int], int]]) -> None:
+    nodelist = ",".join(compress(p, numbers, w) for p, numbers, w in spec)
+    expected = [f"{p}{n:0{w}d}" for p, numbers, w in spec for n in numbers]
+    assert parse_nodelist(nodelist) == expected
+    # The expanded names are themselves a valid nodelist.
+    assert parse_nodelist(",".join(expected)) == expected
+
+
+# ------------------------------------------------------------------- real Slurm capture ----
+
+RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.mark.slurm
+def test_srun_tasks_read_as_ranks(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    # Our own SLURM_* (if pytest runs inside a job) and rank variables would leak into the step.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in RANK_VARS and (not k.startswith("SLURM_") or k == "SLURM_CONF")
+    }
+    script = f"env -0 > {tmp_path}/env.$SLURM_PROCID && hostname -s > {tmp_path}/host.$SLURM_PROCID"
+    # --overcommit: the two-node mode gives each node one CPU, and this asks for two tasks on one.
+    cmd = ["srun", "-n2", "-N1", "--overcommit", "-p", slurm_cluster.default_partition]
+    proc = subprocess.run(
+        [*cmd, "sh", "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    dists = []
+    for task in (0, 1):
+        pairs = (item.split("=", 1) for item in (tmp_path / f"env.{task}").read_text().split("\0"))
+        task_env = dict(p for p in pairs if len(p) == 2)
+        assert "SLURM_STEP_ID" in task_env
+        dist = DistEnv.from_environ(task_env)
+        assert dist.master_addr == (tmp_path / f"host.{task}").read_text().strip()
+        dists.append(dist)
+    assert {d.rank for d in dists} == {0, 1}
+    assert {d.local_rank for d in dists} == {0, 1}
+    assert all(d.source == "slurm" and d.world_size == 2 for d in dists)
+    assert all(d.local_world_size == 2 and d.num_nodes == 1 for d in dists)
+    assert len({(d.master_addr, d.master_port, d.job_id) for d in dists}) == 1
+    assert dists[0].restart_count == 0

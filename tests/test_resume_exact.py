@@ -1,0 +1,257 @@
+"""Exact resume: real `stockpot run` jobs SIGKILLed at random steps end bit-identical.
+
+The kills are SIGKILL to the whole job (spawner and both ranks), never a polite signal. After
+each kill the run is started again and resumes from its newest committed checkpoint; at the end
+its weights and optimizer state must equal an uninterrupted run's bit for bit, and every step's
+loss (the last line per step in metrics.jsonl) must be the same.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.checkpoint import catalog, dcp_io
+from orchestrator.metrics import last_per_step, read_metrics
+from orchestrator.storage import Store
+from tests.ckpt_helpers import assert_same
+
+REPO = Path(__file__).resolve().parents[1]
+STOCKPOT = str(Path(sys.executable).parent / "stockpot")
+MAX_STEPS = 40
+BASE = [
+    "configs/demo.yaml", f"trainer.max_steps={MAX_STEPS}", "trainer.log_every=1",
+    "trainer.eval_every=12", "checkpoint.every_steps=4", "checkpoint.keep_last=2",
+    "task.n_train=4096", "task.n_eval=512",
+]  # fmt: skip
+
+
+def stockpot_run(run_dir: Path, *overrides: str, log: Path, timeout: float = 300) -> int:
+    with open(log, "ab") as out:
+        return subprocess.run(
+            [STOCKPOT, "run", *BASE, f"run.dir={run_dir}", *overrides],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+        ).returncode
+
+
+def newest_step(run_dir: Path) -> int:
+    latest = catalog.scan(Store(str(run_dir))).latest()
+    return latest.step if latest else 0
+
+
+def kill_at_random_steps(
+    run_dir: Path, kills: int, rng: random.Random, *overrides: str, log: Path
+) -> list[int]:
+    """Start the run and SIGKILL the whole job a random moment after the checkpoint at each of
+    `kills` random steps commits (so somewhere in the next steps, or mid-save); restart it after
+    each kill; finally let it finish. Returns the newest committed step at each kill."""
+    every = 4  # checkpoint.every_steps in BASE
+    targets = sorted(rng.sample(range(every, MAX_STEPS - 2 * every, every), kills))
+    seen = []
+    for target in targets:
+        with open(log, "ab") as out:
+            job = subprocess.Popen(
+                [STOCKPOT, "run", *BASE, f"run.dir={run_dir}", *overrides],
+                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 240
+        while newest_step(run_dir) < target and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.25))
+        assert job.poll() is None, f"the run ended before the kill after step {target}"
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        seen.append(newest_step(run_dir))
+    assert stockpot_run(run_dir, *overrides, log=log) == 0, log.read_text()[-3000:]
+    return seen
+
+
+def final_state(run_dir: Path, step: int = MAX_STEPS) -> dict:
+    store = Store(str(run_dir))
+    info = catalog.scan(store).latest()
+    assert info is not None and info.step == step
+    keys = list(dcp_io.read_metadata(store, info.data_rel).state_dict_metadata)
+    state = dcp_io.load_flat(store, info.data_rel, [k for k in keys if k.startswith("train.")])
+    return state
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return last_per_step(read_metrics(Store(str(run_dir))), "loss")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Uninterrupted runs, one per variant that needs its own."""
+    return {}
+
+
+def _uninterrupted(cache: dict[str, Path], key: str, root: Path, *overrides: str) -> Path:
+    if key not in cache:
+        run_dir = root / f"ref-{key}"
+        assert stockpot_run(run_dir, *overrides, log=root / f"ref-{key}.log") == 0, (
+            root / f"ref-{key}.log"
+        ).read_text()[-3000:]
+        cache[key] = run_dir
+    return cache[key]
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("ddp", ("trainer.parallel=ddp",)),
+        ("fsdp", ("trainer.parallel=fsdp",)),
+        ("ddp-async", ("trainer.parallel=ddp", "checkpoint.async_save=true")),
+    ],
+)
+def test_killed_three_times_ends_bit_identical(
+    name: str,
+    overrides: tuple[str, ...],
+    tmp_path: Path,
+    reference: dict[str, Path],
+    tmp_path_factory,
+) -> None:
+    root = tmp_path_factory.getbasetemp() / "exact-refs"
+    root.mkdir(exist_ok=True)
+    ref = _uninterrupted(reference, name.removesuffix("-async"), root, *overrides[:1])
+    run_dir = tmp_path / "run"
+    at = kill_at_random_steps(run_dir, 3, random.Random(name), *overrides, log=tmp_path / "run.log")
+    assert len(at) == 3 and at[-1] < MAX_STEPS
+    print(f"{name}: SIGKILLed with the newest commit at steps {at}, resumed each time")
+    assert_same(final_state(ref), final_state(run_dir))
+    want, got = losses(ref), losses(run_dir)
+    assert sorted(want) == list(range(1, MAX_STEPS + 1))
+    assert got == want
+    restarts = {rec.get("restart") for rec in read_metrics(Store(str(run_dir)))}
+    assert restarts == {0}, "local runs have no Slurm restart count"
+
+
+def test_world_size_two_to_one_continues_from_the_same_global_sample(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    log = tmp_path / "run.log"
+    assert stockpot_run(run_dir, "trainer.max_steps=12", log=log) == 0
+    store = Store(str(run_dir))
+    at_two = catalog.scan(store).latest()
+    two = dcp_io.load_flat(store, at_two.data_rel, ["sampler.samples_seen", "train.model.0.weight"])
+    assert (
+        stockpot_run(
+            run_dir,
+            "trainer.max_steps=16",
+            "trainer.nproc=1",
+            "trainer.batch_size=128",
+            "resume.allow_config_change=true",
+            log=log,
+        )
+        == 0
+    )
+    one = catalog.scan(store).latest()
+    assert (one.step, one.manifest.world_size) == (16, 1)
+    after = dcp_io.load_flat(store, one.data_rel, ["sampler.samples_seen"])
+    # 2 ranks x 64 per step for 12 steps, then 1 rank x 128 per step for 4 more
+    assert two["sampler.samples_seen"] == 12 * 128
+    assert after["sampler.samples_seen"] == 16 * 128
+    assert "resuming world size 1 from a checkpoint of world size 2" in log.read_text()
+
+
+def test_two_rank_checkpoint_restores_model_and_optimizer_exactly_in_one_rank(
+    tmp_path: Path,
+) -> None:
+    from orchestrator.checkpoint.checkpointer import Checkpointer
+    from orchestrator.state import ModelAndOptimizer
+    from orchestrator.tasks import build_task
+
+    run_dir = tmp_path / "run"
+    assert (
+        stockpot_run(run_dir, "trainer.max_steps=8", "trainer.parallel=fsdp", log=tmp_path / "log")
+        == 0
+    )
+    store = Store(str(run_dir))
+    task = build_task(
+        "orchestrator.tasks.synthetic.SyntheticClassification", {"n_train": 4096, "n_eval": 512}
+    )
+    model = task.build_model()
+    optim = torch.optim.AdamW(model.parameters(), lr=0.003, weight_decay=0.01)
+    ckpt = Checkpointer(store)
+    ckpt.register("train", ModelAndOptimizer(model, optim))
+    assert ckpt.restore().step == 8
+    restored = _flatten({"train": ModelAndOptimizer(model, optim).state_dict()})
+    saved = final_state(run_dir, step=8)
+    tensors = {k: v for k, v in saved.items() if isinstance(v, torch.Tensor)}
+    assert tensors.keys() <= restored.keys() and len(tensors) > 10
+    for key, value in tensors.items():
+        assert torch.equal(value, restored[key]), key
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {
+            k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()
+        }
+    if isinstance(tree, list):
+        return {
+            k: v for i, sub in enumerate(tree) for k, v in _flatten(sub, f"{prefix}{i}.").items()
+        }
+    return {prefix[:-1]: tree}
+
+
+def final_state_at(store: Store, step: int) -> dict:
+    (info,) = [c for c in catalog.scan(store).committed if c.step == step]
+    keys = list(dcp_io.read_metadata(store, info.data_rel).state_dict_metadata)
+    return dcp_io.load_flat(store, info.data_rel, [k for k in keys if k.startswith("train.model.")])
+
+
+def test_config_drift_is_refused_with_a_diff_but_max_steps_may_change(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    log = tmp_path / "run.log"
+    assert stockpot_run(run_dir, "trainer.max_steps=4", log=log) == 0
+    code = stockpot_run(run_dir, "trainer.max_steps=8", "optim.lr=0.001", log=log)
+    assert code == 2
+    assert "config changed since checkpoint step 4: optim.lr: 0.003 -> 0.001" in log.read_text()
+    assert "set resume.allow_config_change=true" in log.read_text()
+    assert newest_step(run_dir) == 4
+    assert stockpot_run(run_dir, "trainer.max_steps=8", log=log) == 0
+    assert newest_step(run_dir) == 8
+
+
+def test_init_from_starts_from_the_pretrained_weights(tmp_path: Path) -> None:
+    from orchestrator.runner import init_from
+    from orchestrator.tasks import build_task
+
+    pre = tmp_path / "pretrain"
+    log = tmp_path / "run.log"
+    assert stockpot_run(pre, "trainer.max_steps=6", log=log) == 0
+    pre_weights = final_state_at(Store(str(pre)), 6)
+    task = build_task("orchestrator.tasks.synthetic.SyntheticClassification", {"split": "finetune"})
+    torch.manual_seed(123)
+    model = task.build_model()  # what a fine-tune run builds before training
+    init_from(model, str(pre), Store(str(tmp_path / "finetune")))
+    assert_same({f"train.model.{k}": v for k, v in model.state_dict().items()}, pre_weights)
+    # the real fine-tune run starts from it, trains, and keeps its own checkpoints from then on
+    fine = tmp_path / "finetune"
+    assert (
+        stockpot_run(
+            fine, "trainer.max_steps=4", f"model.init_from={pre}", "task.split=finetune", log=log
+        )
+        == 0
+    )
+    assert "initialised from" in log.read_text() and newest_step(fine) == 4
+    bad = tmp_path / "bad"
+    code = stockpot_run(
+        bad, "trainer.max_steps=2", f"model.init_from={pre}", "task.hidden=48", log=log
+    )
+    assert code == 2
+    assert (
+        "parameter '0.weight' has shape (64, 32) there but (48, 32) in this model"
+        in log.read_text()
+    )
