@@ -35,9 +35,9 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# Reserved: speed and memory benchmarks, reported as ratios against a baseline from the same run.
+# Speed figures as ratios against a baseline measured in the same run (bench/run.py).
 bench: venv
-	@echo "make bench: no benchmarks yet (reserved target)" >&2; exit 2
+	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -100,6 +100,24 @@ def agree(flag: bool, group: Group = None) -> bool:
     return bool(t.item())
 
 
+class PendingAgreement:
+    """`agree(flag)` posted now and answered later, so the reduction overlaps a training step
+    instead of stalling every rank at the step boundary."""
+
+    def __init__(self, flag: bool, group: Group = None) -> None:
+        self._flag = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        self._work = (
+            dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=group, async_op=True)
+            if is_initialized()
+            else None
+        )
+
+    def result(self) -> bool:
+        if self._work is not None:
+            self._work.wait()
+        return bool(self._flag.item())
+
+
 def all_reduce_sum(values: list[float], group: Group = None) -> list[float]:
     """Element-wise sum over ranks, in float64 (metrics; identical on every rank)."""
     if not is_initialized():

@@ -1,8 +1,8 @@
 """The training loop. Short on purpose: what to do at each step is decided by the components
 (sampler, checkpointer, stop flag, metrics log); the loop only calls them in order.
 
-Every rank runs the same sequence of collectives: the stop check (`dist.agree`) at each step
-boundary, metric reductions at log/eval steps, and the checkpointer's own collectives.
+Every rank runs the same sequence of collectives: the stop check (posted before each step,
+answered after it), metric reductions at log/eval steps, and the checkpointer's own collectives.
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ def train(p: Parts, t: TrainerConfig, c: CheckpointConfig) -> Outcome:
     last_save = time.monotonic()
     window = _Window(p.progress.step)
     while p.progress.step < t.max_steps:
-        if dist.agree(p.stop.requested):
-            return _stop(p, saved_at)
+        # Posted before the step, answered after it: a stop seen by any rank when this step
+        # began ends the run after it, on every rank, without a stall at each boundary.
+        stop = dist.PendingAgreement(p.stop.requested)
         loss, epoch_ended = _train_step(p, t)
         p.progress.step += 1
         step = p.progress.step
@@ -74,6 +75,8 @@ def train(p: Parts, t: TrainerConfig, c: CheckpointConfig) -> Outcome:
             p.ckpt.save(step, p.latest)
             p.metrics.flush()
             saved_at, last_save = step, time.monotonic()
+        if stop.result() and step < t.max_steps:  # at max_steps: finish normally instead
+            return _stop(p, saved_at)
     return _finish(p, t, saved_at)
 
 

@@ -284,3 +284,21 @@ def test_tampered_dcp_metadata_cannot_run_code(tmp_path: Path) -> None:
     with pytest.raises(CheckpointCorrupt, match=r"refusing to load posix\.system"):
         dcp_io.read_metadata(Store(str(tmp_path)), "checkpoints/step-000000001")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_async_saves_reuse_staging_buffers_and_stay_exact(tmp_path: Path) -> None:
+    model, optim = _model()
+    ckpt = _checkpointer(Store(str(tmp_path)), model, optim, async_save=True)
+    states, buffers = {}, set()
+    for step in (1, 2, 3):
+        _train(model, optim)
+        states[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        ckpt.save(step)
+        buffers.add(ckpt._staging["train"]["model"]["0.weight"].data_ptr())
+        _train(model, optim)  # overlaps the background write
+    ckpt.close()
+    assert len(buffers) == 1, "the second and third saves staged into the first one's buffers"
+    for step in (1, 2, 3):
+        restored, _, info = _fresh_restore(str(tmp_path), step=step)
+        assert info.step == step
+        assert_same(states[step], restored.state_dict())

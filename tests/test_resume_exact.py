@@ -255,3 +255,30 @@ def test_init_from_starts_from_the_pretrained_weights(tmp_path: Path) -> None:
         "parameter '0.weight' has shape (64, 32) there but (48, 32) in this model"
         in log.read_text()
     )
+
+
+def test_run_on_s3_resumes_from_s3(s3_server, s3_bucket, tmp_path: Path, monkeypatch) -> None:
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_server.endpoint_url}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    url = f"{s3_bucket}/runs/demo"
+
+    def run(steps: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [STOCKPOT, "run", "configs/demo-s3.yaml", *BASE[1:], f"run.dir={url}",
+             f"trainer.max_steps={steps}"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    first = run(8)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run(12)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from step 8" in second.stderr
+    store = Store(url)
+    assert [c.step for c in catalog.scan(store).committed] == [8, 12]
+    assert sorted(losses_at(store)) == list(range(1, 13))
+    assert store.read_bytes("config.yaml").startswith(b"# stockpot resolved config; hash ")
+
+
+def losses_at(store: Store) -> dict[int, float]:
+    return last_per_step(read_metrics(store), "loss")
