@@ -15,6 +15,21 @@ from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
+# Signals that arrived before training began (during imports and the rendezvous): without a
+# handler that early, SIGUSR2's default action kills the rank (exit 140) mid start-up.
+_early: list[tuple[int, float]] = []
+
+
+def _record_early(signum: int, frame: FrameType | None) -> None:
+    if not _early:
+        _early.append((signum, time.monotonic()))
+
+
+def catch_early(signals: tuple[int, ...] = STOP_SIGNALS) -> None:
+    """Call first thing in a rank's process; a StopFlag installed later picks the signal up."""
+    for signum in signals:
+        signal.signal(signum, _record_early)
+
 
 class StopFlag:
     def __init__(self) -> None:
@@ -32,7 +47,10 @@ class StopFlag:
 
     def install(self, signals: tuple[int, ...] = STOP_SIGNALS) -> StopFlag:
         for signum in signals:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            previous = signal.signal(signum, self._handle)
+            self._previous[signum] = signal.SIG_DFL if previous is _record_early else previous
+        if _early and self.signum is None:
+            self.signum, self.received_at = _early[0]
         return self
 
     def uninstall(self) -> None:

@@ -14,6 +14,7 @@ import sys
 from orchestrator.config import Config, from_dict
 from orchestrator.env import DistEnv
 from orchestrator.errors import StockpotError
+from orchestrator.preemption import catch_early
 
 
 def setup_logging(rank: int) -> None:
@@ -55,4 +56,5 @@ def exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
+    catch_early()
     exit_now(main())

@@ -70,3 +70,19 @@ def test_make_demo_driver_interrupts_resumes_and_summarises(tmp_path: Path) -> N
         r for r in read_metrics(Store(str(tmp_path / "demo"))) if r.get("event") == "resumed"
     ]
     assert len(resumed) == 1
+
+
+def test_signal_during_start_up_is_kept_not_fatal(tmp_path: Path) -> None:
+    """USR2 before training begins (torch still importing) must not kill the rank: the run
+    starts, sees the stop at its first step boundary, commits and exits 75."""
+    run_dir = tmp_path / "run"
+    job = subprocess.Popen(
+        [STOCKPOT, "run", "configs/demo.yaml", f"run.dir={run_dir}", "trainer.max_steps=50", *SMALL],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(1.0)  # the ranks exist and are importing torch
+    job.send_signal(signal.SIGUSR2)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 75, err[-2000:]
+    assert "stop requested (SIGUSR2)" in err
+    assert catalog.scan(Store(str(run_dir))).latest().step == 1
