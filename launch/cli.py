@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="submit the run to Slurm (or the local executor)")
     _add_config_args(submit)
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch script only")
-    submit.set_defaults(handler=_not_built("submit"))
+    submit.set_defaults(handler=_cmd_submit)
 
     status = sub.add_parser("status", help="committed checkpoints and leftovers of a run")
     status.add_argument("run_dir", help="run directory: local path or s3://bucket/prefix")
@@ -113,6 +113,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_config(cfg)
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    if args.print_config:
+        return 0
+    from launch.submit import submit_config
+
+    return submit_config(cfg, dry_run=args.dry_run)
+
+
 def run_config(cfg) -> int:  # cfg: orchestrator.config.Config
     """Train `cfg` here: in this process when Slurm or torchrun started the ranks, else spawn
     trainer.nproc local ranks. Returns the worst rank's exit code (75: stopped, resumable)."""
@@ -123,6 +132,9 @@ def run_config(cfg) -> int:  # cfg: orchestrator.config.Config
     from launch.local import in_managed_job, spawn_local
 
     if in_managed_job(os.environ):
+        from orchestrator.preemption import catch_early
+
+        catch_early()  # a USR2 during torch's import must not kill the rank
         from orchestrator.worker import exit_now, main_with
 
         exit_now(main_with(cfg))  # torch objects must not be torn down in-process

@@ -1,5 +1,8 @@
 """The CLI's read-only commands: `stockpot status`, `stockpot verify`, `stockpot export`.
 
+`status` also shows what `stockpot submit` recorded (jobs.json, with each job's state from
+`squeue` when Slurm is reachable) and the restart count from metrics.jsonl.
+
 None of them needs a process group or the model's code: they read manifests, and `export` reads
 tensors one bounded batch at a time through DCP's metadata. Heavy modules (torch, fsspec) are
 imported inside the commands so `stockpot --help` stays fast.
@@ -12,7 +15,9 @@ import datetime
 import json
 import math
 import os
+import shutil
 import struct
+import subprocess
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -29,6 +34,8 @@ CHECKPOINTS_DIR = "checkpoints"  # == layout.CHECKPOINTS_DIR (layout is light, b
 MANIFEST_NAME = "MANIFEST.json"
 EXPORT_BATCH_BYTES = 256 << 20  # tensors loaded per DCP read; memory stays ~ one batch
 SAFETENSORS_SUFFIX = ".safetensors"
+JOBS_NAME = "jobs.json"  # == launch.submit.JOBS_NAME: what `stockpot submit` recorded
+SQUEUE_TIMEOUT_S = 10
 
 
 def _store(url: str) -> Store:
@@ -49,6 +56,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     run = _run_store(args.run_dir)
     report = status_report(run, catalog.scan(run))
+    report.update(activity_report(run))
     print(json.dumps(report, indent=1) if args.json else format_status(run.path(), report))
     return 0
 
@@ -57,9 +65,58 @@ def _run_store(url: str) -> Store:
     run = _store(url)
     if not run.exists(""):
         raise UsageError(f"run directory {run.path()} does not exist")
-    if not run.exists(CHECKPOINTS_DIR):
+    if not run.exists(CHECKPOINTS_DIR) and not run.exists(JOBS_NAME):  # submitted, not started
         raise UsageError(f"{run.path()} is not a run directory (it has no {CHECKPOINTS_DIR}/)")
     return run
+
+
+def activity_report(run: Store) -> dict[str, Any]:
+    """`restarts` (from metrics.jsonl) and `jobs` (from jobs.json, with their Slurm state), each
+    only when the run has that file."""
+    from orchestrator.metrics import read_metrics
+
+    out: dict[str, Any] = {}
+    metrics = read_metrics(run)
+    if metrics:
+        out["restarts"] = max(int(line.get("restart", 0)) for line in metrics)
+    if run.exists(JOBS_NAME):
+        from launch.submit import read_jobs
+
+        out["jobs"] = [{**job, "state": job_state(job)} for job in read_jobs(run)]
+    return out
+
+
+def job_state(job: Mapping[str, Any]) -> str:
+    """Slurm's state of a recorded job (`squeue -t all`): PENDING, RUNNING, COMPLETED, ...;
+    NOT_IN_QUEUE once Slurm has forgotten it (MinJobAge) or for an unknown id; UNKNOWN when
+    Slurm cannot be asked from here."""
+    job_id = str(job.get("job_id", ""))
+    if job.get("executor") == "local":
+        return _local_state(job_id)
+    if shutil.which("squeue") is None:
+        return "UNKNOWN"
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"],
+            capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "UNKNOWN"
+    states = sorted(set(out.stdout.split()))
+    if out.returncode != 0 or not states:
+        return "NOT_IN_QUEUE"
+    return ",".join(states)  # an array's elements may differ
+
+
+def _local_state(pid: str) -> str:
+    """A LocalExecutor job id is its controller's pid on the submitting machine."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return "NOT_RUNNING"
+    except PermissionError:
+        pass
+    return "RUNNING"
 
 
 def status_report(run: Store, found: Scan) -> dict[str, Any]:
@@ -99,7 +156,18 @@ def format_status(run_url: str, report: Mapping[str, Any]) -> str:
         )
     lines += [f"leftover (not committed, ignored): {path}" for path in report["leftovers"]]
     lines += [f"corrupt (ignored): {c['path']}: {c['reason']}" for c in report["corrupt"]]
+    if "restarts" in report:
+        lines.append(f"restarts: {report['restarts']} (requeues seen in metrics.jsonl)")
+    lines += [_job_line(job) for job in report.get("jobs", [])]
     return "\n".join(lines)
+
+
+def _job_line(job: Mapping[str, Any]) -> str:
+    extra = f", {job['dependency']}" if job.get("dependency") else ""
+    return (
+        f"job {job.get('job_id')} ({job.get('kind')}, {job.get('executor')}{extra}): "
+        f"{job['state']}, submitted {_utc(float(job.get('submitted_at', 0)))} UTC"
+    )
 
 
 def _num(value: float | None) -> str:

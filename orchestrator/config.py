@@ -7,10 +7,14 @@ submitit job never carries OmegaConf objects and no code deep inside reads a mut
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import hashlib
+import itertools
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -301,10 +305,118 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     soup: SoupConfig = field(default_factory=SoupConfig)
+    # A sweep: dotted config keys -> lists of values, e.g. {optim.lr: [1e-3, 3e-3], run.seed:
+    # [0, 1]}. `stockpot submit` runs their cartesian product as ONE Slurm array, each element
+    # in its own <run.dir>/<index>-<key>=<value>,... (`expand_sweep`); empty: a single run.
+    # Elements carry no sweep, so it never enters their resume drift check.
+    sweep: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sweep", _check_sweep(self.sweep))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-able data; `from_dict(to_dict())` gives back an equal config."""
         return _to_plain(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps: a cartesian product of config values, one run (and run.dir) per element.
+
+# Keys a sweep may not vary, and why.
+_NOT_SWEEPABLE = {
+    "run.dir": "every element gets its own run.dir under it",
+    "launcher": "one array job shares one launcher (resources, requeue budget)",
+    "soup": "one chained job serves the whole sweep",
+    "sweep": "sweeps do not nest",
+}
+
+
+def _check_sweep(sweep: Mapping[str, Any]) -> dict[str, tuple[Any, ...]]:
+    """Flatten nested keys ({optim: {lr: [..]}} -> optim.lr) and check keys and values."""
+    flat = _flatten_sweep(sweep, "")
+    for key, values in flat.items():
+        for fixed, why in _NOT_SWEEPABLE.items():
+            _require(
+                not (key == fixed or key.startswith(fixed + ".")),
+                f"sweep.{key}: {fixed} cannot be swept ({why})",
+            )
+        _require(
+            key.startswith("task.") or key in _sweepable_keys(),
+            f"sweep.{key}: unknown config key '{key}'; sweep keys are dotted config keys "
+            "such as optim.lr, run.seed or task.<param>",
+        )
+        _require(
+            isinstance(values, list | tuple) and len(values) > 0,
+            f"sweep.{key} must be a non-empty list of values (got {values!r}), "
+            f"e.g. sweep: {{{key}: [a, b]}}",
+        )
+    return {key: tuple(values) for key, values in flat.items()}
+
+
+def _flatten_sweep(data: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        out.update(
+            _flatten_sweep(value, full + ".") if isinstance(value, Mapping) else {full: value}
+        )
+    return out
+
+
+@functools.cache
+def _sweepable_keys() -> frozenset[str]:
+    return frozenset(_flatten(Config().to_dict()))
+
+
+def expand_sweep(cfg: Config) -> list[Config]:
+    """The elements of `cfg.sweep`: its cartesian product in key order (the last key varies
+    fastest), each a validated Config without a sweep and with its own run.dir; [cfg] when
+    there is no sweep."""
+    if not cfg.sweep:
+        return [cfg]
+    keys = list(cfg.sweep)
+    base = cfg.to_dict()
+    base["sweep"] = {}
+    elements = []
+    for index, combo in enumerate(itertools.product(*(cfg.sweep[k] for k in keys))):
+        chosen = dict(zip(keys, combo, strict=True))
+        data = copy.deepcopy(base)
+        for key, value in chosen.items():
+            _set_dotted(data, key, value)
+        data["run"]["dir"] = sweep_run_dir(cfg.run.dir, index, chosen)
+        try:
+            elements.append(from_dict(data))
+        except ConfigError as exc:
+            raise ConfigError(f"sweep element {index} ({sweep_label(chosen)}): {exc}") from None
+    return elements
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    data[leaf] = value
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+_MAX_LABEL = 120
+
+
+def sweep_label(chosen: Mapping[str, Any]) -> str:
+    """`optim.lr=0.001,run.seed=0`, with anything a path or a shell would trip on as `_`."""
+    parts = [_UNSAFE.sub("_", f"{key}={_label_value(value)}") for key, value in chosen.items()]
+    return ",".join(parts)[:_MAX_LABEL]
+
+
+def _label_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "_".join(_label_value(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def sweep_run_dir(root: str, index: int, chosen: Mapping[str, Any]) -> str:
+    """`<root>/<index>-<label>`: the index keeps names unique even when labels are truncated."""
+    return f"{root.rstrip('/')}/{index}-{sweep_label(chosen)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,7 +593,7 @@ def config_hash(cfg: Config) -> str:
 _NON_COMPUTATIONAL = (
     "run.dir", "run.name", "trainer.max_steps", "trainer.nproc", "trainer.log_every",
     "trainer.eval_every", "trainer.device", "model.init_from", "checkpoint", "storage",
-    "launcher", "resume", "soup",
+    "launcher", "resume", "soup", "sweep",
 )  # fmt: skip
 
 

@@ -1,0 +1,277 @@
+"""The picklable jobs submitit runs: `TrainingJob` (on every srun task) and the chained `ExportJob`.
+
+They hold plain data only (the config as `Config.to_dict()`), so no DictConfig, torch object or
+open file travels in submitit's pickle.
+
+How a preempted job gets back in the queue (submitit 1.5.4, `core/job_environment.py`):
+submitit installs its own handlers before it calls the job: USR2 -> `checkpoint_and_try_requeue`
+(on global rank 0 only: call `checkpoint()`, pickle what it returns, `scontrol requeue`,
+`sys.exit(-1)`; other ranks just return), SIGTERM -> logged and ignored. While training, the
+StopFlag (orchestrator/preemption.py) replaces them with handlers that only set a flag; every
+rank then agrees, saves and commits at the next step boundary, and the StopFlag puts submitit's
+handlers back. Only then does the leader hand the signal to submitit by raising it again in its
+own process: submitit asks `checkpoint()` and requeues, exactly once, with the save committed.
+A SIGTERM is not handed over: it comes from `scancel` (the job ends), `scontrol requeue` or a
+preemption without a user signal (Slurm requeues the job itself), or the hard time limit.
+
+Time-out or preemption: submitit calls a USR2 a time-out when the run has lasted at least
+min(0.8 x limit, limit - 10 min) (`timeout_threshold_s`), else a preemption. Time-outs are capped
+by `max_num_timeout` (= launcher.max_requeues); `checkpoint()` caps every requeue at
+launcher.max_requeues through SLURM_RESTART_COUNT.
+
+Leaving: rank processes must not tear down DDP/gloo objects in-process (orchestrator/runner.py,
+`_RETAINED`), so each task leaves through `os._exit` from an atexit hook, which runs after
+submitit has written this task's result pickle (or after its requeue's `sys.exit`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.config import Config, from_dict
+from orchestrator.env import PORT_BASE, PORT_SPAN, DistEnv
+from orchestrator.errors import StockpotError, UsageError
+
+if TYPE_CHECKING:
+    from orchestrator.loop import Outcome
+
+log = logging.getLogger("stockpot.job")
+
+# submitit's rule: a signal this close to the limit is a time-out, earlier ones a preemption.
+TIMEOUT_FRACTION = 0.8
+TIMEOUT_MARGIN_S = 600.0
+EXPORT_NAME = "export/model.safetensors"
+
+
+def timeout_threshold_s(timeout_min: float) -> float:
+    """Run time from which submitit counts a signal as a time-out rather than a preemption."""
+    limit = 60.0 * timeout_min
+    return min(TIMEOUT_FRACTION * limit, limit - TIMEOUT_MARGIN_S)
+
+
+def counts_as_timeout(elapsed_s: float, timeout_min: float) -> bool:
+    return elapsed_s >= timeout_threshold_s(timeout_min)
+
+
+def task_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """This task's environment for `DistEnv`: Slurm's as it is; submitit's LocalExecutor tasks
+    (SUBMITIT_LOCAL_*) are given torchrun-style RANK/WORLD_SIZE/MASTER_* variables."""
+    out = dict(environ)
+    if out.get("SUBMITIT_EXECUTOR") != "local" or out.get("RANK"):
+        return out
+    world = out.get("SUBMITIT_LOCAL_NTASKS", "1")
+    rank = out.get("SUBMITIT_LOCAL_GLOBALID", "0")
+    job = int(out.get("SUBMITIT_LOCAL_JOB_ID", "0") or 0)
+    out.update(
+        RANK=rank,
+        WORLD_SIZE=world,
+        LOCAL_RANK=out.get("SUBMITIT_LOCAL_LOCALID", rank),
+        LOCAL_WORLD_SIZE=world,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(PORT_BASE + job * 7 % PORT_SPAN),
+    )
+    return out
+
+
+def _under_submitit() -> bool:
+    return bool(os.environ.get("SUBMITIT_FOLDER"))  # set by submitit's process_job
+
+
+class _ExitCode:
+    """The code the task leaves with; updated as the run goes (1 until something better)."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+def _leave(code: _ExitCode) -> None:
+    from orchestrator.worker import exit_now
+
+    exit_now(code.value)  # flushes logs, then os._exit: no torch teardown
+
+
+class TrainingJob:
+    """One rank of the run, as submitit pickles it; `checkpoint()` only asks to be requeued."""
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        self.cfg = dict(cfg)  # Config.to_dict(): plain data
+        self._started = time.time()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cfg": self.cfg}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.cfg = state["cfg"]
+        self._started = time.time()
+
+    def __call__(self) -> dict[str, Any]:
+        self._started = time.time()
+        code = _ExitCode()
+        if _under_submitit():
+            atexit.register(_leave, code)
+        from orchestrator import runner
+        from orchestrator.worker import setup_logging
+
+        try:
+            cfg = from_dict(self.cfg)
+            env = DistEnv.from_environ(task_environ(os.environ))
+            setup_logging(env.rank)
+            logging.getLogger("submitit").propagate = False  # it has its own handlers
+            _forget_previous_result()
+            _log_start(cfg, env)
+            outcome = runner.run(cfg, env)
+        except StockpotError as exc:
+            log.error("%s", exc)
+            code.value = exc.exit_code
+            raise
+        code.value = runner.exit_code(outcome)
+        report = self._report(cfg, env, outcome)
+        if env.is_leader and not outcome.finished:
+            self._hand_over(outcome, code)
+        return report
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Called by submitit on rank 0 after the stop's save committed: requeue unless this
+        run already is the launcher.max_requeues-th restart."""
+        from submitit.helpers import DelayedSubmission
+
+        max_requeues = from_dict(self.cfg).launcher.max_requeues
+        restarts = DistEnv.from_environ(task_environ(os.environ)).restart_count
+        if restarts >= max_requeues:
+            log.error(
+                "NOT requeuing: this run is restart %d and launcher.max_requeues=%d; the run "
+                "stays at its last committed checkpoint (submit it again to continue)",
+                restarts,
+                max_requeues,
+            )
+            return None
+        log.warning("requeuing: restart %d of at most %d", restarts + 1, max_requeues)
+        return DelayedSubmission(self)
+
+    def _report(self, cfg: Config, env: DistEnv, outcome: Outcome) -> dict[str, Any]:
+        elapsed = time.time() - self._started
+        kind = ""
+        if not outcome.finished:
+            timed_out = counts_as_timeout(elapsed, cfg.launcher.timeout_min)
+            kind = "time-out" if timed_out else "preemption"
+            if env.is_leader:
+                log.warning(
+                    "stopped by %s after %.1f min of the %d min limit: submitit counts it as a "
+                    "%s (time-outs from %.1f min on, at most launcher.max_requeues=%d of them)",
+                    outcome.signal or "a signal on another rank",
+                    elapsed / 60,
+                    cfg.launcher.timeout_min,
+                    kind,
+                    timeout_threshold_s(cfg.launcher.timeout_min) / 60,
+                    cfg.launcher.max_requeues,
+                )
+        if env.is_leader:
+            _warn_slow_save(cfg, outcome)
+        return {
+            "finished": outcome.finished,
+            "step": outcome.step,
+            "signal": outcome.signal,
+            "stop": kind,
+            "save_s": outcome.save_s,
+            "restart": env.restart_count,
+            "rank": env.rank,
+            "job_id": env.job_id,
+        }
+
+    def _hand_over(self, outcome: Outcome, code: _ExitCode) -> None:
+        """Raise the stop signal again, now that submitit's handler is back: it calls
+        `checkpoint()`, requeues and exits (SystemExit, whose code the task then leaves with)."""
+        if outcome.signal == "SIGTERM":
+            log.warning("SIGTERM: not requeuing here; Slurm decides (scancel ends the job, "
+                        "scontrol requeue and preemption put it back in the queue)")  # fmt: skip
+            return
+        signum = signal.Signals[outcome.signal] if outcome.signal else signal.SIGUSR2
+        if not _under_submitit() or not callable(signal.getsignal(signum)):
+            log.warning("not under submitit: nothing requeues this run; run it again to resume")
+            return
+        log.info("all ranks committed step %d; handing %s to submitit", outcome.step, signum.name)
+        try:
+            signal.raise_signal(signum)
+        except SystemExit as exc:  # submitit requeued (or refused) and exits
+            code.value = exc.code if isinstance(exc.code, int) else 1
+            raise
+
+
+def _log_start(cfg: Config, env: DistEnv) -> None:
+    if env.is_leader:
+        log.info(
+            "job %s on %s: %d rank(s), restart %d (launcher.max_requeues %d), run.dir %s",
+            env.job_id or "-",
+            socket.gethostname(),
+            env.world_size,
+            env.restart_count,
+            cfg.launcher.max_requeues,
+            cfg.run.dir,
+        )
+
+
+def _forget_previous_result() -> None:
+    """Delete this task's result pickle from an earlier run of the job: after a requeue the
+    login side would otherwise take that run's 'stopped' result for this one's."""
+    if not _under_submitit():
+        return
+    from submitit import JobEnvironment
+
+    JobEnvironment().paths.result_pickle.unlink(missing_ok=True)
+
+
+def _warn_slow_save(cfg: Config, outcome: Outcome) -> None:
+    """The job has launcher.signal_delay_s between the time-limit signal and the kill; a save
+    slower than that would not commit in time."""
+    save_s = outcome.save_s if outcome.save_s is not None else _last_save_s(cfg)
+    if save_s is not None and save_s > cfg.launcher.signal_delay_s:
+        log.warning(
+            "the last save took %.1f s, more than launcher.signal_delay_s=%d: at a time limit "
+            "Slurm may kill the job before the save commits; raise launcher.signal_delay_s",
+            save_s,
+            cfg.launcher.signal_delay_s,
+        )
+
+
+def _last_save_s(cfg: Config) -> float | None:
+    from orchestrator.checkpoint import catalog
+    from orchestrator.runner import run_store
+
+    latest = catalog.scan(run_store(cfg)).latest()
+    return sum(latest.manifest.timings.values()) if latest is not None else None
+
+
+class ExportJob:
+    """The chained job (afterok on the training job or the whole array). Until model soups land
+    it consolidates each run's newest committed checkpoint into <run.dir>/export/model.safetensors
+    with `stockpot export`'s code."""
+
+    def __init__(self, run_dirs: Sequence[str]) -> None:
+        self.run_dirs = list(run_dirs)
+
+    def __call__(self) -> list[str]:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        return [export_latest(run_dir) for run_dir in self.run_dirs]
+
+
+def export_latest(run_dir: str) -> str:
+    """Export the newest committed checkpoint of `run_dir`; returns the file written."""
+    from launch import inspect
+    from orchestrator.checkpoint import catalog
+    from orchestrator.storage import Store
+
+    run = Store(run_dir)
+    latest = catalog.scan(run).latest()
+    if latest is None:
+        raise UsageError(f"{run.path()} has no committed checkpoint to export")
+    out = run.path(EXPORT_NAME)
+    inspect.cmd_export(argparse.Namespace(checkpoint=run.path(latest.rel), out=out, prefix="auto"))
+    return out
