@@ -24,14 +24,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, MANIFEST_NAME  # re only: light
 from orchestrator.errors import CheckpointCorrupt, StockpotError, UsageError
 
 if TYPE_CHECKING:
     from orchestrator.checkpoint.catalog import CheckpointInfo, Scan
     from orchestrator.storage import Store
 
-CHECKPOINTS_DIR = "checkpoints"  # == layout.CHECKPOINTS_DIR (layout is light, but keep --help lean)
-MANIFEST_NAME = "MANIFEST.json"
 EXPORT_BATCH_BYTES = 256 << 20  # tensors loaded per DCP read; memory stays ~ one batch
 SAFETENSORS_SUFFIX = ".safetensors"
 JOBS_NAME = "jobs.json"  # == launch.submit.JOBS_NAME: what `stockpot submit` recorded
