@@ -70,7 +70,7 @@ def _run_store(url: str) -> Store:
 
 
 def activity_report(run: Store) -> dict[str, Any]:
-    """`restarts` (from metrics.jsonl) and `jobs` (from jobs.json, with their Slurm state), each
+    """`restarts` (Slurm requeues) and `resumes` (from metrics.jsonl), and `jobs` (from jobs.json, with their Slurm state), each
     only when the run has that file."""
     from orchestrator.metrics import read_metrics
 
@@ -78,6 +78,7 @@ def activity_report(run: Store) -> dict[str, Any]:
     metrics = read_metrics(run)
     if metrics:
         out["restarts"] = max(int(line.get("restart", 0)) for line in metrics)
+        out["resumes"] = sum(1 for line in metrics if line.get("event") == "resumed")
     if run.exists(JOBS_NAME):
         from launch.submit import read_jobs
 
@@ -156,7 +157,10 @@ def format_status(run_url: str, report: Mapping[str, Any]) -> str:
     lines += [f"leftover (not committed, ignored): {path}" for path in report["leftovers"]]
     lines += [f"corrupt (ignored): {c['path']}: {c['reason']}" for c in report["corrupt"]]
     if "restarts" in report:
-        lines.append(f"restarts: {report['restarts']} (requeues seen in metrics.jsonl)")
+        lines.append(
+            f"restarts: {report['restarts']} Slurm requeue(s); "
+            f"{report.get('resumes', 0)} resume(s) from a checkpoint (metrics.jsonl)"
+        )
     lines += [_job_line(job) for job in report.get("jobs", [])]
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@ boundary, commit, and exit 75; running it again resumes and finishes. `make demo
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -70,6 +71,12 @@ def test_make_demo_driver_interrupts_resumes_and_summarises(tmp_path: Path) -> N
         r for r in read_metrics(Store(str(tmp_path / "demo"))) if r.get("event") == "resumed"
     ]
     assert len(resumed) == 1
+    status = subprocess.run(
+        [STOCKPOT, "status", str(tmp_path / "demo"), "--json"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    report = json.loads(status.stdout)
+    assert (report["restarts"], report["resumes"]) == (0, 1)
 
 
 def test_signal_during_start_up_is_kept_not_fatal(tmp_path: Path) -> None:
