@@ -72,8 +72,10 @@ def train(p: Parts, t: TrainerConfig, c: CheckpointConfig) -> Outcome:
         if t.eval_every and step % t.eval_every == 0:
             evaluate(p, t.batch_size)
         if _save_due(c, step, epoch_ended, p.sampler.epoch, last_save):
-            p.ckpt.save(step, p.latest)
+            # Metrics first: once the checkpoint commits, a resume never re-runs these steps,
+            # so their lines must already be durable (a kill in between would lose them).
             p.metrics.flush()
+            p.ckpt.save(step, p.latest)
             saved_at, last_save = step, time.monotonic()
         if stop.result() and step < t.max_steps:  # at max_steps: finish normally instead
             return _stop(p, saved_at)
@@ -184,10 +186,10 @@ def _stop(p: Parts, saved_at: int) -> Outcome:
     """Every rank agreed to stop: save this step (after any save in flight), commit, return."""
     step = p.progress.step
     t0 = time.monotonic()
+    p.metrics.flush()  # before the commit, as in the loop
     if saved_at != step:
         p.ckpt.save(step, p.latest)
     p.ckpt.wait()
-    p.metrics.flush()
     since_signal = time.monotonic() - (p.stop.received_at or t0)
     if p.env.is_leader:
         log.warning(
@@ -203,10 +205,10 @@ def _finish(p: Parts, t: TrainerConfig, saved_at: int) -> Outcome:
     step = p.progress.step
     if not p.progress.history or p.progress.history[-1]["step"] != step:
         evaluate(p, t.batch_size)
+    p.metrics.flush()  # before the commit, as in the loop
     if step > saved_at:
         p.ckpt.save(step, p.latest)
     p.ckpt.close()
-    p.metrics.flush()
     return Outcome(True, step)
 
 

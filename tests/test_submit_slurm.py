@@ -47,7 +47,7 @@ TRAIN = [
     "launcher.tasks_per_node=2", "launcher.timeout_min=60",
 ]  # fmt: skip
 SMALL = ["trainer.max_steps=20", "launcher.tasks_per_node=1"]  # array elements: 1 rank each
-WAIT_S = 180  # the longest any single wait may take
+WAIT_S = 420  # the longest any single wait may take (jobs queue: the node fits one at a time)
 TERMINAL = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
     "DEADLINE", "NOT_IN_QUEUE",
