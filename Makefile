@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# One pip command for everything: s3fs and moto must resolve together (aiobotocore pins botocore).
+	# torch alone first: that takes the CPU build on this disk; resolved together with the rest,
+	# pip's backtracking (s3fs/aiobotocore vs boto3) has picked PyPI's multi-GB CUDA build instead.
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	# Then everything else in one command: s3fs and moto must resolve together (aiobotocore pins botocore).
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "train.sbatch"
 STOCKPOT = str(Path(sys.executable).parent / "stockpot")
-MAX_STEPS = 40  # final_state() from test_resume_exact expects the last checkpoint here
+MAX_STEPS = 40
 TRAIN = [
     "configs/demo.yaml", f"trainer.max_steps={MAX_STEPS}", "trainer.nproc=2",
     "task.n_train=4096", "task.n_eval=512", "trainer.log_every=1", "checkpoint.every_steps=1000",
