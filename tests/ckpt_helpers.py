@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from orchestrator.checkpoint import catalog, dcp_io
+from orchestrator.storage import Store
 
 
 def assert_same(a: Any, b: Any, where: str = "state") -> None:
@@ -27,3 +31,13 @@ def assert_same(a: Any, b: Any, where: str = "state") -> None:
 
 def load_dump(path: Any) -> Any:
     return torch.load(path, weights_only=True)
+
+
+def final_state(run_dir: Path | str, step: int | None = None) -> dict[str, Any]:
+    """Model and optimizer (`train.*`) of the newest checkpoint, as DCP flat entries; the newest
+    must be at `step`, when given."""
+    store = Store(str(run_dir))
+    info = catalog.scan(store).latest()
+    assert info is not None and (step is None or info.step == step), f"{run_dir}: newest {info}"
+    keys = list(dcp_io.read_metadata(store, info.data_rel).state_dict_metadata)
+    return dcp_io.load_flat(store, info.data_rel, [k for k in keys if k.startswith("train.")])

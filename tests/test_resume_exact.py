@@ -22,7 +22,7 @@ import torch
 from orchestrator.checkpoint import catalog, dcp_io
 from orchestrator.metrics import last_per_step, read_metrics
 from orchestrator.storage import Store
-from tests.ckpt_helpers import assert_same
+from tests.ckpt_helpers import assert_same, final_state
 
 REPO = Path(__file__).resolve().parents[1]
 STOCKPOT = str(Path(sys.executable).parent / "stockpot")
@@ -77,16 +77,6 @@ def kill_at_random_steps(
         seen.append(newest_step(run_dir))
     assert stockpot_run(run_dir, *overrides, log=log) == 0, log.read_text()[-3000:]
     return seen
-
-
-def final_state(run_dir: Path, step: int | None = None) -> dict:
-    """The `train.*` state of the newest checkpoint (which must be at `step`, when given)."""
-    store = Store(str(run_dir))
-    info = catalog.scan(store).latest()
-    assert info is not None and (step is None or info.step == step)
-    keys = list(dcp_io.read_metadata(store, info.data_rel).state_dict_metadata)
-    state = dcp_io.load_flat(store, info.data_rel, [k for k in keys if k.startswith("train.")])
-    return state
 
 
 def losses(run_dir: Path) -> dict[int, float]:

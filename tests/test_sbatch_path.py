@@ -23,8 +23,8 @@ import pytest
 from orchestrator.checkpoint import catalog
 from orchestrator.metrics import read_metrics
 from orchestrator.storage import Store
-from tests.ckpt_helpers import assert_same
-from tests.test_resume_exact import final_state, losses
+from tests.ckpt_helpers import assert_same, final_state
+from tests.test_resume_exact import losses
 
 pytestmark = pytest.mark.slurm
 

@@ -30,10 +30,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator.checkpoint import catalog, dcp_io
+from orchestrator.checkpoint import catalog
 from orchestrator.metrics import read_metrics
 from orchestrator.storage import Store
-from tests.ckpt_helpers import assert_same
+from tests.ckpt_helpers import assert_same, final_state
 
 pytestmark = pytest.mark.slurm
 
@@ -123,15 +123,6 @@ def wait_committed(sub: Submitted, step: int) -> None:
 
 def metrics(sub: Submitted) -> list[dict[str, Any]]:
     return read_metrics(Store(str(sub.run_dir)))
-
-
-def final_state(run_dir: Path, step: int = MAX_STEPS) -> dict[str, Any]:
-    """Model and optimizer of the final checkpoint, as DCP flat tensors."""
-    store = Store(str(run_dir))
-    info = catalog.scan(store).latest()
-    assert info is not None and info.step == step, f"{run_dir}: newest {info}"
-    keys = list(dcp_io.read_metadata(store, info.data_rel).state_dict_metadata)
-    return dcp_io.load_flat(store, info.data_rel, [k for k in keys if k.startswith("train.")])
 
 
 def task_results(sub: Submitted, job_id: str | None = None, tasks: int = 2) -> list[Any]:
@@ -343,7 +334,11 @@ def test_interrupted_job_requeues_and_resumes_bit_identical(scenarios: Any, name
     ]
     assert status_json(sub)["restarts"] == 1
     reference = scenario(scenarios, "plain")
-    assert_same(final_state(sub.run_dir), final_state(reference.run_dir), f"{name} vs plain")
+    assert_same(
+        final_state(sub.run_dir, MAX_STEPS),
+        final_state(reference.run_dir, MAX_STEPS),
+        f"{name} vs plain",
+    )
     if name == "high":
         assert sub.facts["high_out"].read_text().strip() == "high ran"
 
