@@ -205,6 +205,18 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
 
+    # --- capabilities: what callers may rely on, instead of asking which backend this is -----
+
+    @property
+    def renames_dirs(self) -> bool:
+        """True where `rename_dir` is atomic (local disk); S3 has no rename (copy + delete)."""
+        return not self.is_s3
+
+    @property
+    def fsyncs(self) -> bool:
+        """True where fsync makes writes durable (local disk); S3 writes are durable on return."""
+        return not self.is_s3
+
     def __getstate__(self) -> dict[str, Any]:
         return {"url": self.url, "is_s3": self.is_s3, "s3": self.s3}
 
