@@ -93,8 +93,8 @@ class _HashingFileSystem(FileSystem):
 
 class _Writer(FsspecWriter):
     def __init__(self, store: Store, rel: str) -> None:
-        # S3 has no fsync: DCP would fall back to os.sync() of the whole machine.
-        super().__init__(store.path(rel), sync_files=not store.is_s3, **store.storage_options())
+        # Without fsync (S3), DCP's sync_files would fall back to os.sync() of the whole machine.
+        super().__init__(store.path(rel), sync_files=store.fsyncs, **store.storage_options())
         hashing = _HashingFileSystem(os.fspath(self.path))
         hashing.fs = self.fs.fs
         self.fs: _HashingFileSystem = hashing  # type: ignore[assignment]
