@@ -13,6 +13,12 @@ class ConfigError(StockpotError):
     exit_code = 2
 
 
+def require(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless `ok`: the one-line check every validator uses."""
+    if not ok:
+        raise ConfigError(message)
+
+
 class NotBuiltYet(StockpotError):
     """A CLI subcommand that the product will have but does not yet."""
 
@@ -27,6 +33,14 @@ class UsageError(StockpotError):
 
 class StorageError(StockpotError):
     """A storage operation failed for good (after retries, or a permanent error)."""
+
+
+class CheckpointError(StockpotError):
+    """A save was not committed (the previous committed checkpoint is untouched)."""
+
+
+class CheckpointError(StockpotError):
+    """A save was not committed (the previous committed checkpoint is untouched)."""
 
 
 class CheckpointCorrupt(StockpotError):

@@ -1,0 +1,46 @@
+"""Hashing and drift: the config's stable hash, and which keys a resume must match."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from orchestrator.config.schema import Config, flatten
+
+
+def config_hash(cfg: Config) -> str:
+    """A stable hash of the resolved config: sha256 of its canonical JSON, 16 hex digits."""
+    canonical = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# Keys that never change what a step computes: resuming with other values is always fine.
+# (trainer.nproc changes the world size: resume supports it and continues at the same global
+# sample index; model.init_from is ignored once a run has checkpoints of its own.)
+_NON_COMPUTATIONAL = (
+    "run.dir", "run.name", "trainer.max_steps", "trainer.nproc", "trainer.log_every",
+    "trainer.eval_every", "trainer.device", "model.init_from", "checkpoint", "storage",
+    "launcher", "resume", "soup", "sweep",
+)  # fmt: skip
+
+
+def computation_view(cfg: Config) -> dict[str, Any]:
+    """The flattened config keys that change the computation (what a resume must match)."""
+    flat = flatten(cfg.to_dict())
+    return {
+        k: v for k, v in flat.items()
+        if not any(k == skip or k.startswith(skip + ".") for skip in _NON_COMPUTATIONAL)
+    }  # fmt: skip
+
+
+def diff_views(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """`key: old -> new` for every key that differs (missing shown as <unset>)."""
+    keys = sorted(set(old) | set(new))
+    unset = "<unset>"
+    return [
+        f"{k}: {old.get(k, unset)!r} -> {new.get(k, unset)!r}"
+        for k in keys
+        if old.get(k, unset) != new.get(k, unset)
+    ]

@@ -1,0 +1,339 @@
+"""The config schema: frozen dataclasses, one per section, each validating itself on construction.
+
+A comment on every field says what it does (tests hold that); the values are checked in
+`__post_init__` with a one-line error that says how to fix them. Building these from YAML and
+overrides is `loading`'s job; what a sweep may vary is `sweeps`'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from orchestrator.config.sweeps import check_sweep
+from orchestrator.errors import require
+
+
+def _positive_or_none(value: float | None, key: str, off_hint: str = "null to disable") -> None:
+    require(value is None or value > 0, f"{key} must be > 0 (got {value}); use {off_hint}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # Where everything of the run lives: a local path or an `s3://bucket/prefix` URL.
+    dir: str = "runs/${run.name}"
+    # A short name for logs, job names and the default run.dir.
+    name: str = "demo"
+    # Seeds every RNG (python, numpy, torch) of every rank, offset by rank where it must differ.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(
+            bool(self.dir), "run.dir must not be empty; give a local path or s3://bucket/prefix"
+        )
+        require(bool(self.name), "run.name must not be empty")
+        require(self.seed >= 0, f"run.seed must be >= 0 (got {self.seed})")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    # Import path of the task factory, e.g. `orchestrator.tasks.synthetic.SyntheticClassification`.
+    # Every other key of the `task:` block is passed to it as a keyword argument.
+    target: str = "orchestrator.tasks.synthetic.SyntheticClassification"
+    # The task's own keyword arguments (free-form: the task validates them).
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        module, _, attr = self.target.rpartition(".")
+        require(
+            bool(module) and bool(attr),
+            f"task._target_ must be an import path like 'package.module.Factory' (got {self.target!r})",
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Start from pretrained weights: a committed checkpoint, a run dir (its latest), or a
+    # .safetensors file, local or s3://. Ignored once the run has checkpoints of its own.
+    init_from: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    # Optimizer steps to train for; the run exits 0 once reached (may grow between resumes).
+    max_steps: int = 100
+    # Local ranks `stockpot run` spawns outside Slurm/torchrun (like `torchrun --standalone`).
+    nproc: int = 1
+    # Data parallelism: `ddp` (DistributedDataParallel) or `fsdp` (FSDP2 fully_shard).
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # Samples per rank per micro-batch.
+    batch_size: int = 32
+    # Micro-batches accumulated into one optimizer step.
+    grad_accum_steps: int = 1
+    # Clip the global gradient norm to this value; null disables clipping.
+    grad_clip: float | None = None
+    # `bf16` autocasts (FSDP2: a bf16 MixedPrecisionPolicy); `no` trains in float32.
+    mixed_precision: Literal["no", "bf16"] = "no"
+    # Log a progress line (rank 0) and aggregated metrics every N steps.
+    log_every: int = 10
+    # Evaluate on the held-out split every N steps; null evaluates only at the end.
+    eval_every: int | None = None
+    # `auto` picks cuda when available, else cpu (gloo).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        require(self.max_steps >= 0, f"trainer.max_steps must be >= 0 (got {self.max_steps})")
+        require(self.nproc >= 1, f"trainer.nproc must be >= 1 (got {self.nproc})")
+        require(self.batch_size >= 1, f"trainer.batch_size must be >= 1 (got {self.batch_size})")
+        require(
+            self.grad_accum_steps >= 1,
+            f"trainer.grad_accum_steps must be >= 1 (got {self.grad_accum_steps})",
+        )
+        _positive_or_none(self.grad_clip, "trainer.grad_clip")
+        require(self.log_every >= 1, f"trainer.log_every must be >= 1 (got {self.log_every})")
+        _positive_or_none(self.eval_every, "trainer.eval_every", "null to evaluate only at the end")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    # `adamw` or `sgd`.
+    name: Literal["adamw", "sgd"] = "adamw"
+    # Peak learning rate (reached after the scheduler's warmup).
+    lr: float = 1e-3
+    # Decoupled (adamw) or L2 (sgd) weight decay.
+    weight_decay: float = 0.0
+    # Adam's (beta1, beta2).
+    betas: tuple[float, float] = (0.9, 0.999)
+    # SGD momentum.
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, f"optim.lr must be > 0 (got {self.lr})")
+        require(
+            self.weight_decay >= 0, f"optim.weight_decay must be >= 0 (got {self.weight_decay})"
+        )
+        require(
+            all(0 <= b < 1 for b in self.betas),
+            f"optim.betas must both be in [0, 1) (got {list(self.betas)})",
+        )
+        require(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1) (got {self.momentum})")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    # `cosine` (linear warmup then cosine decay to min_lr_ratio x lr) or `constant` (after warmup).
+    name: Literal["cosine", "constant"] = "cosine"
+    # Steps of linear warmup from 0 to optim.lr.
+    warmup_steps: int = 0
+    # Floor of the cosine decay, as a fraction of optim.lr.
+    min_lr_ratio: float = 0.0
+    # Steps over which the cosine decays; null: trainer.max_steps as of the run's first start
+    # (kept on resume, so raising max_steps later does not bend the schedule already followed).
+    decay_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        require(
+            self.warmup_steps >= 0, f"scheduler.warmup_steps must be >= 0 (got {self.warmup_steps})"
+        )
+        require(
+            0 <= self.min_lr_ratio <= 1,
+            f"scheduler.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})",
+        )
+        _positive_or_none(self.decay_steps, "scheduler.decay_steps", "null for trainer.max_steps")
+
+
+@dataclass(frozen=True)
+class KeepBestConfig:
+    # Metric name from eval (e.g. `eval/loss`); null disables keep-best retention.
+    metric: str | None = None
+    # `min` keeps the lowest values, `max` the highest.
+    mode: Literal["min", "max"] = "min"
+    # How many best checkpoints to keep.
+    k: int = 1
+
+    def __post_init__(self) -> None:
+        require(self.k >= 1, f"checkpoint.keep_best.k must be >= 1 (got {self.k})")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    # Save every N optimizer steps; null disables step-based saves.
+    every_steps: int | None = 50
+    # Save at the end of every N epochs; null disables.
+    every_epochs: int | None = None
+    # Save when N minutes have passed since the last save; null disables.
+    every_minutes: float | None = None
+    # Keep the newest N committed checkpoints; null keeps all (the newest is never deleted).
+    keep_last: int | None = 3
+    # Also keep the k best by an eval metric.
+    keep_best: KeepBestConfig = field(default_factory=KeepBestConfig)
+    # Also keep every checkpoint whose step is a multiple of N (milestones); null disables.
+    keep_every_steps: int | None = None
+    # Stage to host memory, then write and commit in the background (one save in flight).
+    async_save: bool = False
+    # On resume, verify checksums of the chosen checkpoint (sizes are always checked).
+    verify_checksums: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_or_none(self.every_steps, "checkpoint.every_steps")
+        _positive_or_none(self.every_epochs, "checkpoint.every_epochs")
+        _positive_or_none(self.every_minutes, "checkpoint.every_minutes")
+        _positive_or_none(self.keep_last, "checkpoint.keep_last", "null to keep every checkpoint")
+        _positive_or_none(self.keep_every_steps, "checkpoint.keep_every_steps")
+
+
+@dataclass(frozen=True)
+class S3Config:
+    # S3-compatible endpoint (MinIO, moto, ...); null uses AWS_ENDPOINT_URL or AWS itself.
+    endpoint_url: str | None = None
+    # Region; null uses AWS_REGION / AWS_DEFAULT_REGION.
+    region: str | None = None
+    # Named profile from ~/.aws; null uses AWS_PROFILE or the default chain.
+    profile: str | None = None
+    # Attempts per operation on transient errors (5xx, throttling, connection resets).
+    max_attempts: int = 5
+
+    def __post_init__(self) -> None:
+        require(
+            self.max_attempts >= 1,
+            f"storage.s3.max_attempts must be >= 1 (got {self.max_attempts})",
+        )
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    # Settings for s3:// run dirs. Credentials come only from the standard AWS variables/files.
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    # `local` runs here (spawned ranks); `slurm` submits through submitit.
+    kind: Literal["local", "slurm"] = "local"
+    # Slurm nodes.
+    nodes: int = 1
+    # Ranks per node.
+    tasks_per_node: int = 1
+    # CPU cores per rank.
+    cpus_per_task: int = 1
+    # GPUs per node (0 on CPU clusters).
+    gpus_per_node: int = 0
+    # Memory per node in GB; null uses the partition's default.
+    mem_gb: float | None = None
+    # Wall-clock limit of one run of the job, in minutes.
+    timeout_min: int = 60
+    # Slurm partition; null uses the cluster's default.
+    partition: str | None = None
+    # Seconds before the time limit that Slurm sends USR2, so the job can save and requeue.
+    signal_delay_s: int = 120
+    # Slurm account to charge; null leaves it unset.
+    account: str | None = None
+    # Slurm QoS; null leaves it unset.
+    qos: str | None = None
+    # Slurm node feature constraint (e.g. `a100`); null leaves it unset.
+    constraint: str | None = None
+    # Ask for whole nodes.
+    exclusive: bool = False
+    # Shell lines run in the sbatch script before the job (module loads, env vars).
+    setup: tuple[str, ...] = ()
+    # Extra sbatch parameters passed through verbatim (e.g. {"reservation": "x"}).
+    additional_parameters: Mapping[str, Any] = field(default_factory=dict)
+    # How many times the job may requeue itself after preemption or time-out.
+    max_requeues: int = 3
+    # Where submitit writes job scripts, pickles and logs (a shared filesystem path).
+    log_dir: str = "slurm_logs/${run.name}"
+
+    def __post_init__(self) -> None:
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "timeout_min"):
+            value = getattr(self, key)
+            require(value >= 1, f"launcher.{key} must be >= 1 (got {value})")
+        require(
+            self.gpus_per_node >= 0,
+            f"launcher.gpus_per_node must be >= 0 (got {self.gpus_per_node})",
+        )
+        _positive_or_none(self.mem_gb, "launcher.mem_gb", "null for the partition default")
+        require(
+            self.signal_delay_s >= 0,
+            f"launcher.signal_delay_s must be >= 0 (got {self.signal_delay_s})",
+        )
+        require(
+            self.max_requeues >= 0, f"launcher.max_requeues must be >= 0 (got {self.max_requeues})"
+        )
+
+
+@dataclass(frozen=True)
+class ResumeConfig:
+    # Resume even if the config changed in a way that changes the computation (e.g. optim.lr).
+    allow_config_change: bool = False
+
+
+@dataclass(frozen=True)
+class SoupConfig:
+    # After training, merge checkpoints into a model soup in a dependent job.
+    enabled: bool = False
+    # How to merge: `uniform` average, `greedy` (add while held-out score improves), `learned`.
+    recipe: Literal["uniform", "greedy", "learned"] = "uniform"
+    # Name of the soup; it is written to <run.dir>/soups/<name>/.
+    name: str = "soup"
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
+    soup: SoupConfig = field(default_factory=SoupConfig)
+    # A sweep: dotted config keys -> lists of values, e.g. {optim.lr: [1e-3, 3e-3], run.seed:
+    # [0, 1]}. `stockpot submit` runs their cartesian product as ONE Slurm array, each element
+    # in its own <run.dir>/<index>-<key>=<value>,... (`expand_sweep`); empty: a single run.
+    # Elements carry no sweep, so it never enters their resume drift check.
+    sweep: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # The defaults' own keys are what a sweep may name; computed only for a sweep, since
+        # building the defaults runs this method again (with an empty sweep).
+        keys = _schema_keys() if self.sweep else frozenset()
+        object.__setattr__(self, "sweep", check_sweep(self.sweep, keys))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-able data; `from_dict(to_dict())` gives back an equal config."""
+        return _to_plain(self)
+
+
+@functools.cache
+def _schema_keys() -> frozenset[str]:
+    return frozenset(flatten(Config().to_dict()))
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, TaskConfig):
+        return {"_target_": obj.target, **_to_plain(dict(obj.params))}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{a: {b: 1}} -> {"a.b": 1}; an empty mapping stays one key (so `sweep: {}` is listed)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, full + "."))
+        else:
+            out[full] = value
+    return out
