@@ -13,10 +13,11 @@ class ConfigError(StockpotError):
     exit_code = 2
 
 
-def require(ok: bool, message: str) -> None:
-    """Raise ConfigError(message) unless `ok`: the one-line check every validator uses."""
+def require(ok: bool, message: str, error: type[StockpotError] = ConfigError) -> None:
+    """Raise `error(message)` unless `ok`: the one-line check every validator uses (bad config
+    by default; a manifest check passes CheckpointCorrupt)."""
     if not ok:
-        raise ConfigError(message)
+        raise error(message)
 
 
 class NotBuiltYet(StockpotError):
@@ -33,10 +34,6 @@ class UsageError(StockpotError):
 
 class StorageError(StockpotError):
     """A storage operation failed for good (after retries, or a permanent error)."""
-
-
-class CheckpointError(StockpotError):
-    """A save was not committed (the previous committed checkpoint is untouched)."""
 
 
 class CheckpointError(StockpotError):

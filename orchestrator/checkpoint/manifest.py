@@ -19,9 +19,9 @@ from typing import Any
 
 import xxhash
 
-from orchestrator.errors import CheckpointCorrupt
+from orchestrator.checkpoint.layout import MANIFEST_NAME
+from orchestrator.errors import CheckpointCorrupt, require
 
-MANIFEST_NAME = "MANIFEST.json"
 FORMAT = "stockpot.checkpoint"
 VERSION = 1
 CHECKSUM_ALGORITHM = "xxh3_128"
@@ -62,12 +62,16 @@ class Manifest:
         return (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
 
     @classmethod
-    def from_json(cls, raw: bytes, where: str = "MANIFEST.json") -> Manifest:
+    def from_json(cls, raw: bytes, where: str = MANIFEST_NAME) -> Manifest:
         """Parse and check a manifest; CheckpointCorrupt (naming `where`) if it is not one."""
         try:
             body = json.loads(raw)
-            _check(body.get("format") == FORMAT, "not a stockpot manifest")
-            _check(body.get("version") == VERSION, f"unsupported version {body.get('version')!r}")
+            require(body.get("format") == FORMAT, "not a stockpot manifest", CheckpointCorrupt)
+            require(
+                body.get("version") == VERSION,
+                f"unsupported version {body.get('version')!r}",
+                CheckpointCorrupt,
+            )
             files = {
                 name: FileEntry(int(e["size"]), str(e["checksum"]))
                 for name, e in body["files"].items()
@@ -89,7 +93,11 @@ class Manifest:
             )
             if manifest.data_dir:
                 check_confined(manifest.data_dir)
-            _check(manifest.checksum_algorithm == CHECKSUM_ALGORITHM, "unknown checksum algorithm")
+            require(
+                manifest.checksum_algorithm == CHECKSUM_ALGORITHM,
+                "unknown checksum algorithm",
+                CheckpointCorrupt,
+            )
         except CheckpointCorrupt as exc:
             raise CheckpointCorrupt(f"{where}: {exc}") from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -99,15 +107,10 @@ class Manifest:
         return manifest
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise CheckpointCorrupt(message)
-
-
 def check_confined(name: str) -> str:
     """`name` if it is a plain relative path inside the checkpoint, else CheckpointCorrupt."""
     normal = posixpath.normpath(name)
-    _check(
+    require(
         bool(name)
         and not name.startswith("/")
         and "\\" not in name
@@ -116,6 +119,7 @@ def check_confined(name: str) -> str:
         and normal != "."
         and not normal.startswith(".."),
         f"file name {name!r} escapes the checkpoint",
+        CheckpointCorrupt,
     )
     return name
 

@@ -12,16 +12,16 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, require
 
 
 def import_target(path: str) -> Any:
     """The object `pkg.mod.Attr` names; a ConfigError (one line) if it cannot be found."""
     module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise ConfigError(
-            f"task._target_ must be an import path like 'package.module.Factory' (got {path!r})"
-        )
+    require(
+        bool(module_name) and bool(attr),
+        f"task._target_ must be an import path like 'package.module.Factory' (got {path!r})",
+    )
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -42,8 +42,7 @@ def import_target(path: str) -> Any:
 def build_task(target: str, params: Mapping[str, Any]) -> Any:
     """Call the factory `target` with `params`; unknown or missing keys are ConfigErrors."""
     factory = import_target(target)
-    if not callable(factory):
-        raise ConfigError(f"task._target_ {target!r} is not callable")
+    require(callable(factory), f"task._target_ {target!r} is not callable")
     _check_params(target, factory, params)
     return factory(**params)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, require
 from orchestrator.tasks.base import Batch
 
 VOCAB = 256  # bytes
@@ -38,23 +38,23 @@ class CharLM:
         vocab: Literal["bytes"] = "bytes",
     ) -> None:
         for key, value in (("seq_len", seq_len), ("d_model", d_model), ("n_layers", n_layers)):
-            _check(
+            require(
                 _is_int(value) and value >= 1, f"task.{key} must be an integer >= 1 (got {value!r})"
             )
-        _check(
+        require(
             _is_int(n_heads) and n_heads >= 1 and d_model % n_heads == 0,
             f"task.n_heads must divide task.d_model={d_model} (got {n_heads!r})",
         )
-        _check(
+        require(
             d_ff is None or (_is_int(d_ff) and d_ff >= 1),
             f"task.d_ff must be >= 1 or null (got {d_ff!r})",
         )
-        _check(0.0 <= dropout < 1.0, f"task.dropout must be in [0, 1) (got {dropout!r})")
-        _check(
+        require(0.0 <= dropout < 1.0, f"task.dropout must be in [0, 1) (got {dropout!r})")
+        require(
             0.0 < eval_fraction < 1.0,
             f"task.eval_fraction must be in (0, 1) (got {eval_fraction!r})",
         )
-        _check(vocab == "bytes", f"task.vocab must be 'bytes' (got {vocab!r})")
+        require(vocab == "bytes", f"task.vocab must be 'bytes' (got {vocab!r})")
         self.text_path = Path(text_path) if text_path is not None else DEFAULT_TEXT
         self.seq_len, self.d_model = seq_len, d_model
         self.n_layers, self.n_heads = n_layers, n_heads
@@ -113,7 +113,7 @@ class CharLM:
             data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
             cut = len(data) - int(len(data) * self.eval_fraction)
             need = self.seq_len + 1
-            _check(
+            require(
                 min(cut, len(data) - cut) >= need,
                 f"task.text_path {self.text_path} ({len(data)} bytes) is too short for "
                 f"seq_len={self.seq_len} and eval_fraction={self.eval_fraction}: each part needs "
@@ -197,8 +197,3 @@ class Block(nn.Module):
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)

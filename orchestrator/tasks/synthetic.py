@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import require
 from orchestrator.tasks.base import Batch, Tensors
 
 Split = Literal["pretrain", "finetune"]
@@ -47,7 +47,7 @@ class SyntheticClassification:
         data_seed: int = 0,
         noise: float = 0.0,
     ) -> None:
-        _check(split in _SPLITS, f"task.split must be one of {', '.join(_SPLITS)} (got {split!r})")
+        require(split in _SPLITS, f"task.split must be one of {', '.join(_SPLITS)} (got {split!r})")
         for key, value, low in (
             ("in_dim", in_dim, 1),
             ("classes", classes, 2),
@@ -58,11 +58,11 @@ class SyntheticClassification:
             ("n_eval", n_eval, 1),
             ("data_seed", data_seed, 0),
         ):
-            _check(
+            require(
                 isinstance(value, int) and not isinstance(value, bool) and value >= low,
                 f"task.{key} must be an integer >= {low} (got {value!r})",
             )
-        _check(0.0 <= noise <= 1.0, f"task.noise must be in [0, 1] (got {noise!r})")
+        require(0.0 <= noise <= 1.0, f"task.noise must be in [0, 1] (got {noise!r})")
         self.split: Split = split
         self.in_dim, self.classes, self.hidden, self.depth = in_dim, classes, hidden, depth
         self.n_train, self.n_eval = n_train, n_eval
@@ -146,8 +146,3 @@ class _Teacher:
 
     def label(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x).argmax(dim=-1)
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
