@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import pickle
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,13 +19,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator.errors import StorageError
+from orchestrator.errors import ConfigError, StorageError
 from orchestrator.storage import S3Options, Store, backoff_delay, is_s3_url, is_transient, redact
 from tests.fixtures.s3 import REGION, FaultProxy, S3Server
 
 SECRET = "sEcReT-9f3b1c77-do-not-log"
 ACCESS_KEY = "AKIADISTINCTIVE0042"
-FAST = {"backoff_s": 0.01, "max_backoff_s": 0.05}  # keep retry tests quick
+FAST: dict[str, Any] = {"backoff_s": 0.01, "max_backoff_s": 0.05}  # keep retry tests quick
 N_RACERS = 8
 
 
@@ -133,6 +135,35 @@ def test_pickled_store_works(store: Store) -> None:
     assert clone.read_bytes("k") == b"v"
     clone.write_bytes("k2", b"w")
     assert store.read_bytes("k2") == b"w"
+
+
+def test_rename_dir_where_the_backend_can(store: Store) -> None:
+    # The capability is the contract: callers ask `renames_dirs`, never which backend this is.
+    store.write_bytes("ckpt/.tmp-1/shard", b"s")
+    if store.renames_dirs:
+        store.rename_dir("ckpt/.tmp-1", "ckpt/step-1")
+        assert store.list("ckpt") == ["step-1"]
+    else:
+        with pytest.raises(NotImplementedError):
+            store.rename_dir("ckpt/.tmp-1", "ckpt/step-1")
+        assert store.list("ckpt") == [".tmp-1"]
+    assert store.fsyncs == store.renames_dirs == (not store.is_s3)
+
+
+def test_abort_multipart_uploads_on_a_clean_store_finds_none(store: Store) -> None:
+    store.write_bytes("ckpt/shard", b"s")
+    assert store.abort_multipart_uploads("ckpt") == 0
+    assert store.read_bytes("ckpt/shard") == b"s"
+
+
+def test_discarded_stream_leaves_nothing(store: Store) -> None:
+    store.write_bytes("keep", b"old")
+    f = store.open_write("keep")
+    f.write(b"new but abandoned")
+    f.discard()
+    f.close()  # after discard, close must not commit
+    assert store.read_bytes("keep") == b"old"
+    assert store.list() == ["keep"]
 
 
 def test_makedirs_and_fsync_tree(store: Store) -> None:
@@ -347,9 +378,21 @@ def test_urls_and_options_are_validated() -> None:
     assert is_s3_url("s3://b/p") and not is_s3_url("/tmp/x")
     with pytest.raises(ValueError, match="environment"):
         Store("s3://KEY:SECRET@bucket/prefix")
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match=r"storage\.s3\.max_attempts must be >= 1 \(got 0\)"):
         S3Options(max_attempts=0)
+    with pytest.raises(ConfigError, match=r"storage\.s3\.backoff_s must be >= 0"):
+        S3Options(backoff_s=-1)
     assert repr(Store("s3://b/p/")) == "Store('s3://b/p')"
+
+
+def test_import_is_lazy() -> None:
+    # The CLI imports this package; fsspec/s3fs/botocore load only when a store first needs them.
+    code = (
+        "import sys, orchestrator.storage as s; s.Store('s3://b/p'); s.Store('/tmp').path('x');"
+        "print(sorted(m for m in ('fsspec', 's3fs', 'botocore', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_redact_masks_env_credentials_and_signed_urls(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,142 @@
+"""`Store`: a directory-like root (local path or s3://bucket/prefix) with small, safe operations.
+
+The facade picks its backend once, from the URL, and owns what every backend shares: the root,
+the rule that paths are relative and stay inside it, and pickling. What differs between local
+disk and S3 lives in the backends; what a caller may rely on is asked through the capabilities
+`renames_dirs` and `fsyncs`, never by testing which backend this is.
+
+A pickled Store is its URL and S3Options only: no filesystem, no client, no credentials.
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import IO, Any
+
+from orchestrator.storage.base import AtomicWriter, Backend
+from orchestrator.storage.local import LocalBackend
+from orchestrator.storage.options import S3Options
+from orchestrator.storage.s3 import S3Backend
+
+
+def is_s3_url(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def _clean_rel(rel: str) -> str:
+    parts = [p for p in rel.replace("\\", "/").split("/") if p not in ("", ".")]
+    if rel.startswith("/") or ".." in parts:
+        raise ValueError(f"storage path must be relative and stay inside the store: {rel!r}")
+    return "/".join(parts)
+
+
+class Store:
+    """A directory-like root (local path or s3://bucket/prefix) with small, safe operations."""
+
+    def __init__(self, url: str, s3: S3Options | None = None) -> None:
+        url = url.removeprefix("file://")
+        self.s3 = s3 or S3Options()
+        self.is_s3 = is_s3_url(url)  # for tests and repr-like checks; callers use capabilities
+        self._backend: Backend = S3Backend(self.s3) if self.is_s3 else LocalBackend()
+        self.url = self._backend.root_url(url)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def __reduce__(self) -> tuple[type[Store], tuple[str, S3Options]]:
+        return Store, (self.url, self.s3)  # rebuilt in the new process, filesystems lazily
+
+    # --- capabilities: what callers may rely on, instead of asking which backend this is -----
+
+    @property
+    def renames_dirs(self) -> bool:
+        """True where `rename_dir` is atomic (local disk); S3 has no rename (copy + delete)."""
+        return self._backend.renames_dirs
+
+    @property
+    def fsyncs(self) -> bool:
+        """True where fsync makes writes durable (local disk); S3 writes are durable on return."""
+        return self._backend.fsyncs
+
+    # --- paths and filesystems ---------------------------------------------------------------
+
+    def child(self, *parts: str) -> Store:
+        return Store(self.path("/".join(parts)), self.s3)
+
+    def path(self, rel: str = "") -> str:
+        rel = _clean_rel(rel)
+        return f"{self.url}/{rel}" if rel else self.url
+
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec kwargs for this store (no secrets), with botocore retries per request."""
+        return self._backend.storage_options()
+
+    def fsspec_filesystem(self) -> Any:
+        """The fsspec filesystem for torch DCP's FsspecWriter/Reader and streams."""
+        return self._backend.fsspec_filesystem()
+
+    # --- small objects -----------------------------------------------------------------------
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self._backend.read_bytes(self.path(rel))
+
+    def write_bytes(self, rel: str, data: bytes, *, create_only: bool = False) -> None:
+        """Atomic write: readers see the old object or the new one, never a part.
+
+        `create_only` raises FileExistsError if the object exists, even against a racing writer
+        in another process or on another node: exactly one creator wins (a commit record)."""
+        self._backend.write_bytes(self.path(rel), data, create_only=create_only)
+
+    def append_bytes(self, rel: str, data: bytes) -> None:
+        """Append to a small log object (one writer only); on S3 a read and a whole rewrite."""
+        self._backend.append_bytes(self.path(rel), data)
+
+    # --- streams -----------------------------------------------------------------------------
+
+    def open_read(self, rel: str) -> IO[bytes]:
+        return self._backend.open_read(self.path(rel))
+
+    def open_write(self, rel: str) -> AtomicWriter:
+        """Streaming write that lands only on a clean `close()`/`with` exit (discarded on error)."""
+        return self._backend.open_write(self.path(rel))
+
+    # --- listing and metadata ----------------------------------------------------------------
+
+    def list(self, rel: str = "") -> builtins.list[str]:
+        """Names of the immediate children (files and directories/prefixes); [] if missing."""
+        return self._backend.list(self.path(rel))
+
+    def walk_files(self, rel: str = "") -> dict[str, int]:
+        """Every file below rel, as a posix path relative to rel -> size in bytes."""
+        return self._backend.walk_files(self.path(rel))
+
+    def exists(self, rel: str) -> bool:
+        return self._backend.exists(self.path(rel))
+
+    def size(self, rel: str) -> int:
+        return self._backend.size(self.path(rel))
+
+    # --- mutation ----------------------------------------------------------------------------
+
+    def delete(self, rel: str, *, recursive: bool = False) -> None:
+        """Remove a file (or, recursive, everything below rel). Missing is fine."""
+        self._backend.delete(self.path(rel), recursive=recursive)
+
+    def makedirs(self, rel: str) -> None:
+        """Create a directory (local); S3 has none: a prefix exists once a key below it does."""
+        self._backend.makedirs(self.path(rel))
+
+    def rename_dir(self, src_rel: str, dst_rel: str) -> None:
+        """Atomically move a directory into place and make the move durable.
+
+        Only where `renames_dirs`; raises NotImplementedError elsewhere, and FileExistsError if
+        the target exists."""
+        self._backend.rename_dir(self.path(src_rel), self.path(dst_rel))
+
+    def fsync_tree(self, rel: str = "") -> None:
+        """fsync every file and directory below rel, children first (no-op unless `fsyncs`)."""
+        self._backend.fsync_tree(self.path(rel))
+
+    def abort_multipart_uploads(self, rel: str = "", older_than_s: float = 0) -> int:
+        """Abort unfinished multipart uploads below rel started over `older_than_s` ago (S3)."""
+        return self._backend.abort_multipart_uploads(self.path(rel), older_than_s)
