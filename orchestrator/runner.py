@@ -15,7 +15,7 @@ import torch
 from orchestrator import dist, parallel
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.checkpointer import Checkpointer
-from orchestrator.checkpoint.retention import KeepBest, RetentionPolicy
+from orchestrator.checkpoint.retention import RetentionPolicy
 from orchestrator.config import Config, computation_view, config_hash, diff_views, to_yaml
 from orchestrator.data import ResumableSampler
 from orchestrator.env import DistEnv, backend_for, device_for
@@ -69,14 +69,9 @@ def run_store(cfg: Config) -> Store:
 
 
 def retention_policy(cfg: Config) -> RetentionPolicy:
-    c = cfg.checkpoint
-    best = (
-        KeepBest(c.keep_best.metric, c.keep_best.mode, c.keep_best.k)
-        if c.keep_best.metric
-        else None
-    )
+    c = cfg.checkpoint  # keep_best is retention's own KeepBest (metric null: the rule is off)
     return RetentionPolicy(
-        keep_last=c.keep_last, keep_best=best, keep_every_steps=c.keep_every_steps
+        keep_last=c.keep_last, keep_best=c.keep_best, keep_every_steps=c.keep_every_steps
     )
 
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from orchestrator import config
 from orchestrator.checkpoint.retention import (
     Candidate,
     KeepBest,
@@ -18,7 +19,7 @@ from orchestrator.checkpoint.retention import (
     plan_retention,
     step_dirname,
 )
-from orchestrator.errors import StorageError
+from orchestrator.errors import ConfigError, StorageError
 
 METRIC = "loss"
 
@@ -285,14 +286,38 @@ def test_policy_validation(kwargs: dict, match: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"metric": "loss", "k": 0}, r"keep_best.k must be an integer >= 1 \(got 0\)"),
-        ({"metric": "loss", "mode": "median"}, r"keep_best.mode must be 'min' or 'max'"),
-        ({"metric": ""}, r"keep_best.metric must name a metric"),
+        ({"metric": "loss", "k": 0}, r"^checkpoint.keep_best.k must be >= 1 \(got 0\)$"),
+        ({"metric": "loss", "k": True}, r"checkpoint.keep_best.k must be >= 1 \(got True\)"),
+        ({"metric": "loss", "mode": "median"}, r"checkpoint.keep_best.mode must be 'min' or 'max'"),
+        ({"metric": ""}, r"checkpoint.keep_best.metric must name a metric .*use null"),
     ],
 )
 def test_keep_best_validation(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    """KeepBest is also the config's `checkpoint.keep_best`: its errors are one-line ConfigErrors."""
+    with pytest.raises(ConfigError, match=match):
         KeepBest(**kwargs)
+
+
+def test_keep_best_without_a_metric_is_off() -> None:
+    """The config's default (`metric: null`) keeps nothing extra, alone or beside other rules."""
+    committed = [Candidate(step=s, metrics={METRIC: float(s)}) for s in (10, 20, 30, 40)]
+    off = KeepBest()
+    assert not RetentionPolicy(keep_best=off).has_rules
+    assert plan_retention(committed, RetentionPolicy(keep_best=off)) == []
+    with_last = RetentionPolicy(keep_last=1, keep_best=off)
+    assert plan_retention(committed, with_last) == [10, 20, 30]
+    on = RetentionPolicy(keep_last=1, keep_best=KeepBest(METRIC, "min", 1))
+    assert plan_retention(committed, on) == [20, 30]
+
+
+def test_config_keep_best_is_the_retention_rule() -> None:
+    """One type: what the config loads is what the planner applies, no copy in between."""
+    cfg = config.load(None, ["checkpoint.keep_best.metric=eval/loss", "checkpoint.keep_best.k=2"])
+    assert cfg.checkpoint.keep_best == KeepBest("eval/loss", "min", 2)
+    with pytest.raises(ConfigError, match=r"^checkpoint.keep_best.k must be >= 1 \(got 0\)$"):
+        config.load(None, ["checkpoint.keep_best.k=0"])
+    with pytest.raises(ConfigError, match=r"checkpoint.keep_best.mode must be one of min, max"):
+        config.load(None, ["checkpoint.keep_best.mode=median"])
 
 
 # --- the deleter --------------------------------------------------------------------------------

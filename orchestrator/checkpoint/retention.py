@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, MANIFEST_NAME, step_dirname
+from orchestrator.errors import require
 
 logger = logging.getLogger(__name__)
 
@@ -27,18 +28,34 @@ class Candidate:
 
 @dataclass(frozen=True)
 class KeepBest:
-    """Keep the `k` best checkpoints by `metric`; `mode` says whether lower or higher is better."""
+    """Keep the `k` best checkpoints by `metric`; `mode` says whether lower or higher is better.
 
-    metric: str
+    Also the `checkpoint.keep_best` section of the config schema (one type, validated once), so
+    its errors are the config's one-line ConfigErrors and a comment documents every field.
+    """
+
+    # Metric name from eval (e.g. `eval/loss`); null disables keep-best retention.
+    metric: str | None = None
+    # `min` keeps the lowest values, `max` the highest.
     mode: Literal["min", "max"] = "min"
+    # How many best checkpoints to keep.
     k: int = 1
 
     def __post_init__(self) -> None:
-        if not self.metric:
-            raise ValueError("keep_best.metric must name a metric (got an empty string)")
-        if self.mode not in ("min", "max"):
-            raise ValueError(f"keep_best.mode must be 'min' or 'max' (got {self.mode!r})")
-        _require_positive("keep_best.k", self.k, "use k >= 1 or drop keep_best")
+        require(
+            self.metric != "",
+            "checkpoint.keep_best.metric must name a metric (got an empty string); "
+            "use null to turn keep-best off",
+        )
+        require(
+            self.mode in ("min", "max"),
+            f"checkpoint.keep_best.mode must be 'min' or 'max' (got {self.mode!r})",
+        )
+        # bool is an int subclass; `k: true` must not silently mean 1.
+        require(
+            isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 1,
+            f"checkpoint.keep_best.k must be >= 1 (got {self.k})",
+        )
 
 
 @dataclass(frozen=True)
@@ -47,7 +64,7 @@ class RetentionPolicy:
     is deleted."""
 
     keep_last: int | None = None  # keep the newest N committed checkpoints
-    keep_best: KeepBest | None = None  # keep the k best by a metric (missing/NaN never count)
+    keep_best: KeepBest | None = None  # the k best by a metric; missing/NaN never count
     keep_every_steps: int | None = None  # keep milestones: every step with step % N == 0
     keep_if: Callable[[Candidate], bool] | None = None  # Python-API hook: True keeps it
 
@@ -61,7 +78,8 @@ class RetentionPolicy:
 
     @property
     def has_rules(self) -> bool:
-        rules = (self.keep_last, self.keep_best, self.keep_every_steps, self.keep_if)
+        best = self.keep_best.metric if self.keep_best is not None else None
+        rules = (self.keep_last, best, self.keep_every_steps, self.keep_if)
         return any(rule is not None for rule in rules)
 
 
@@ -92,10 +110,13 @@ def plan_retention(
 
 def _best_steps(candidates: Iterable[Candidate], rule: KeepBest) -> list[int]:
     """The k best steps; on a tie in the metric the later step wins (it has trained longer)."""
+    metric = rule.metric
+    if metric is None:  # the rule is off
+        return []
     scored = [
-        (c.metrics[rule.metric], c.step)
+        (c.metrics[metric], c.step)
         for c in candidates
-        if rule.metric in c.metrics and not math.isnan(c.metrics[rule.metric])
+        if metric in c.metrics and not math.isnan(c.metrics[metric])
     ]
     sign = 1.0 if rule.mode == "min" else -1.0
     scored.sort(key=lambda vs: (sign * vs[0], -vs[1]))

@@ -13,7 +13,6 @@ from orchestrator.config.loading import expand_sweep, from_dict, load, to_yaml
 from orchestrator.config.schema import (
     CheckpointConfig,
     Config,
-    KeepBestConfig,
     LauncherConfig,
     ModelConfig,
     OptimConfig,
@@ -31,7 +30,6 @@ from orchestrator.config.sweeps import sweep_label, sweep_run_dir
 __all__ = [
     "CheckpointConfig",
     "Config",
-    "KeepBestConfig",
     "LauncherConfig",
     "ModelConfig",
     "OptimConfig",

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from orchestrator.checkpoint.retention import KeepBest
 from orchestrator.config.sweeps import check_sweep
 from orchestrator.errors import require
 
@@ -146,19 +147,6 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
-class KeepBestConfig:
-    # Metric name from eval (e.g. `eval/loss`); null disables keep-best retention.
-    metric: str | None = None
-    # `min` keeps the lowest values, `max` the highest.
-    mode: Literal["min", "max"] = "min"
-    # How many best checkpoints to keep.
-    k: int = 1
-
-    def __post_init__(self) -> None:
-        require(self.k >= 1, f"checkpoint.keep_best.k must be >= 1 (got {self.k})")
-
-
-@dataclass(frozen=True)
 class CheckpointConfig:
     # Save every N optimizer steps; null disables step-based saves.
     every_steps: int | None = 50
@@ -168,8 +156,8 @@ class CheckpointConfig:
     every_minutes: float | None = None
     # Keep the newest N committed checkpoints; null keeps all (the newest is never deleted).
     keep_last: int | None = 3
-    # Also keep the k best by an eval metric.
-    keep_best: KeepBestConfig = field(default_factory=KeepBestConfig)
+    # Also keep the k best by an eval metric (retention's own type: it checks its fields).
+    keep_best: KeepBest = field(default_factory=KeepBest)
     # Also keep every checkpoint whose step is a multiple of N (milestones); null disables.
     keep_every_steps: int | None = None
     # Stage to host memory, then write and commit in the background (one save in flight).
