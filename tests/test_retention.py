@@ -11,13 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator import config
+from orchestrator.checkpoint.layout import step_dirname
 from orchestrator.checkpoint.retention import (
     Candidate,
     KeepBest,
     RetentionPolicy,
     delete_checkpoints,
     plan_retention,
-    step_dirname,
 )
 from orchestrator.errors import ConfigError, StorageError
 

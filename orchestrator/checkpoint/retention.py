@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, MANIFEST_NAME, step_dirname
+from orchestrator.checkpoint.layout import MANIFEST_NAME, step_rel
 from orchestrator.errors import require
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def delete_checkpoints(
     """
     deleted = []
     for step in dict.fromkeys(steps):
-        step_dir = f"{CHECKPOINTS_DIR}/{step_dirname(step)}"
+        step_dir = step_rel(step)
         if _try_delete(store, f"{step_dir}/{MANIFEST_NAME}", False, log) and _try_delete(
             store, step_dir, True, log
         ):
