@@ -130,6 +130,18 @@ def test_hash_is_stable_and_sensitive() -> None:
     assert len(config.config_hash(a)) == 16
 
 
+def test_drift_ignores_a_key_added_later_at_its_default() -> None:
+    """A run saved before the schema gained a key resumes while that key is at its default."""
+    view = config.computation_view(config.load(None, []))
+    before = {k: v for k, v in view.items() if k != "optim.momentum"}  # "saved before it existed"
+    assert config.diff_views(before, view) == []
+    changed = config.computation_view(config.load(None, ["optim.momentum=0.5"]))
+    assert config.diff_views(before, changed) == ["optim.momentum: '<unset>' -> 0.5"]
+    with_param = config.computation_view(config.load(None, ["task.noise=0.1"]))
+    assert config.diff_views(view, with_param) == ["task.noise: '<unset>' -> 0.1"]
+    assert config.diff_views(with_param, view) == ["task.noise: 0.1 -> '<unset>'"]
+
+
 def test_resolved_yaml_round_trips(tmp_path: Path) -> None:
     cfg = config.load(str(REPO / "configs/demo.yaml"), ["trainer.max_steps=11"])
     text = config.to_yaml(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -36,11 +37,23 @@ def computation_view(cfg: Config) -> dict[str, Any]:
 
 
 def diff_views(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """`key: old -> new` for every key that differs (missing shown as <unset>)."""
+    """`key: old -> new` for every key that differs (missing shown as <unset>).
+
+    A key that `old` lacks and `new` holds at its schema default is no change: the schema gained
+    it after `old` was saved, and a new field's default must compute what the code did before
+    it existed, so runs saved before the field was added still resume.
+    """
     keys = sorted(set(old) | set(new))
     unset = "<unset>"
+    defaults = _default_view()
     return [
         f"{k}: {old.get(k, unset)!r} -> {new.get(k, unset)!r}"
         for k in keys
         if old.get(k, unset) != new.get(k, unset)
+        and not (k not in old and k in defaults and new[k] == defaults[k])
     ]
+
+
+@functools.cache
+def _default_view() -> dict[str, Any]:
+    return computation_view(Config())
