@@ -26,7 +26,7 @@ from orchestrator.optim import build_optimizer, build_scheduler
 from orchestrator.preemption import StopFlag
 from orchestrator.progress import Progress
 from orchestrator.state import ModelAndOptimizer, RNGState
-from orchestrator.storage import S3Options, Store
+from orchestrator.storage import Store
 from orchestrator.tasks import build_task
 
 log = logging.getLogger(__name__)
@@ -56,16 +56,7 @@ def exit_code(outcome: Outcome) -> int:
 
 
 def run_store(cfg: Config) -> Store:
-    s3 = cfg.storage.s3
-    return Store(
-        cfg.run.dir,
-        S3Options(
-            endpoint_url=s3.endpoint_url,
-            region=s3.region,
-            profile=s3.profile,
-            max_attempts=s3.max_attempts,
-        ),
-    )
+    return Store(cfg.run.dir, cfg.storage.s3)
 
 
 def retention_policy(cfg: Config) -> RetentionPolicy:

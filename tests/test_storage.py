@@ -385,6 +385,17 @@ def test_urls_and_options_are_validated() -> None:
     assert repr(Store("s3://b/p/")) == "Store('s3://b/p')"
 
 
+def test_config_schema_is_s3_options() -> None:
+    # One type for `storage.s3.*` and the backend: the config cannot accept what S3 refuses.
+    from orchestrator.config import Config, from_dict
+
+    assert isinstance(Config().storage.s3, S3Options)
+    cfg = from_dict({"storage": {"s3": {"endpoint_url": "http://h:1", "max_backoff_s": 2}}})
+    assert cfg.storage.s3 == S3Options(endpoint_url="http://h:1", max_backoff_s=2.0)
+    with pytest.raises(ConfigError, match=r"storage\.s3\.max_attempts must be >= 1"):
+        from_dict({"storage": {"s3": {"max_attempts": 0}}})
+
+
 def test_import_is_lazy() -> None:
     # The CLI imports this package; fsspec/s3fs/botocore load only when a store first needs them.
     code = (

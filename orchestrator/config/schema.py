@@ -16,6 +16,7 @@ from typing import Any, Literal
 from orchestrator.checkpoint.retention import KeepBest
 from orchestrator.config.sweeps import check_sweep
 from orchestrator.errors import require
+from orchestrator.storage.options import S3Options
 
 
 def _positive_or_none(value: float | None, key: str, off_hint: str = "null to disable") -> None:
@@ -173,22 +174,8 @@ class CheckpointConfig:
         _positive_or_none(self.keep_every_steps, "checkpoint.keep_every_steps")
 
 
-@dataclass(frozen=True)
-class S3Config:
-    # S3-compatible endpoint (MinIO, moto, ...); null uses AWS_ENDPOINT_URL or AWS itself.
-    endpoint_url: str | None = None
-    # Region; null uses AWS_REGION / AWS_DEFAULT_REGION.
-    region: str | None = None
-    # Named profile from ~/.aws; null uses AWS_PROFILE or the default chain.
-    profile: str | None = None
-    # Attempts per operation on transient errors (5xx, throttling, connection resets).
-    max_attempts: int = 5
-
-    def __post_init__(self) -> None:
-        require(
-            self.max_attempts >= 1,
-            f"storage.s3.max_attempts must be >= 1 (got {self.max_attempts})",
-        )
+# One type for `storage.s3.*` and the S3 backend, so the rules are checked once, on load.
+S3Config = S3Options
 
 
 @dataclass(frozen=True)
