@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 from orchestrator.config import Config, load
-
-STOPPED = 75
+from orchestrator.env import EXIT_STOPPED as STOPPED
 
 
 def main(argv: list[str]) -> int:
@@ -39,7 +38,8 @@ def main(argv: list[str]) -> int:
         return first
     if first == STOPPED:
         print(
-            "\ndemo: the job saved and stopped (exit 75); starting it again to resume\n", flush=True
+            f"\ndemo: the job saved and stopped (exit {STOPPED}); starting it again to resume\n",
+            flush=True,
         )
         code = subprocess.call(command)
         if code != 0:

@@ -1,11 +1,17 @@
 """The CLI's read-only commands: `stockpot status`, `stockpot verify`, `stockpot export`.
 
-`status` also shows what `stockpot submit` recorded (jobs.json, with each job's state from
-`squeue` when Slurm is reachable) and the restart count from metrics.jsonl.
+`status` also shows what `stockpot submit` recorded (launch/jobs.py: jobs.json, with each job's
+state from `squeue` when Slurm is reachable) and the restart count from metrics.jsonl.
+
+Where the S3 settings come from: `status` and `verify` take a run directory URL or the run's YAML
+config (with key=value overrides, as given to `submit`). With a config, its run.dir is opened
+with its `storage.s3` (endpoint, region, profile, attempts), exactly as `run` and `submit` open
+it. With a URL there is no config to read first (the run's own config.yaml sits behind the
+endpoint), so the AWS_* environment decides (AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE).
 
 None of them needs a process group or the model's code: they read manifests, and `export` reads
-tensors one bounded batch at a time through DCP's metadata. Heavy modules (torch, fsspec) are
-imported inside the commands so `stockpot --help` stays fast.
+tensors one bounded batch at a time (orchestrator/checkpoint/export.py). Heavy modules (torch,
+fsspec) are imported inside the commands so `stockpot --help` stays fast.
 """
 
 from __future__ import annotations
@@ -15,32 +21,41 @@ import datetime
 import json
 import math
 import os
-import shutil
-import struct
-import subprocess
 import sys
-import warnings
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from launch.jobs import JOBS_NAME, job_state, read_jobs
 from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, MANIFEST_NAME  # re only: light
-from orchestrator.errors import CheckpointCorrupt, StockpotError, UsageError
+from orchestrator.errors import CheckpointCorrupt, UsageError
 
 if TYPE_CHECKING:
-    from orchestrator.checkpoint.catalog import CheckpointInfo, Scan
+    from orchestrator.checkpoint.catalog import Scan
     from orchestrator.storage import Store
 
-EXPORT_BATCH_BYTES = 256 << 20  # tensors loaded per DCP read; memory stays ~ one batch
-SAFETENSORS_SUFFIX = ".safetensors"
-JOBS_NAME = "jobs.json"  # == launch.submit.JOBS_NAME: what `stockpot submit` recorded
-SQUEUE_TIMEOUT_S = 10
+CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
 def _store(url: str) -> Store:
     from orchestrator.storage import Store
 
     return Store(url)
+
+
+def open_target(target: str, overrides: Sequence[str] = ()) -> Store:
+    """The store a command names: a YAML config file -> its run.dir with its storage.s3 (the
+    same store `submit` and `run` open); anything else -> that URL, S3 settings from AWS_*."""
+    if target.endswith(CONFIG_SUFFIXES) and os.path.isfile(target):
+        from orchestrator import config
+        from orchestrator.storage import Store
+
+        cfg = config.load(target, list(overrides))
+        return Store(cfg.run.dir, cfg.storage.s3)
+    if overrides:
+        raise UsageError(
+            f"key=value overrides ({overrides[0]}, ...) need a config file, not a directory"
+        )
+    return _store(target)
 
 
 def _name_of(store: Store) -> str:
@@ -53,15 +68,14 @@ def _name_of(store: Store) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator.checkpoint import catalog
 
-    run = _run_store(args.run_dir)
+    run = _run_store(open_target(args.run_dir, args.overrides))
     report = status_report(run, catalog.scan(run))
     report.update(activity_report(run))
     print(json.dumps(report, indent=1) if args.json else format_status(run.path(), report))
     return 0
 
 
-def _run_store(url: str) -> Store:
-    run = _store(url)
+def _run_store(run: Store) -> Store:
     if not run.exists(""):
         raise UsageError(f"run directory {run.path()} does not exist")
     if not run.exists(CHECKPOINTS_DIR) and not run.exists(JOBS_NAME):  # submitted, not started
@@ -70,8 +84,8 @@ def _run_store(url: str) -> Store:
 
 
 def activity_report(run: Store) -> dict[str, Any]:
-    """`restarts` (Slurm requeues) and `resumes` (from metrics.jsonl), and `jobs` (from jobs.json, with their Slurm state), each
-    only when the run has that file."""
+    """`restarts` (Slurm requeues) and `resumes` (from metrics.jsonl), and `jobs` (from
+    jobs.json, with their Slurm state), each only when the run has that file."""
     from orchestrator.metrics import read_metrics
 
     out: dict[str, Any] = {}
@@ -80,43 +94,8 @@ def activity_report(run: Store) -> dict[str, Any]:
         out["restarts"] = max(int(line.get("restart", 0)) for line in metrics)
         out["resumes"] = sum(1 for line in metrics if line.get("event") == "resumed")
     if run.exists(JOBS_NAME):
-        from launch.submit import read_jobs
-
         out["jobs"] = [{**job, "state": job_state(job)} for job in read_jobs(run)]
     return out
-
-
-def job_state(job: Mapping[str, Any]) -> str:
-    """Slurm's state of a recorded job (`squeue -t all`): PENDING, RUNNING, COMPLETED, ...;
-    NOT_IN_QUEUE once Slurm has forgotten it (MinJobAge) or for an unknown id; UNKNOWN when
-    Slurm cannot be asked from here."""
-    job_id = str(job.get("job_id", ""))
-    if job.get("executor") == "local":
-        return _local_state(job_id)
-    if shutil.which("squeue") is None:
-        return "UNKNOWN"
-    try:
-        out = subprocess.run(
-            ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"],
-            capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S, check=False,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "UNKNOWN"
-    states = sorted(set(out.stdout.split()))
-    if out.returncode != 0 or not states:
-        return "NOT_IN_QUEUE"
-    return ",".join(states)  # an array's elements may differ
-
-
-def _local_state(pid: str) -> str:
-    """A LocalExecutor job id is its controller's pid on the submitting machine."""
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return "NOT_RUNNING"
-    except PermissionError:
-        pass
-    return "RUNNING"
 
 
 def status_report(run: Store, found: Scan) -> dict[str, Any]:
@@ -194,7 +173,7 @@ def _human_bytes(n: int) -> str:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    target = _store(args.path)
+    target = open_target(args.path, args.overrides)
     if target.exists(MANIFEST_NAME):
         checked = [_verify_checkpoint(target)]
     elif target.exists(CHECKPOINTS_DIR):
@@ -258,174 +237,27 @@ def _checked(path: str, step: int | None, problems: list[str]) -> dict[str, Any]
 
 # --- export ------------------------------------------------------------------------------
 
-# torch dtype name -> safetensors dtype code (names, so this table needs no torch import).
-_DTYPE_CODES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
-    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "complex64": "C64",
-}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    name: str  # in the safetensors file: the plain parameter name, e.g. `fc.weight`
-    key: str  # the flat DCP key, e.g. `train.model.fc.weight`
-    dtype: str  # torch dtype name, e.g. `float32`
-    shape: tuple[int, ...]
-    itemsize: int
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.itemsize
-
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out = _check_out(args.out)
+    from orchestrator.checkpoint.export import check_out_name, export_checkpoint
+
+    out = check_out_name(args.out)
     ckpt = _store(args.checkpoint)
-    info = _committed(ckpt)
-    from orchestrator.checkpoint import catalog, dcp_io
-
-    problems = catalog.verify(ckpt, info.manifest, checksums=False)
-    if problems:
-        raise CheckpointCorrupt(f"refusing to export {ckpt.path()}: {'; '.join(problems)}")
-    data = info.manifest.data_dir  # where DCP's files are, relative to the checkpoint
-    tensors = dcp_io.read_metadata(ckpt, data).state_dict_metadata
-    from orchestrator.checkpoint.weights import choose_prefix
-
-    prefix = choose_prefix(tensors, args.prefix)
-    entries = model_entries(tensors, prefix)
-    metadata = {"format": "pt", "step": str(info.step), "source": ckpt.path()}
-    header, ordered = safetensors_header(entries, metadata)
-    total = _write_safetensors(ckpt, data, out, header, ordered)
-    print(f"wrote {out} ({len(ordered)} tensors, {_human_bytes(total)}) from {ckpt.path()}")
+    parent, name = _split_out(out)
+    with _progress_bar() as bar:
+        done = export_checkpoint(
+            ckpt, _store(parent), name, prefix=args.prefix, progress=bar.update
+        )
+    if done.skipped:
+        print(f"stockpot: skipped non-tensor entries: {', '.join(done.skipped)}", file=sys.stderr)
+    print(f"wrote {out} ({done.tensors} tensors, {_human_bytes(done.nbytes)}) from {ckpt.path()}")
     return 0
 
 
-def _check_out(out: str) -> str:
-    name = out.rsplit("/", 1)[-1]
-    if name.endswith(SAFETENSORS_SUFFIX) and name != SAFETENSORS_SUFFIX:
-        return out
-    fixed = out[: len(out) - len(name)] + (name.split(".", 1)[0] or "model") + SAFETENSORS_SUFFIX
-    raise UsageError(f"--out must name a {SAFETENSORS_SUFFIX} file, e.g. --out {fixed}")
-
-
-def _committed(ckpt: Store) -> CheckpointInfo:
-    from orchestrator.checkpoint import catalog
-
-    if not ckpt.exists(MANIFEST_NAME):
-        hint = (
-            f" (a run directory: pass one of its {CHECKPOINTS_DIR}/step-* dirs)"
-            if ckpt.exists(CHECKPOINTS_DIR)
-            else ""
-        )
-        raise UsageError(f"{ckpt.path()} is not a committed checkpoint (no {MANIFEST_NAME}){hint}")
-    return catalog.load_info(ckpt)
-
-
-def model_entries(tensors: Mapping[str, Any], prefix: str) -> list[TensorEntry]:
-    """The tensors under `prefix`, renamed to plain names; non-tensor items are skipped."""
-    entries, skipped = [], []
-    for key, meta in tensors.items():
-        if not key.startswith(prefix):
-            continue
-        if not hasattr(meta, "size"):  # BytesStorageMetadata: a pickled object, not a tensor
-            skipped.append(key)
-            continue
-        dtype = str(meta.properties.dtype).removeprefix("torch.")
-        if dtype not in _DTYPE_CODES:
-            raise StockpotError(f"{key} has dtype {dtype}, which safetensors cannot hold")
-        itemsize = meta.properties.dtype.itemsize
-        entries.append(TensorEntry(key[len(prefix) :], key, dtype, tuple(meta.size), itemsize))
-    if skipped:
-        print(
-            f"stockpot: skipped non-tensor entries: {', '.join(sorted(skipped))}", file=sys.stderr
-        )
-    if not entries:
-        raise UsageError(f"no tensors under {prefix!r}")
-    return entries
-
-
-def safetensors_header(
-    entries: Iterable[TensorEntry], metadata: Mapping[str, str]
-) -> tuple[bytes, list[TensorEntry]]:
-    """The safetensors header (JSON, space-padded to 8 bytes) and the order the data must follow.
-
-    Like the reference writer: largest item size first, then by name, so with an 8-aligned
-    header every tensor starts aligned to its own item size.
-    """
-    ordered = sorted(entries, key=lambda e: (-e.itemsize, e.name))
-    body: dict[str, Any] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for e in ordered:
-        body[e.name] = {
-            "dtype": _DTYPE_CODES[e.dtype],
-            "shape": list(e.shape),
-            "data_offsets": [offset, offset + e.nbytes],
-        }
-        offset += e.nbytes
-    raw = json.dumps(body, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)
-    return struct.pack("<Q", len(raw)) + raw, ordered
-
-
-def _batches(entries: list[TensorEntry], limit: int) -> Iterator[list[TensorEntry]]:
-    batch: list[TensorEntry] = []
-    size = 0
-    for e in entries:
-        if batch and size + e.nbytes > limit:
-            yield batch
-            batch, size = [], 0
-        batch.append(e)
-        size += e.nbytes
-    if batch:
-        yield batch
-
-
-def _write_safetensors(
-    ckpt: Store, data: str, out: str, header: bytes, entries: list[TensorEntry]
-) -> int:
-    """Stream the tensors into `out` (a temp file renamed into place; nothing left on error)."""
+def _progress_bar() -> Any:
     from tqdm import tqdm
 
-    if sys.byteorder != "little":  # safetensors is little-endian; raw tensor bytes are native
-        raise StockpotError("export needs a little-endian machine")
-    parent, name = _split_out(out)
-    total = sum(e.nbytes for e in entries)
-    bar = tqdm(
-        total=total, unit="B", unit_scale=True, desc="export", disable=not sys.stderr.isatty()
-    )
-    with bar, _store(parent).open_write(name) as f:
-        f.write(header)
-        for batch in _batches(entries, EXPORT_BATCH_BYTES):
-            loaded = _load_batch(ckpt, data, batch)
-            for e in batch:
-                f.write(_raw_bytes(loaded.pop(e.key), e))
-                bar.update(e.nbytes)
-    return total
-
-
-def _load_batch(ckpt: Store, data: str, batch: list[TensorEntry]) -> dict[str, Any]:
-    import pickle
-
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from orchestrator.checkpoint import dcp_io
-
-    try:
-        with warnings.catch_warnings():  # "torch.distributed is disabled": we know, on purpose
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            return dcp_io.load_flat(ckpt, data, [e.key for e in batch])
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, CheckpointException) as exc:
-        # Sizes matched but the bytes do not load: the checksums would have caught it.
-        # (torch's own message for this suggests weights_only=False: the wrong advice here.)
-        cause = (
-            next(iter(exc.failures.values()))[0] if isinstance(exc, CheckpointException) else exc
-        )
-        raise CheckpointCorrupt(
-            f"{ckpt.path()}: tensor data does not load ({type(cause).__name__} reading "
-            f"{batch[0].key}...); run `stockpot verify {ckpt.path()}` (--debug for details)"
-        ) from exc
+    return tqdm(unit="B", unit_scale=True, desc="export", disable=not sys.stderr.isatty())
 
 
 def _split_out(out: str) -> tuple[str, str]:
@@ -434,14 +266,3 @@ def _split_out(out: str) -> tuple[str, str]:
         return parent, name
     full = os.path.abspath(out)
     return os.path.dirname(full), os.path.basename(full)
-
-
-def _raw_bytes(tensor: Any, entry: TensorEntry) -> memoryview:
-    import torch
-
-    if tuple(tensor.shape) != entry.shape or tensor.dtype.itemsize != entry.itemsize:
-        raise CheckpointCorrupt(
-            f"{entry.key}: loaded {tuple(tensor.shape)}, metadata says {entry.shape}"
-        )
-    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    return memoryview(flat.numpy())

@@ -26,7 +26,6 @@ submitit has written this task's result pickle (or after its requeue's `sys.exit
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import logging
 import os
@@ -37,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import Config, from_dict
-from orchestrator.env import PORT_BASE, PORT_SPAN, DistEnv
+from orchestrator.env import DistEnv
 from orchestrator.errors import StockpotError, UsageError
 
 if TYPE_CHECKING:
@@ -59,26 +58,6 @@ def timeout_threshold_s(timeout_min: float) -> float:
 
 def counts_as_timeout(elapsed_s: float, timeout_min: float) -> bool:
     return elapsed_s >= timeout_threshold_s(timeout_min)
-
-
-def task_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """This task's environment for `DistEnv`: Slurm's as it is; submitit's LocalExecutor tasks
-    (SUBMITIT_LOCAL_*) are given torchrun-style RANK/WORLD_SIZE/MASTER_* variables."""
-    out = dict(environ)
-    if out.get("SUBMITIT_EXECUTOR") != "local" or out.get("RANK"):
-        return out
-    world = out.get("SUBMITIT_LOCAL_NTASKS", "1")
-    rank = out.get("SUBMITIT_LOCAL_GLOBALID", "0")
-    job = int(out.get("SUBMITIT_LOCAL_JOB_ID", "0") or 0)
-    out.update(
-        RANK=rank,
-        WORLD_SIZE=world,
-        LOCAL_RANK=out.get("SUBMITIT_LOCAL_LOCALID", rank),
-        LOCAL_WORLD_SIZE=world,
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(PORT_BASE + job * 7 % PORT_SPAN),
-    )
-    return out
 
 
 def _under_submitit() -> bool:
@@ -122,7 +101,7 @@ class TrainingJob:
 
         try:
             cfg = from_dict(self.cfg)
-            env = DistEnv.from_environ(task_environ(os.environ))
+            env = DistEnv.from_environ(os.environ)
             setup_logging(env.rank)
             logging.getLogger("submitit").propagate = False  # it has its own handlers
             _forget_previous_result()
@@ -144,7 +123,7 @@ class TrainingJob:
         from submitit.helpers import DelayedSubmission
 
         max_requeues = from_dict(self.cfg).launcher.max_requeues
-        restarts = DistEnv.from_environ(task_environ(os.environ)).restart_count
+        restarts = DistEnv.from_environ(os.environ).restart_count
         if restarts >= max_requeues:
             log.error(
                 "NOT requeuing: this run is restart %d and launcher.max_requeues=%d; the run "
@@ -252,26 +231,32 @@ def _last_save_s(cfg: Config) -> float | None:
 class ExportJob:
     """The chained job (afterok on the training job or the whole array). Until model soups land
     it consolidates each run's newest committed checkpoint into <run.dir>/export/model.safetensors
-    with `stockpot export`'s code."""
+    (orchestrator/checkpoint/export.py, the code of `stockpot export`).
 
-    def __init__(self, run_dirs: Sequence[str]) -> None:
-        self.run_dirs = list(run_dirs)
+    It holds each run's config as plain data (`Config.to_dict()`), so it opens every run dir
+    with that run's `storage.s3`, as the training job did."""
+
+    def __init__(self, configs: Sequence[Mapping[str, Any]]) -> None:
+        self.configs = [dict(cfg) for cfg in configs]
 
     def __call__(self) -> list[str]:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-        return [export_latest(run_dir) for run_dir in self.run_dirs]
+        return [export_latest(from_dict(cfg)) for cfg in self.configs]
 
 
-def export_latest(run_dir: str) -> str:
-    """Export the newest committed checkpoint of `run_dir`; returns the file written."""
-    from launch import inspect
+def export_latest(cfg: Config) -> str:
+    """Export the newest committed checkpoint of cfg.run.dir; returns the file written."""
     from orchestrator.checkpoint import catalog
+    from orchestrator.checkpoint.export import export_checkpoint
     from orchestrator.storage import Store
 
-    run = Store(run_dir)
+    run = Store(cfg.run.dir, cfg.storage.s3)
     latest = catalog.scan(run).latest()
     if latest is None:
         raise UsageError(f"{run.path()} has no committed checkpoint to export")
-    out = run.path(EXPORT_NAME)
-    inspect.cmd_export(argparse.Namespace(checkpoint=run.path(latest.rel), out=out, prefix="auto"))
-    return out
+    folder, name = EXPORT_NAME.rsplit("/", 1)
+    done = export_checkpoint(run.child(latest.rel), run.child(folder), name)
+    log.info(
+        "exported step %d of %s to %s (%d tensors)", done.step, run.path(), done.path, done.tensors
+    )
+    return done.path

@@ -2,6 +2,8 @@
 
 Each child gets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR and
 MASTER_PORT (a free port picked here), so `DistEnv.from_environ` reads it as torchrun-style.
+Whether ranks exist already (so `stockpot run` trains in-process instead of spawning) is
+`orchestrator.env.in_managed_job`.
 When one child fails the others get `grace_s` to finish on their own, then SIGTERM, then
 SIGKILL after another `grace_s` (what torchrun does).
 
@@ -35,21 +37,6 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 # How often the wait loop checks children and forwards signals.
 POLL_S = 0.05
 MASTER_ADDR = "127.0.0.1"
-
-
-def in_managed_job(env: Mapping[str, str]) -> bool:
-    """True when ranks already exist: inside an srun step, or under torchrun/`stockpot run`.
-
-    The sbatch batch script is NOT a step: Slurm 22.05 gives it SLURM_PROCID=0 and the
-    allocation's SLURM_NTASKS but no SLURM_STEP_ID, and it is one process; there `stockpot run`
-    spawns its own ranks.
-    """
-
-    def is_set(name: str) -> bool:
-        return bool(env.get(name, "").strip())
-
-    in_step = is_set("SLURM_PROCID") and (is_set("SLURM_STEP_ID") or is_set("SLURM_STEPID"))
-    return in_step or (is_set("RANK") and is_set("WORLD_SIZE"))
 
 
 def free_port(host: str = MASTER_ADDR) -> int:

@@ -5,8 +5,11 @@
 - A `sweep:` -> ONE array job, an element per point of the product, each in its own run.dir.
 - `soup.enabled: true` -> also a chained job, `afterok` on the training job (on the whole
   array for a sweep), that exports each run's final checkpoint (launch.job.ExportJob).
-- Every submission is appended to `<run.dir>/jobs.json` (and to each sweep element's), which
-  `stockpot status` reads to show the jobs and their Slurm state.
+- Every submission is appended to `<run.dir>/jobs.json` (and to each sweep element's; the
+  record is launch/jobs.py's), which `stockpot status` reads to show the jobs and their state.
+
+Every run dir is opened as `run` opens it: `Store(run.dir, storage.s3)`, so an S3 endpoint given
+only in the config is honoured here and by the chained job (which carries each run's config).
 """
 
 from __future__ import annotations
@@ -19,10 +22,9 @@ import time
 from collections.abc import Sequence
 from typing import IO, Any
 
+from launch.jobs import JOBS_NAME, append_jobs
 from orchestrator.config import Config, expand_sweep
 from orchestrator.storage import Store
-
-JOBS_NAME = "jobs.json"
 
 
 def submit_config(cfg: Config, *, dry_run: bool = False, out: IO[str] | None = None) -> int:
@@ -89,7 +91,7 @@ def submit(cfg: Config, elements: Sequence[Config]) -> list[dict[str, Any]]:
         dependency = f"afterok:{jobs[0].job_id.split('_')[0]}"  # an array: all its elements
         chained = make_executor(
             export_config(cfg), folder, job_name=f"{cfg.run.name}-export", dependency=dependency
-        ).submit(ExportJob([element.run.dir for element in elements]))
+        ).submit(ExportJob([element.to_dict() for element in elements]))
         records.append(_record(chained.job_id, "export", cfg, cfg.run.dir, None, dependency))
     elif cfg.soup.enabled:
         print("stockpot: launcher.kind=local cannot chain a job (Slurm dependencies only); "
@@ -117,24 +119,11 @@ def _write_records(
     cfg: Config, elements: Sequence[Config], records: Sequence[dict[str, Any]]
 ) -> None:
     """The sweep root lists every job; each element's run dir its own and the chained one."""
-    append_jobs(Store(cfg.run.dir), records)
+    append_jobs(Store(cfg.run.dir, cfg.storage.s3), records)
     if cfg.sweep:
         for element in elements:
             mine = [r for r in records if r["run_dir"] == element.run.dir or r["kind"] != "train"]
-            append_jobs(Store(element.run.dir), mine)
-
-
-def read_jobs(run: Store) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(run.read_bytes(JOBS_NAME))
-    except FileNotFoundError:
-        return []
-    return list(data) if isinstance(data, list) else []
-
-
-def append_jobs(run: Store, records: Sequence[dict[str, Any]]) -> None:
-    """Append to `<run>/jobs.json` (a JSON list; one submitter at a time)."""
-    run.write_bytes(JOBS_NAME, json.dumps([*read_jobs(run), *records], indent=1).encode())
+            append_jobs(Store(element.run.dir, element.storage.s3), mine)
 
 
 def summary(cfg: Config, records: Sequence[dict[str, Any]]) -> str:
@@ -152,6 +141,9 @@ def summary(cfg: Config, records: Sequence[dict[str, Any]]) -> str:
         )
     first = records[0]["job_id"]
     lines.append(f"logs: {log_folder(cfg)}/{first}_<rank>_log.out and .err (requeued runs append)")
+    # A URL alone gets its S3 settings from AWS_*; the config carries storage.s3.
+    by_config = cfg.storage.s3.endpoint_url and cfg.run.dir.startswith("s3://")
+    target = "CONFIG [key=value ...]" if by_config else cfg.run.dir
     lines.append(f"jobs recorded in {Store(cfg.run.dir).path(JOBS_NAME)}; "
-                 f"follow with: stockpot status {cfg.run.dir}")  # fmt: skip
+                 f"follow with: stockpot status {target}")  # fmt: skip
     return "\n".join(lines)

@@ -7,30 +7,36 @@ spawner, or alone. No torch import: the launcher plane uses this too.
 Precedence (first that applies):
 1. torchrun-style: RANK and WORLD_SIZE both set (torchrun and `stockpot run` set them; they win
    even inside a Slurm step, because whoever set them spawned this process).
-2. Slurm: SLURM_PROCID and SLURM_NTASKS set (a task of an `srun` step).
-3. single: rank 0 of 1 on 127.0.0.1, port 0.
+2. submitit's LocalExecutor: SUBMITIT_EXECUTOR=local (its tasks get SUBMITIT_LOCAL_* only).
+3. Slurm: SLURM_PROCID and SLURM_NTASKS set (a task of an `srun` step).
+4. single: rank 0 of 1 on 127.0.0.1, port 0.
+
+It also owns the exit code a rank leaves with when it stopped resumably (EXIT_STOPPED), which
+the spawner, the sbatch script and the demo read back.
 
 A variable set to an empty string counts as unset (`export RANK=` is the shell idiom for it).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-Source = Literal["slurm", "torchrun", "single"]
+from orchestrator.slurm_syntax import parse_nodelist, parse_tasks_per_node
+
+Source = Literal["slurm", "torchrun", "submitit-local", "single"]
 RequestedDevice = Literal["auto", "cpu", "cuda"]
 
 LOOPBACK = "127.0.0.1"
+# EX_TEMPFAIL: stopped by a signal after committing a checkpoint; run again to resume.
+# (slurm/train.sbatch spells the same number in shell.)
+EXIT_STOPPED = 75
 # Derived Slurm master ports lie in [PORT_BASE, PORT_BASE + PORT_SPAN): above the usual
 # registered services, below Linux's default ephemeral range (32768-60999 overlaps the top part;
 # a collision there only costs one failed rendezvous, and MASTER_PORT overrides it).
 PORT_BASE = 20000
 PORT_SPAN = 30000
-# A nodelist expanding to more hosts than this is a typo, not a cluster.
-MAX_HOSTS = 65536
 
 
 @dataclass(frozen=True)
@@ -73,12 +79,37 @@ class DistEnv:
     @classmethod
     def from_environ(cls, env: Mapping[str, str]) -> DistEnv:
         """Read the environment (e.g. `os.environ`); one-line ValueError naming a bad variable."""
-        if _get(env, "RANK") is not None and _get(env, "WORLD_SIZE") is not None:
+        if _torchrun_style(env):
             return _from_torchrun(env)
+        if _submitit_local(env):
+            return _from_submitit_local(env)
         if _get(env, "SLURM_PROCID") is not None and _get(env, "SLURM_NTASKS") is not None:
             return _from_slurm(env)
         job_id, restarts = _job_identity(env)
         return cls(0, 0, 1, 1, LOOPBACK, 0, "single", job_id=job_id, restart_count=restarts)
+
+
+def in_managed_job(env: Mapping[str, str]) -> bool:
+    """True when whoever started this process started its peer ranks too (an srun step,
+    torchrun, `stockpot run`, submitit's LocalExecutor): train here rather than spawn ranks.
+
+    The sbatch batch script is NOT a step: Slurm 22.05 gives it SLURM_PROCID=0 and the
+    allocation's SLURM_NTASKS but no SLURM_STEP_ID, and it is one process; there `stockpot run`
+    spawns its own ranks.
+    """
+    in_step = _get(env, "SLURM_PROCID") is not None and _in_slurm_step(env)
+    return in_step or _torchrun_style(env) or _submitit_local(env)
+
+
+def derived_master_port(job: int, restarts: int = 0) -> int:
+    """A master port every task of a job computes alike from its job id, in
+    [PORT_BASE, PORT_BASE + PORT_SPAN).
+
+    It moves with each requeue (restart * 13): the requeued run may land on the same node while
+    its predecessor's listening socket still sits in TIME_WAIT. Jobs are spread by id * 7, so
+    neighbouring jobs on one node differ too.
+    """
+    return PORT_BASE + (job * 7 + restarts * 13) % PORT_SPAN
 
 
 def backend_for(device: str) -> str:
@@ -127,11 +158,39 @@ def _from_torchrun(env: Mapping[str, str]) -> DistEnv:
     )  # fmt: skip
 
 
+def _torchrun_style(env: Mapping[str, str]) -> bool:
+    return _get(env, "RANK") is not None and _get(env, "WORLD_SIZE") is not None
+
+
+def _submitit_local(env: Mapping[str, str]) -> bool:
+    return _get(env, "SUBMITIT_EXECUTOR") == "local"
+
+
+def _in_slurm_step(env: Mapping[str, str]) -> bool:
+    return _get(env, "SLURM_STEP_ID") is not None or _get(env, "SLURM_STEPID") is not None
+
+
+def _from_submitit_local(env: Mapping[str, str]) -> DistEnv:
+    """A task of submitit's LocalExecutor: all on this machine; the port derived from the
+    controller's pid (SUBMITIT_LOCAL_JOB_ID) as Slurm's is from the job id."""
+    world = _int(env, "SUBMITIT_LOCAL_NTASKS", default=1, minimum=1)
+    rank = _int(env, "SUBMITIT_LOCAL_GLOBALID", default=0)
+    _check_index("SUBMITIT_LOCAL_GLOBALID", rank, "SUBMITIT_LOCAL_NTASKS", world)
+    local_rank = _int(env, "SUBMITIT_LOCAL_LOCALID", default=rank)
+    _check_index("SUBMITIT_LOCAL_LOCALID", local_rank, "SUBMITIT_LOCAL_NTASKS", world)
+    job_id, restarts = _job_identity(env)
+    port = derived_master_port(_int(env, "SUBMITIT_LOCAL_JOB_ID", default=0), restarts)
+    return DistEnv(
+        rank, local_rank, world, world, LOOPBACK, port, "submitit-local",
+        job_id=job_id, restart_count=restarts,
+    )  # fmt: skip
+
+
 def _from_slurm(env: Mapping[str, str]) -> DistEnv:
     world = _int(env, "SLURM_NTASKS", minimum=1)
     rank = _int(env, "SLURM_PROCID")
     _check_index("SLURM_PROCID", rank, "SLURM_NTASKS", world)
-    if world > 1 and _get(env, "SLURM_STEP_ID") is None and _get(env, "SLURM_STEPID") is None:
+    if world > 1 and not _in_slurm_step(env):
         # The batch script has SLURM_PROCID=0 and the allocation's SLURM_NTASKS but is one
         # process: taking it for rank 0 of many would wait for peers that never come.
         raise ValueError(
@@ -189,17 +248,11 @@ def _slurm_first_host(env: Mapping[str, str]) -> str:
 
 
 def _slurm_port(env: Mapping[str, str]) -> int | None:
-    """A master port every task of the job computes alike; None without SLURM_JOB_ID.
-
-    It moves with each requeue (restart * 13): the requeued run may land on the same node while
-    its predecessor's listening socket still sits in TIME_WAIT. Jobs are spread by id * 7, so
-    neighbouring jobs on one node differ too.
-    """
+    """The job's derived master port; None without SLURM_JOB_ID."""
     if _get(env, "SLURM_JOB_ID") is None:
         return None
-    job = _int(env, "SLURM_JOB_ID")
     restarts = _int(env, "SLURM_RESTART_COUNT", default=0)
-    return PORT_BASE + (job * 7 + restarts * 13) % PORT_SPAN
+    return derived_master_port(_int(env, "SLURM_JOB_ID"), restarts)
 
 
 def _job_identity(env: Mapping[str, str]) -> tuple[str | None, int]:
@@ -263,93 +316,3 @@ def _check_index(index_name: str, index: int, size_name: str, size: int) -> None
         raise ValueError(f"{size_name}={size} must be >= 1")
     if not 0 <= index < size:
         raise ValueError(f"{index_name}={index} is not in [0, {size_name}={size})")
-
-
-# ------------------------------------------------------------------------- Slurm syntaxes ----
-
-_TASKS_ENTRY = re.compile(r"(\d+)(?:\(x(\d+)\))?")
-_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
-_LITERAL = re.compile(r"[^\s\[\],]*")
-
-
-def parse_tasks_per_node(value: str, name: str = "SLURM_TASKS_PER_NODE") -> list[int]:
-    """Slurm's compressed per-node counts: "2(x3),1" -> [2, 2, 2, 1]."""
-    counts: list[int] = []
-    for entry in value.split(","):
-        m = _TASKS_ENTRY.fullmatch(entry.strip())
-        if m is None or int(m.group(1)) < 1:
-            raise ValueError(f"{name}={value!r} is not a tasks-per-node list like '2(x3),1'")
-        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
-    return counts
-
-
-def parse_nodelist(nodelist: str) -> list[str]:
-    """Expand a Slurm hostlist: "gpu[01-03,07],cpu3" -> gpu01 gpu02 gpu03 gpu07 cpu3.
-
-    Zero padding follows the range's first number, as in Slurm ("n[08-10]" -> n08 n09 n10,
-    "n[8-10]" -> n8 n9 n10). Several brackets in one name expand as a product, the first
-    varying slowest ("a[1-2]b[3-4]" -> a1b3 a1b4 a2b3 a2b4). Order and duplicates are kept.
-    """
-    if not nodelist.strip():
-        raise ValueError("empty nodelist")
-    hosts: list[str] = []
-    for expression in _split_top_level(nodelist):
-        hosts.extend(_expand_host(expression, budget=MAX_HOSTS - len(hosts)))
-    return hosts
-
-
-def _split_top_level(nodelist: str) -> list[str]:
-    """Split on the commas outside brackets; brackets must pair up and not nest."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(nodelist):
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(nodelist[start:i])
-            start = i + 1
-        if depth not in (0, 1):
-            raise ValueError(f"nodelist {nodelist!r}: unbalanced or nested brackets at {i}")
-    if depth:
-        raise ValueError(f"nodelist {nodelist!r}: unclosed '['")
-    parts.append(nodelist[start:])
-    if not all(parts):
-        raise ValueError(f"nodelist {nodelist!r}: empty host name")
-    return parts
-
-
-def _expand_host(expression: str, budget: int) -> list[str]:
-    # re.split with a group keeps the brackets: literal, [..], literal, [..], ..., literal
-    tokens = re.split(r"(\[[^\]]*\])", expression)
-    names = [""]
-    for token in tokens:
-        if token.startswith("["):
-            choices = _expand_brackets(token, expression)
-        elif _LITERAL.fullmatch(token):
-            choices = [token]
-        else:
-            raise ValueError(f"nodelist host {expression!r}: bad character in {token!r}")
-        if len(names) * len(choices) > budget:
-            raise ValueError(f"nodelist host {expression!r}: more than {MAX_HOSTS} hosts")
-        names = [name + choice for name in names for choice in choices]
-    return names
-
-
-def _expand_brackets(token: str, expression: str) -> list[str]:
-    out: list[str] = []
-    for item in token[1:-1].split(","):
-        m = _RANGE.fullmatch(item)
-        if m is None:
-            raise ValueError(f"nodelist host {expression!r}: bad range {item!r} in {token}")
-        lo, hi = m.group(1), m.group(2)
-        if hi is None:
-            out.append(lo)
-            continue
-        first, last = int(lo), int(hi)
-        if first > last:
-            raise ValueError(f"nodelist host {expression!r}: range {item!r} runs backwards")
-        if last - first >= MAX_HOSTS:
-            raise ValueError(f"nodelist host {expression!r}: more than {MAX_HOSTS} hosts")
-        out.extend(f"{i:0{len(lo)}d}" for i in range(first, last + 1))
-    return out

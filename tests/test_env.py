@@ -11,15 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator.env import (
-    MAX_HOSTS,
-    PORT_BASE,
-    PORT_SPAN,
     DistEnv,
     backend_for,
+    derived_master_port,
     device_for,
-    parse_nodelist,
-    parse_tasks_per_node,
+    in_managed_job,
 )
+from orchestrator.slurm_syntax import MAX_HOSTS, parse_nodelist, parse_tasks_per_node
 from tests.fixtures.slurm import SlurmCluster
 
 # What task 1 of `srun -n2 -N1` saw on the dev cluster (Slurm 22.05), trimmed to what matters.
@@ -75,10 +73,22 @@ TWO_NODES = SRUN_TASK1 | {
     "SLURM_PROCID": "3",
     "SLURM_LOCALID": "1",
 }
+# What submitit's LocalExecutor gives task 1 of 2 (its controller's pid is the job id).
+SUBMITIT_LOCAL = {
+    "SUBMITIT_EXECUTOR": "local",
+    "SUBMITIT_LOCAL_NTASKS": "2",
+    "SUBMITIT_LOCAL_GLOBALID": "1",
+    "SUBMITIT_LOCAL_LOCALID": "1",
+    "SUBMITIT_LOCAL_JOB_ID": "4242",
+}
 
-
-def derived_port(job: int, restarts: int = 0) -> int:
-    return PORT_BASE + (job * 7 + restarts * 13) % PORT_SPAN
+# Derived master ports, worked out by hand from the documented rule
+# 20000 + (job * 7 + restarts * 13) mod 30000, not with the code under test:
+PORT_JOB_8 = 20056  # 8 * 7 = 56
+PORT_JOB_8_REQUEUED = 20069  # 56 + 1 * 13 = 69
+PORT_JOB_9 = 20063  # 63
+PORT_JOB_41 = 20287  # 287
+PORT_JOB_4242 = 49694  # 29694
 
 
 # ------------------------------------------------------------------------ from_environ ----
@@ -116,12 +126,12 @@ FIELDS = ("source", "rank", "local_rank", "world_size", "local_world_size", "nod
         ),
         pytest.param(
             SRUN_TASK1,
-            ("slurm", 1, 1, 2, 2, 0, 1, "vm", derived_port(8), "8", 0),
+            ("slurm", 1, 1, 2, 2, 0, 1, "vm", PORT_JOB_8, "8", 0),
             id="srun-capture",
         ),
         pytest.param(
             SRUN_TASK1 | {"SLURM_RESTART_COUNT": "1"},
-            ("slurm", 1, 1, 2, 2, 0, 1, "vm", derived_port(8, 1), "8", 1),
+            ("slurm", 1, 1, 2, 2, 0, 1, "vm", PORT_JOB_8_REQUEUED, "8", 1),
             id="srun-requeued",
         ),
         pytest.param(
@@ -131,14 +141,14 @@ FIELDS = ("source", "rank", "local_rank", "world_size", "local_world_size", "nod
         ),
         pytest.param(
             TWO_NODES,
-            ("slurm", 3, 1, 4, 2, 1, 2, "n1", derived_port(41), "41", 0),
+            ("slurm", 3, 1, 4, 2, 1, 2, "n1", PORT_JOB_41, "41", 0),
             id="two-nodes",
         ),
         pytest.param(
             TWO_NODES
             | {"SLURM_NTASKS": "3", "SLURM_PROCID": "2", "SLURM_LOCALID": "0"}
             | {"SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_TASKS_PER_NODE": "2,1"},
-            ("slurm", 2, 0, 3, 1, 1, 2, "n1", derived_port(41), "41", 0),
+            ("slurm", 2, 0, 3, 1, 1, 2, "n1", PORT_JOB_41, "41", 0),
             id="uneven-nodes-use-this-nodes-count",
         ),
         pytest.param(
@@ -146,7 +156,7 @@ FIELDS = ("source", "rank", "local_rank", "world_size", "local_world_size", "nod
             SRUN_TASK1
             | {"SLURM_NTASKS_PER_NODE": "2", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}
             | {"SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "1"},
-            ("slurm", 0, 0, 1, 1, 0, 1, "vm", derived_port(8), "8", 0),
+            ("slurm", 0, 0, 1, 1, 0, 1, "vm", PORT_JOB_8, "8", 0),
             id="step-layout-over-request",
         ),
         pytest.param(
@@ -154,13 +164,29 @@ FIELDS = ("source", "rank", "local_rank", "world_size", "local_world_size", "nod
             | {"SLURM_LOCALID": "0", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NUM_NODES": "2"}
             | {"SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_ARRAY_JOB_ID": "7"}
             | {"SLURM_ARRAY_TASK_ID": "2"},
-            ("slurm", 0, 0, 2, 1, 0, 2, "gpu07", derived_port(9), "7_2", 0),
+            ("slurm", 0, 0, 2, 1, 0, 2, "gpu07", PORT_JOB_9, "7_2", 0),
             id="array-task-ntasks-per-node",
         ),
         pytest.param(
             BATCH_SCRIPT | {"SLURM_NTASKS": "1", "SLURM_TASKS_PER_NODE": "1"},
-            ("slurm", 0, 0, 1, 1, 0, 1, "vm", derived_port(8), "8", 0),
+            ("slurm", 0, 0, 1, 1, 0, 1, "vm", PORT_JOB_8, "8", 0),
             id="batch-script-of-one-task",
+        ),
+        pytest.param(
+            SUBMITIT_LOCAL,
+            ("submitit-local", 1, 1, 2, 2, 0, 1, "127.0.0.1", PORT_JOB_4242, None, 0),
+            id="submitit-local-executor",
+        ),
+        pytest.param(
+            # submitit's LocalExecutor inside an sbatch script: its variables win over Slurm's.
+            BATCH_SCRIPT | SUBMITIT_LOCAL,
+            ("submitit-local", 1, 1, 2, 2, 0, 1, "127.0.0.1", PORT_JOB_4242, "8", 0),
+            id="submitit-local-inside-batch-script",
+        ),
+        pytest.param(
+            SUBMITIT_LOCAL | TORCHRUN,
+            ("torchrun", 3, 1, 4, 2, 1, 2, "node-a", 29500, None, 0),
+            id="torchrun-vars-win-over-submitit-local",
         ),
         pytest.param(
             {"RANK": "", "WORLD_SIZE": " ", "SLURM_RESTART_COUNT": ""},
@@ -235,13 +261,46 @@ ints = st.integers(min_value=0, max_value=10**9)
 def test_derived_port_in_range_and_moves_on_requeue(job: int, restarts: int) -> None:
     env = SRUN_TASK1 | {"SLURM_JOB_ID": str(job), "SLURM_RESTART_COUNT": str(restarts)}
     port = DistEnv.from_environ(env).master_port
-    assert PORT_BASE <= port < PORT_BASE + PORT_SPAN
+    assert 20000 <= port < 50000  # the documented span
     # Every task derives the same port; the requeued run a different one.
     assert (
         DistEnv.from_environ(env | {"SLURM_PROCID": "0", "SLURM_LOCALID": "0"}).master_port == port
     )
     requeued = env | {"SLURM_RESTART_COUNT": str(restarts + 1)}
     assert DistEnv.from_environ(requeued).master_port != port
+
+
+@pytest.mark.parametrize(
+    ("job", "restarts", "port"),
+    [(0, 0, 20000), (8, 0, 20056), (8, 1, 20069), (4285, 0, 49995), (4286, 0, 20002)],
+)
+def test_derived_master_port_by_hand(job: int, restarts: int, port: int) -> None:
+    # 4285 * 7 = 29995 is the top of the span; 4286 * 7 = 30002 wraps around to 2.
+    assert derived_master_port(job, restarts) == port
+
+
+@given(job=ints, restarts=st.integers(min_value=0, max_value=1000))
+def test_neighbouring_jobs_get_different_ports(job: int, restarts: int) -> None:
+    assert derived_master_port(job, restarts) != derived_master_port(job + 1, restarts)
+
+
+@pytest.mark.parametrize(
+    ("env", "managed"),
+    [
+        ({}, False),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "9"}, False),  # batch script
+        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}, True),  # srun task
+        ({"SLURM_PROCID": "0", "SLURM_STEPID": "0"}, True),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, True),
+        ({"RANK": "0"}, False),
+        ({"RANK": "", "WORLD_SIZE": ""}, False),
+        ({"SLURM_STEP_ID": "0"}, False),
+        (SUBMITIT_LOCAL, True),
+        ({"SUBMITIT_EXECUTOR": "slurm"}, False),
+    ],
+)
+def test_in_managed_job(env: dict[str, str], managed: bool) -> None:
+    assert in_managed_job(env) is managed
 
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE")

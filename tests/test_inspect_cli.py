@@ -392,3 +392,39 @@ def test_status_verify_export_on_s3(
     tensors = load(exports.read_bytes("model.safetensors"))
     assert set(tensors) == PLAIN_NAMES
     assert_bit_equal(tensors, weights)
+
+
+@pytest.mark.s3
+def test_s3_endpoint_given_only_in_the_config(
+    s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """`submit`'s jobs record, `status` and the chained job open the run dir with the config's
+    storage.s3, as `run` does: no AWS_ENDPOINT_URL anywhere (the s3_server fixture removes it)."""
+    from launch import job, submit
+    from orchestrator import config
+
+    assert "AWS_ENDPOINT_URL" not in os.environ and "AWS_ENDPOINT_URL_S3" not in os.environ
+    url = f"{s3_bucket}/run"
+    overrides = [f"run.dir={url}", f"storage.s3.endpoint_url={s3_server.endpoint_url}"]
+    cfg = config.load(str(REPO / "configs" / "demo.yaml"), overrides)
+    store = Store(url, S3Options(endpoint_url=s3_server.endpoint_url))
+    weights = train_and_save(store)
+
+    submit._write_records(cfg, [cfg], [{"job_id": "7", "kind": "train", "executor": "local"}])
+    assert json.loads(store.read_bytes("jobs.json"))[0]["job_id"] == "7"
+
+    status = stockpot("status", "configs/demo.yaml", *overrides, "--json", env=dict(os.environ))
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert [c["step"] for c in report["checkpoints"]] == list(STEPS)
+    assert [j["job_id"] for j in report["jobs"]] == ["7"]
+
+    (written,) = job.ExportJob([cfg.to_dict()])()
+    assert written == f"{url}/export/model.safetensors"
+    assert_bit_equal(load(store.read_bytes("export/model.safetensors")), weights)
+
+
+def test_overrides_need_a_config_file(run: Run) -> None:
+    out = stockpot("status", run.path, "trainer.max_steps=3")
+    assert out.returncode == 2
+    assert "key=value overrides (trainer.max_steps=3, ...) need a config file" in out.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.local import in_managed_job, spawn_local
+from launch.local import spawn_local
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -192,23 +192,6 @@ def test_terminal_ctrl_c_is_not_delivered_twice(tmp_path: Path) -> None:
         os.close(master)
         os.close(slave)
     assert counts(tmp_path) == [1, 1]
-
-
-@pytest.mark.parametrize(
-    ("env", "managed"),
-    [
-        ({}, False),
-        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "9"}, False),  # batch script
-        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}, True),  # srun task
-        ({"SLURM_PROCID": "0", "SLURM_STEPID": "0"}, True),
-        ({"RANK": "0", "WORLD_SIZE": "2"}, True),
-        ({"RANK": "0"}, False),
-        ({"RANK": "", "WORLD_SIZE": ""}, False),
-        ({"SLURM_STEP_ID": "0"}, False),
-    ],
-)
-def test_in_managed_job(env: dict[str, str], managed: bool) -> None:
-    assert in_managed_job(env) is managed
 
 
 def test_rejects_bad_arguments() -> None:
