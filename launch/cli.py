@@ -19,11 +19,15 @@ EXIT_INTERRUPTED = 130
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config file (see configs/)")
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="overrides, e.g. trainer.max_steps=200"
     )
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file (see configs/)")
+    _add_overrides(parser)
     parser.add_argument(
         "--print-config",
         action="store_true",
@@ -50,12 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(handler=_cmd_submit)
 
     status = sub.add_parser("status", help="committed checkpoints and leftovers of a run")
-    status.add_argument("run_dir", help="run directory: local path or s3://bucket/prefix")
+    status.add_argument(
+        "run_dir",
+        metavar="RUN",
+        help="run directory (local path or s3://bucket/prefix; S3 settings from AWS_*), or the "
+        "run's YAML config (its run.dir, opened with its storage.s3)",
+    )
+    _add_overrides(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=_inspect("cmd_status"))
 
     verify = sub.add_parser("verify", help="check sizes and checksums (exit 3 if bad)")
-    verify.add_argument("path", help="a run directory (all checkpoints) or one checkpoint")
+    verify.add_argument(
+        "path", help="a run directory (all checkpoints), one checkpoint, or the run's YAML config"
+    )
+    _add_overrides(verify)
     verify.add_argument("--json", action="store_true", help="machine-readable output")
     verify.set_defaults(handler=_inspect("cmd_verify"))
 
@@ -129,7 +142,8 @@ def run_config(cfg) -> int:  # cfg: orchestrator.config.Config
     import os
     import tempfile
 
-    from launch.local import in_managed_job, spawn_local
+    from launch.local import spawn_local
+    from orchestrator.env import in_managed_job
 
     if in_managed_job(os.environ):
         from orchestrator.preemption import catch_early

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import executor, job, submit
+from launch import executor, job, jobs
 from orchestrator import config
 from orchestrator.errors import ConfigError
 from orchestrator.storage import Store
@@ -218,21 +218,6 @@ def test_submitit_timeout_heuristic(limit_min: int, threshold_s: float) -> None:
     assert not job.counts_as_timeout(threshold_s - 1, limit_min)
 
 
-def test_local_executor_tasks_get_torchrun_variables() -> None:
-    environ = {
-        "SUBMITIT_EXECUTOR": "local",
-        "SUBMITIT_LOCAL_NTASKS": "2",
-        "SUBMITIT_LOCAL_GLOBALID": "1",
-        "SUBMITIT_LOCAL_LOCALID": "1",
-        "SUBMITIT_LOCAL_JOB_ID": "4242",
-    }
-    out = job.task_environ(environ)
-    assert (out["RANK"], out["WORLD_SIZE"], out["LOCAL_RANK"]) == ("1", "2", "1")
-    assert out["MASTER_ADDR"] == "127.0.0.1" and 20000 <= int(out["MASTER_PORT"]) < 50000
-    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_PROCID": "0"}
-    assert job.task_environ(slurm) == slurm
-
-
 def test_training_job_pickles_plain_data_only() -> None:
     cfg = demo_slurm()
     work = job.TrainingJob(cfg.to_dict())
@@ -260,9 +245,11 @@ def test_checkpoint_requeues_until_max_requeues(
 
 def test_jobs_json_appends(tmp_path: Path) -> None:
     run = Store(str(tmp_path / "run"))
-    submit.append_jobs(run, [{"job_id": "1", "kind": "train"}])
-    submit.append_jobs(run, [{"job_id": "2", "kind": "export", "dependency": "afterok:1"}])
-    assert [j["job_id"] for j in submit.read_jobs(run)] == ["1", "2"]
+    assert jobs.read_jobs(run) == []
+    jobs.append_jobs(run, [{"job_id": "1", "kind": "train"}])
+    jobs.append_jobs(run, [{"job_id": "2", "kind": "export", "dependency": "afterok:1"}])
+    assert [j["job_id"] for j in jobs.read_jobs(run)] == ["1", "2"]
+    assert json.loads((tmp_path / "run" / "jobs.json").read_text())[1]["kind"] == "export"
 
 
 def stockpot(*args: str) -> subprocess.CompletedProcess[str]:
@@ -294,7 +281,7 @@ def test_dry_run_of_a_bad_sweep_is_one_line() -> None:
 
 def test_status_shows_recorded_jobs_before_any_checkpoint(tmp_path: Path) -> None:
     run = Store(str(tmp_path))
-    submit.append_jobs(run, [{"job_id": "999999", "kind": "train", "executor": "slurm"}])
+    jobs.append_jobs(run, [{"job_id": "999999", "kind": "train", "executor": "slurm"}])
     out = stockpot("status", str(tmp_path), "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
@@ -318,7 +305,7 @@ def test_local_executor_runs_both_ranks(tmp_path: Path) -> None:
         "task.n_eval=128", "launcher.tasks_per_node=2", f"run.dir={run}", f"launcher.log_dir={logs}",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    (record,) = submit.read_jobs(Store(str(run)))
+    (record,) = jobs.read_jobs(Store(str(run)))
     assert record["executor"] == "local" and record["kind"] == "train"
     pickles = [logs / f"{record['job_id']}_{rank}_result.pkl" for rank in (0, 1)]
     deadline = time.monotonic() + 120
