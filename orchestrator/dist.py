@@ -7,12 +7,17 @@ checkpoint engine and the tools (`stockpot export`, `verify`) run the same code 
 from __future__ import annotations
 
 import datetime
-from typing import Any, TypeVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 
+from orchestrator.errors import StockpotError
+
 T = TypeVar("T")
+LEADER = 0  # global rank that decides for everyone (commits, chooses what to restore)
 Group = Any  # torch.distributed.ProcessGroup | None (None: the default group)
 
 
@@ -125,3 +130,56 @@ def all_reduce_sum(values: list[float], group: Group = None) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t.tolist()
+
+
+def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0, group: Group = None) -> None:
+    """Overwrite `tensors` in place with `src`'s values: one broadcast per dtype (BatchNorm
+    buffers are many small float tensors and an int64 counter each)."""
+    if not is_initialized() or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for same in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in same])
+        dist.broadcast(flat, src=src, group=group)
+        with torch.no_grad():
+            for t, part in zip(same, flat.split([t.numel() for t in same]), strict=True):
+                t.copy_(part.view_as(t))
+
+
+@dataclass(frozen=True)
+class Decision(Generic[T]):
+    """What the leader decided, as every rank receives it: a value, or why there is none."""
+
+    value: T
+    problem: str | None = None  # one line; set when the leader's decision raised
+
+    def or_raise(self, error: Callable[[str], BaseException], context: str = "") -> T:
+        """The value, or `error(context + problem)`: raised on every rank alike, so no rank
+        goes on to a collective that the others will never join."""
+        if self.problem is not None:
+            raise error(f"{context}{self.problem}")
+        return self.value
+
+
+def leader_decides(decide: Callable[[], T], group: Group = None) -> Decision[T]:
+    """Run `decide` on the leader only and broadcast its result (collective: every rank calls
+    it). An exception there becomes `Decision.problem` instead of leaving the other ranks
+    waiting in the broadcast for a value that never comes."""
+    decision: Decision[Any] | None = None
+    if rank() == LEADER:
+        try:
+            decision = Decision(decide())
+        except Exception as exc:
+            decision = Decision(None, one_line(exc))
+    return cast(Decision[T], broadcast_object(decision, src=LEADER, group=group))
+
+
+def one_line(exc: BaseException) -> str:
+    """A problem as it travels between ranks and into logs: one line. Our own errors read as
+    their message (it is written for the user); anything else is prefixed with its type."""
+    text = " ".join(str(exc).split())[:500]
+    if isinstance(exc, StockpotError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from pathlib import Path
@@ -11,10 +12,11 @@ import torch
 import torch.nn as nn
 
 from orchestrator.checkpoint import catalog
-from orchestrator.checkpoint.checkpointer import Checkpointer, CheckpointError
+from orchestrator.checkpoint.checkpointer import Checkpointer
+from orchestrator.checkpoint.commit import Attempt, NonceCommit, RenameCommit, commit_strategy
 from orchestrator.checkpoint.layout import MANIFEST_NAME
 from orchestrator.checkpoint.retention import KeepBest, RetentionPolicy
-from orchestrator.errors import CheckpointCorrupt
+from orchestrator.errors import CheckpointCorrupt, CheckpointError
 from orchestrator.state import ModelAndOptimizer, RNGState
 from orchestrator.storage import Store
 from tests.ckpt_helpers import assert_same
@@ -302,3 +304,35 @@ def test_async_saves_reuse_staging_buffers_and_stay_exact(tmp_path: Path) -> Non
         restored, _, info = _fresh_restore(str(tmp_path), step=step)
         assert info.step == step
         assert_same(states[step], restored.state_dict())
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_commit_protocol_for_a_single_process_writer(
+    backend: str, tmp_path: Path, request, monkeypatch
+) -> None:
+    """What the soup writer does: prepare a dir, write files, commit with the record last."""
+    url = str(tmp_path / "run")
+    if backend == "s3":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("s3_server").endpoint_url)
+        url = f"{request.getfixturevalue('s3_bucket')}/run"
+    store = Store(url)
+    strategy = commit_strategy(store, "SOUP.json")
+    assert isinstance(strategy, RenameCommit if backend == "local" else NonceCommit)
+    attempt = strategy.prepare("soups/uniform")
+    store.write_bytes(f"{attempt.write_rel}/model.safetensors", b"weights")
+    assert not store.exists("soups/uniform/SOUP.json")
+    record = {"data_dir": attempt.data_dir, "file": attempt.final_name("model.safetensors")}
+    strategy.commit(attempt, json.dumps(record).encode())
+    got = json.loads(store.read_bytes("soups/uniform/SOUP.json"))
+    assert store.read_bytes(f"soups/uniform/{got['file']}") == b"weights"
+    assert store.list("soups") == ["uniform"], "no temp dir left beside it"
+    with pytest.raises(CheckpointError, match="soups/uniform is already committed"):
+        strategy.prepare("soups/uniform")
+    if backend == "s3":  # a second writer that prepared before the commit loses, loudly
+        late = Attempt("soups/uniform", "soups/uniform/other", "other")
+        store.write_bytes(f"{late.write_rel}/model.safetensors", b"other weights")
+        with pytest.raises(CheckpointError, match="another writer committed"):
+            strategy.commit(late, b"{}")
+        removed = strategy.collect_garbage("soups", committed={"soups/uniform": attempt.data_dir})
+        assert removed == ["soups/uniform/other"]
+        assert sorted(store.list("soups/uniform")) == sorted(["SOUP.json", attempt.data_dir])

@@ -3,33 +3,78 @@
 from __future__ import annotations
 
 import math
-import time
+from pathlib import Path
 
 import pytest
 
-from orchestrator.config import CheckpointConfig
-from orchestrator.loop import _duration, _save_due
+from orchestrator.checkpoint import catalog
+from orchestrator.checkpoint.checkpointer import Checkpointer
+from orchestrator.checkpoint.schedule import SaveSchedule
+from orchestrator.loop import _duration
 from orchestrator.progress import Progress
+from orchestrator.storage import Store
 
 
 @pytest.mark.parametrize(
-    ("cfg", "step", "epoch_ended", "epoch", "minutes_ago", "due"),
+    ("schedule", "step", "epoch_ended", "epoch", "minutes_later", "due"),
     [
-        (CheckpointConfig(every_steps=50), 100, False, 0, 0, True),
-        (CheckpointConfig(every_steps=50), 101, False, 0, 0, False),
-        (CheckpointConfig(every_steps=None), 100, False, 0, 0, False),
-        (CheckpointConfig(every_steps=None, every_epochs=2), 7, True, 4, 0, True),
-        (CheckpointConfig(every_steps=None, every_epochs=2), 7, True, 3, 0, False),
-        (CheckpointConfig(every_steps=None, every_epochs=2), 7, False, 4, 0, False),
-        (CheckpointConfig(every_steps=None, every_minutes=5), 7, False, 0, 6, True),
-        (CheckpointConfig(every_steps=None, every_minutes=5), 7, False, 0, 4, False),
+        (SaveSchedule(every_steps=50), 100, False, 0, 0, True),
+        (SaveSchedule(every_steps=50), 101, False, 0, 0, False),
+        (SaveSchedule(), 100, False, 0, 0, False),
+        (SaveSchedule(every_epochs=2), 7, True, 4, 0, True),
+        (SaveSchedule(every_epochs=2), 7, True, 3, 0, False),
+        (SaveSchedule(every_epochs=2), 7, False, 4, 0, False),
+        (SaveSchedule(every_minutes=5), 7, False, 0, 6, True),
+        (SaveSchedule(every_minutes=5), 7, False, 0, 4, False),
     ],
 )
-def test_save_due(
-    cfg: CheckpointConfig, step: int, epoch_ended: bool, epoch: int, minutes_ago: float, due: bool
+def test_maybe_save_follows_the_schedule(
+    tmp_path: Path,
+    schedule: SaveSchedule,
+    step: int,
+    epoch_ended: bool,
+    epoch: int,
+    minutes_later: float,
+    due: bool,
 ) -> None:
-    last_save = time.monotonic() - 60 * minutes_ago
-    assert _save_due(cfg, step, epoch_ended, epoch, last_save) is due
+    now = [1000.0]
+    ckpt = Checkpointer(Store(str(tmp_path)), schedule=schedule, clock=lambda: now[0])
+    ckpt.register("counter", save=lambda: {"n": step}, load=lambda state: None)
+    now[0] += 60 * minutes_later
+    assert ckpt.maybe_save(step, {"loss": 0.5}, epoch_ended=epoch_ended, epoch=epoch) is due
+    ckpt.close()
+    committed = catalog.scan(Store(str(tmp_path))).committed
+    assert [c.step for c in committed] == ([step] if due else [])
+
+
+def test_the_time_rule_counts_from_the_last_save(tmp_path: Path) -> None:
+    now = [0.0]
+    ckpt = Checkpointer(
+        Store(str(tmp_path)), schedule=SaveSchedule(every_minutes=5), clock=lambda: now[0]
+    )
+    ckpt.register("counter", save=dict, load=lambda state: None)
+    now[0] = 301.0
+    assert ckpt.maybe_save(1)
+    now[0] = 500.0
+    assert not ckpt.maybe_save(2), "200 s after the last save, not after the start"
+    now[0] = 602.0
+    assert ckpt.maybe_save(3)
+
+
+def test_save_final_saves_once_and_flushes_first(tmp_path: Path) -> None:
+    events: list[str] = []
+    ckpt = Checkpointer(
+        Store(str(tmp_path)),
+        schedule=SaveSchedule(every_steps=2),
+        before_save=lambda: events.append("flush"),
+    )
+    ckpt.register("counter", save=lambda: events.append("state") or {}, load=lambda s: None)
+    ckpt.maybe_save(2)
+    ckpt.save_final(2)  # already saved by the schedule: nothing new
+    ckpt.save_final(3)
+    ckpt.close()
+    assert events == ["flush", "state", "flush", "state"]
+    assert [c.step for c in catalog.scan(Store(str(tmp_path))).committed] == [2, 3]
 
 
 def test_duration_formats_eta() -> None:

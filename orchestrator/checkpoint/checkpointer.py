@@ -1,15 +1,19 @@
-"""The Checkpointer: register what must survive, `save(step)`, `restore()`; commit, async, retention.
+"""The Checkpointer: register what must survive, save on a schedule, `restore()`; async, retention.
 
 Every rank calls the same methods in the same order. One rank (the leader, global rank 0) picks
-where a checkpoint is written, commits it by writing MANIFEST.json last, applies retention and
-collects garbage; the outcome is broadcast so every rank returns or raises alike.
+where a checkpoint is written and commits it by writing MANIFEST.json last (through the commit
+protocol of `commit.py`), applies retention and collects garbage; each decision is broadcast
+(`dist.leader_decides`) so every rank returns or raises alike.
 
-    ckpt = Checkpointer(Store(run_dir), policy=RetentionPolicy(keep_last=3), async_save=True)
+    ckpt = Checkpointer(Store(run_dir), policy=RetentionPolicy(keep_last=3),
+                        schedule=SaveSchedule(every_steps=100), async_save=True)
     ckpt.register("train", ModelAndOptimizer(model, optim))      # sharded through DCP
     ckpt.register("rng", RNGState(), per_rank=True)               # JSON, one file per rank
     ckpt.restore()                                                # newest checkpoint that verifies
-    ckpt.save(step, metrics={"eval/loss": 0.3})
-    ckpt.close()                                                  # waits for the save in flight
+    for step in ...:
+        ckpt.maybe_save(step, metrics={"loss": 0.3})              # the schedule decides
+    ckpt.save_final(step)                                         # unless saved already; waits
+    ckpt.close()                                                  # stops the background thread
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,13 +31,12 @@ import torch
 from orchestrator import dist
 from orchestrator.checkpoint import catalog, dcp_io, rank_state
 from orchestrator.checkpoint.catalog import CheckpointInfo
+from orchestrator.checkpoint.commit import Attempt, commit_strategy
 from orchestrator.checkpoint.layout import (
     CHECKPOINTS_DIR,
     MANIFEST_NAME,
-    TMP_PREFIX,
     parse_step_dirname,
     rank_state_name,
-    step_dirname,
     step_rel,
 )
 from orchestrator.checkpoint.manifest import FileEntry, Manifest, hash_bytes
@@ -44,11 +46,12 @@ from orchestrator.checkpoint.retention import (
     delete_checkpoints,
     plan_retention,
 )
-from orchestrator.errors import CheckpointCorrupt, StockpotError
+from orchestrator.checkpoint.schedule import SaveSchedule
+from orchestrator.dist import one_line
+from orchestrator.errors import CheckpointCorrupt, CheckpointError, StockpotError
 from orchestrator.storage import Store
 
 log = logging.getLogger(__name__)
-LEADER = 0
 
 
 class Stateful(Protocol):
@@ -69,10 +72,6 @@ class _Hooks:
         self._load(state)
 
 
-class CheckpointError(StockpotError):
-    """A save was not committed (the previous committed checkpoint is untouched)."""
-
-
 @dataclass
 class _Snapshot:
     step: int
@@ -88,18 +87,27 @@ class Checkpointer:
         run: Store,
         *,
         policy: RetentionPolicy | None = None,
+        schedule: SaveSchedule | None = None,
+        before_save: Callable[[], None] | None = None,
         async_save: bool = False,
         verify_checksums: bool = True,
         parallel: str = "",
         config_hash: str = "",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`before_save` runs at the start of every save, so what it writes is durable before
+        that checkpoint commits (the metrics lines of the steps it covers: a resume from it
+        never runs those steps again, so a kill in between would lose their lines)."""
         self.run = run
         self.policy = policy or RetentionPolicy()
+        self.schedule = schedule or SaveSchedule()
+        self._before_save = before_save
         self.async_save = async_save
         self.verify_checksums = verify_checksums
         self.parallel, self.config_hash = parallel, config_hash
+        self._clock = clock
         self._entries: dict[str, tuple[Stateful, bool]] = {}
-        self._is_leader = dist.rank() == LEADER
+        self._commits = commit_strategy(run, MANIFEST_NAME)
         # Background saves talk on their own gloo group (collective: created by every rank).
         self._group = dist.new_gloo_group() if async_save else None
         self._executor = ThreadPoolExecutor(1, "stockpot-ckpt") if async_save else None
@@ -107,6 +115,9 @@ class Checkpointer:
         self._in_flight_step: int | None = None
         self._staging: Any = None  # host copy of the last async save, reused by the next
         self._collected_garbage = False
+        # The step whose state was last saved or restored (a fresh start, step 0, needs no
+        # save), and when: what the schedule and `save_final` go by.
+        self._saved_step, self._saved_time = 0, clock()
         self.last_save_s: float | None = None
 
     # -- registration ---------------------------------------------------------------------
@@ -135,17 +146,43 @@ class Checkpointer:
 
     # -- saving ---------------------------------------------------------------------------
 
+    def maybe_save(
+        self,
+        step: int,
+        metrics: Mapping[str, float] | None = None,
+        *,
+        epoch_ended: bool = False,
+        epoch: int = 0,
+    ) -> bool:
+        """Save `step` if the schedule says so; called by the loop after every step, on every
+        rank (the time rule is agreed across ranks). True if a save was started."""
+        since = self._clock() - self._saved_time
+        if not self.schedule.due(step, epoch_ended=epoch_ended, epoch=epoch, since_save_s=since):
+            return False
+        self.save(step, metrics)
+        return True
+
+    def save_final(self, step: int, metrics: Mapping[str, float] | None = None) -> None:
+        """Save `step` unless it is already saved (or was restored), and wait for the commit:
+        at the end of training or at an agreed stop."""
+        if step != self._saved_step:
+            self.save(step, metrics)
+        self.wait()
+
     def save(self, step: int, metrics: Mapping[str, float] | None = None) -> None:
         """Save everything registered as checkpoint `step`; with async_save only staging blocks."""
+        if self._before_save is not None:
+            self._before_save()
         self.wait()  # at most one save in flight; its failure surfaces here
         t0 = time.perf_counter()
         snap = self._snapshot(step, metrics or {}, detach=self.async_save)
         snap.timings["stage_s"] = time.perf_counter() - t0
         if self._executor is None:
             self._write(snap)
-            return
-        self._in_flight_step = step
-        self._in_flight = self._executor.submit(self._write_guarded, snap)
+        else:
+            self._in_flight_step = step
+            self._in_flight = self._executor.submit(self._write_guarded, snap)
+        self._saved_step, self._saved_time = step, self._clock()
 
     def wait(self) -> CheckpointInfo | None:
         """Block until the save in flight (if any) is committed; raise its error if it failed."""
@@ -177,25 +214,20 @@ class Checkpointer:
             if isinstance(exc, StockpotError):
                 raise
             raise CheckpointError(
-                f"background save of step {snap.step} failed: {_one_line(exc)}"
+                f"background save of step {snap.step} failed: {one_line(exc)}"
             ) from exc
 
     def _write(self, snap: _Snapshot) -> CheckpointInfo:
         group = self._group
         t0 = time.perf_counter()
-        prepared = self._leader_prepare(snap.step) if self._is_leader else (None, "", None)
-        rel, data_dir, problem = dist.broadcast_object(prepared, src=LEADER, group=group)
-        if problem or rel is None:
-            raise CheckpointError(f"step {snap.step} not saved: {problem}")
-        data_rel = f"{rel}/{data_dir}" if data_dir else rel
-        records = dcp_io.save_shards(snap.shared, self.run, data_rel, group)
-        local = self._write_rank_state(data_rel, snap.per_rank)
-        gathered = dist.gather_objects((records, local), dst=LEADER, group=group)
+        attempt = dist.leader_decides(lambda: self._prepare(snap.step), group)
+        where = attempt.or_raise(CheckpointError, f"step {snap.step} not saved: ")
+        records = dcp_io.save_shards(snap.shared, self.run, where.write_rel, group)
+        local = self._write_rank_state(where.write_rel, snap.per_rank)
+        gathered = dist.gather_objects((records, local), dst=dist.LEADER, group=group)
         snap.timings["write_s"] = time.perf_counter() - t0
-        outcome = self._leader_commit(rel, data_dir, snap, gathered) if self._is_leader else None
-        info, problem = dist.broadcast_object(outcome or (None, None), src=LEADER, group=group)
-        if problem or info is None:
-            raise CheckpointError(f"step {snap.step} not committed: {problem}")
+        committed = dist.leader_decides(lambda: self._commit(where, snap, gathered), group)
+        info = committed.or_raise(CheckpointError, f"step {snap.step} not committed: ")
         self.last_save_s = snap.timings["stage_s"] + time.perf_counter() - t0
         return info
 
@@ -208,52 +240,26 @@ class Checkpointer:
         try:
             self.run.write_bytes(f"{rel}/{name}", blob)
         except Exception as exc:  # reported through the gather: a raise here would hang the others
-            return {}, f"rank {dist.rank()}: {_one_line(exc)}"
+            return {}, f"rank {dist.rank()}: {one_line(exc)}"
         return {name: hash_bytes(blob)}, None
 
-    # -- the leader's part ------------------------------------------------------------------
+    # -- the leader's part (run through dist.leader_decides) ----------------------------------
 
-    def _leader_prepare(self, step: int) -> tuple[str | None, str, str | None]:
-        """(where the ranks write, data sub-dir, problem): local disk writes a temp sibling that
-        is renamed at commit; S3 writes under a fresh nonce inside the step prefix."""
-        try:
-            if not self._collected_garbage:
-                self.collect_garbage()
-                self._collected_garbage = True
-            final = step_rel(step)
-            if self.run.exists(f"{final}/{MANIFEST_NAME}"):
-                return None, "", f"{self.run.path(final)} is already committed"
-            nonce = uuid.uuid4().hex[:12]
-            if self.run.is_s3:
-                return final, nonce, None
-            rel = f"{CHECKPOINTS_DIR}/{TMP_PREFIX}{step_dirname(step)}-{nonce}"
-            self.run.makedirs(rel)
-            return rel, "", None
-        except Exception as exc:
-            return None, "", _one_line(exc)
+    def _prepare(self, step: int) -> Attempt:
+        if not self._collected_garbage:
+            self.collect_garbage()
+            self._collected_garbage = True
+        return self._commits.prepare(step_rel(step))
 
-    def _leader_commit(
-        self, rel: str, data_dir: str, snap: _Snapshot, gathered: Any
-    ) -> tuple[CheckpointInfo | None, str | None]:
-        try:
-            errors = [err for _, (_, err) in gathered if err]
-            if errors:
-                return None, "; ".join(errors)
-            files: dict[str, FileEntry] = {}
-            for records, (local, _) in gathered:
-                for name, entry in [*records.items(), *local.items()]:
-                    files[f"{data_dir}/{name}" if data_dir else name] = entry
-            info = self._commit(rel, data_dir, snap, files)
-        except Exception as exc:
-            return None, _one_line(exc)
-        self._apply_retention()
-        return info, None
-
-    def _commit(
-        self, rel: str, data_dir: str, snap: _Snapshot, files: dict[str, FileEntry]
-    ) -> CheckpointInfo:
+    def _commit(self, attempt: Attempt, snap: _Snapshot, gathered: Any) -> CheckpointInfo:
+        errors = [err for _, (_, err) in gathered if err]
+        if errors:
+            raise CheckpointError("; ".join(errors))
+        files: dict[str, FileEntry] = {}
+        for records, (local, _) in gathered:
+            for name, entry in [*records.items(), *local.items()]:
+                files[attempt.final_name(name)] = entry
         t0 = time.perf_counter()
-        final = step_rel(snap.step)
         timings = dict(snap.timings)
         manifest = Manifest(
             step=snap.step,
@@ -263,29 +269,18 @@ class Checkpointer:
             config_hash=self.config_hash,
             metrics=snap.metrics,
             timings=timings,
-            data_dir=data_dir,
+            data_dir=attempt.data_dir,
         )
-        if self.run.is_s3:
-            try:  # create-only: two writers can never both commit one step
-                self.run.write_bytes(
-                    f"{final}/{MANIFEST_NAME}", manifest.to_json(), create_only=True
-                )
-            except FileExistsError:
-                raise CheckpointError(
-                    f"another writer committed {self.run.path(final)} first"
-                ) from None
-        else:
-            self.run.fsync_tree(rel)
-            self.run.write_bytes(f"{rel}/{MANIFEST_NAME}", manifest.to_json())
-            self.run.rename_dir(rel, final)
+        self._commits.commit(attempt, manifest.to_json())
         timings["commit_s"] = time.perf_counter() - t0
         log.info(
             "committed %s (%.1f MB, %s)",
-            self.run.path(final),
+            self.run.path(attempt.final_rel),
             manifest.total_bytes / 1e6,
             ", ".join(f"{k} {v:.3f}" for k, v in timings.items()),
         )
-        return CheckpointInfo(snap.step, final, manifest)
+        self._apply_retention()
+        return CheckpointInfo(snap.step, attempt.final_rel, manifest)
 
     def _apply_retention(self) -> None:
         try:
@@ -298,35 +293,22 @@ class Checkpointer:
             )
             delete_checkpoints(self.run, doomed, log=log)
         except Exception as exc:  # retention must never fail a save; next save plans again
-            log.warning("retention skipped this time: %s", _one_line(exc))
+            log.warning("retention skipped this time: %s", one_line(exc))
 
     def collect_garbage(self) -> list[str]:
-        """Remove temp dirs, uncommitted step dirs older than the newest commit, stale attempts
-        inside committed S3 steps and unfinished multipart uploads. The leader calls this once,
-        before its first save."""
+        """Remove what interrupted saves left (see commit.py); uncommitted step dirs count as
+        dead when older than the newest commit (a newer one may be a writer still running).
+        The leader calls this once, before its first save."""
         found = catalog.scan(self.run)
         latest = found.latest()
         newest = latest.step if latest else -1
-        doomed = [
+        dead = [
             rel
             for rel in found.leftovers
-            if rel.split("/")[-1].startswith(TMP_PREFIX)
-            or (parse_step_dirname(rel.split("/")[-1]) or newest + 1) < newest
+            if (parse_step_dirname(rel.rsplit("/", 1)[-1]) or newest + 1) < newest
         ]
-        for info in found.committed if self.run.is_s3 else []:
-            keep = {MANIFEST_NAME, info.manifest.data_dir}
-            doomed += [f"{info.rel}/{name}" for name in self.run.list(info.rel) if name not in keep]
-        for rel in doomed:
-            try:
-                self.run.delete(rel, recursive=True)
-            except Exception as exc:
-                log.warning("could not remove leftover %s: %s", self.run.path(rel), _one_line(exc))
-        aborted = self.run.abort_multipart_uploads(CHECKPOINTS_DIR)
-        if doomed or aborted:
-            log.info(
-                "garbage collected: %d leftover dirs, %d multipart uploads", len(doomed), aborted
-            )
-        return doomed
+        committed = {c.rel: c.manifest.data_dir for c in found.committed}
+        return self._commits.collect_garbage(CHECKPOINTS_DIR, dead=dead, committed=committed)
 
     # -- restoring ------------------------------------------------------------------------
 
@@ -334,13 +316,8 @@ class Checkpointer:
         """Load the newest committed checkpoint that verifies (or exactly `step`) into everything
         registered. A checkpoint that fails verification is reported and the previous one used.
         Returns what was loaded, or None if there is nothing to resume from."""
-        info, problem = dist.broadcast_object(
-            self._leader_choose(step) if self._is_leader else (None, None),
-            src=LEADER,
-            group=self._group,
-        )
-        if problem:
-            raise CheckpointCorrupt(problem)
+        chosen = dist.leader_decides(lambda: self._choose(step), self._group)
+        info = chosen.or_raise(CheckpointCorrupt)
         if info is None:
             return None
         shared = {
@@ -353,25 +330,23 @@ class Checkpointer:
             for name, state in shared.items():
                 self._entries[name][0].load_state_dict(state)
         self._restore_rank_state(info)
+        self._saved_step, self._saved_time = info.step, self._clock()
         log.info("restored %s (step %d)", self.run.path(info.rel), info.step)
         return info
 
-    def _leader_choose(self, step: int | None) -> tuple[CheckpointInfo | None, str | None]:
-        try:
-            committed = catalog.scan(self.run).committed
-            if step is not None:
-                committed = [c for c in committed if c.step == step]
-                if not committed:
-                    return None, f"no committed checkpoint at step {step} in {self.run.path()}"
-                problems = catalog.verify(
-                    self.run.child(committed[0].rel),
-                    committed[0].manifest,
-                    checksums=self.verify_checksums,
-                )
-                return (None, "; ".join(problems)) if problems else (committed[0], None)
-            return catalog.newest_good(self.run, committed, checksums=self.verify_checksums), None
-        except Exception as exc:
-            return None, _one_line(exc)
+    def _choose(self, step: int | None) -> CheckpointInfo | None:
+        committed = catalog.scan(self.run).committed
+        if step is None:
+            return catalog.newest_good(self.run, committed, checksums=self.verify_checksums)
+        chosen = [c for c in committed if c.step == step]
+        if not chosen:
+            raise CheckpointCorrupt(f"no committed checkpoint at step {step} in {self.run.path()}")
+        problems = catalog.verify(
+            self.run.child(chosen[0].rel), chosen[0].manifest, checksums=self.verify_checksums
+        )
+        if problems:
+            raise CheckpointCorrupt("; ".join(problems))
+        return chosen[0]
 
     def _restore_rank_state(self, info: CheckpointInfo) -> None:
         per_rank = [name for name, (_, flag) in self._entries.items() if flag]
@@ -414,8 +389,3 @@ def _stage(value: Any, buffer: Any) -> Any:
         items = buffer if same else [None] * len(value)
         return type(value)(_stage(v, b) for v, b in zip(value, items, strict=True))
     return copy.deepcopy(value)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:500]}" if text else type(exc).__name__

@@ -16,6 +16,7 @@ import torch.nn as nn
 from orchestrator import dist
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.checkpoint.retention import RetentionPolicy
+from orchestrator.checkpoint.schedule import SaveSchedule
 from orchestrator.state import ModelAndOptimizer, RNGState
 from orchestrator.storage import Store
 from orchestrator.worker import exit_now
@@ -81,6 +82,7 @@ def main() -> None:
     ckpt = Checkpointer(
         Store(args.run_dir),
         policy=RetentionPolicy(keep_last=args.keep_last),
+        schedule=SaveSchedule(every_steps=args.save_every or None),
         async_save=args.async_save,
         parallel=args.parallel,
     )
@@ -95,10 +97,9 @@ def main() -> None:
         loss.backward()
         optim.step()
         optim.zero_grad()
-        if args.save_every and step % args.save_every == 0:
-            ckpt.save(step, {"loss": loss.item()})
-    if args.steps and not args.save_every:
-        ckpt.save(start + args.steps, {"loss": loss.item()})
+        ckpt.maybe_save(step, {"loss": loss.item()})
+    if args.steps:
+        ckpt.save_final(start + args.steps, {"loss": loss.item()})
     ckpt.close()
     state = full_state(model, optim)
     if args.dump and dist.rank() == 0:
