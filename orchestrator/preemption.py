@@ -8,12 +8,15 @@ it); SIGTERM is what Slurm sends on preemption and scancel.
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from types import FrameType
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+log = logging.getLogger(__name__)
 
 # Signals that arrived before training began (during imports and the rendezvous): without a
 # handler that early, SIGUSR2's default action kills the rank (exit 140) mid start-up.
@@ -51,6 +54,12 @@ class StopFlag:
             self._previous[signum] = signal.SIG_DFL if previous is _record_early else previous
         if _early and self.signum is None:
             self.signum, self.received_at = _early[0]
+            # Said here, not in _record_early: logging is not safe inside a signal handler.
+            # Tests read this line to tell the start-up path from a stop during training.
+            log.warning(
+                "%s arrived during start-up, before training began: kept, stopping after the first step",
+                self.signal_name,
+            )
         return self
 
     def uninstall(self) -> None:

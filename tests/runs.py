@@ -1,0 +1,127 @@
+"""Real `stockpot run` jobs for tests: run one, SIGKILL it at random steps and restart it, read
+what it left (newest commit, per-step losses, resume events).
+
+Shared by the exact-resume tests (test_resume_exact.py, test_training_options.py) and the plain
+sbatch tests, so no test module imports another.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from orchestrator.checkpoint import catalog
+from orchestrator.metrics import last_per_step, read_metrics
+from orchestrator.storage import Store
+
+REPO = Path(__file__).resolve().parents[1]
+STOCKPOT = str(Path(sys.executable).parent / "stockpot")
+SMALL_DATA = ["task.n_train=4096", "task.n_eval=512"]
+
+
+def stockpot_run(argv: Sequence[str], *, log: Path, timeout: float = 300) -> int:
+    """`stockpot run ARGV`, its output appended to `log`; the exit code."""
+    with open(log, "ab") as out:
+        return subprocess.run(
+            [STOCKPOT, "run", *argv],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+        ).returncode
+
+
+def newest_step(run_dir: Path | str) -> int:
+    latest = catalog.scan(Store(str(run_dir))).latest()
+    return latest.step if latest else 0
+
+
+def losses(run_dir: Path | str) -> dict[int, float]:
+    """The loss of each step, from the last line per step of metrics.jsonl."""
+    return last_per_step(read_metrics(Store(str(run_dir))), "loss")
+
+
+def kill_at_random_steps(
+    argv: Sequence[str], run_dir: Path, kills: int, rng: random.Random, *, every: int, log: Path
+) -> list[int]:
+    """Start `stockpot run ARGV` and SIGKILL the whole job (spawner and ranks) a random moment
+    after a checkpoint at each of `kills` random steps commits (so in the next steps, or
+    mid-save); restart it after each kill; finally let it finish. `every` is the run's
+    checkpoint.every_steps; the targets lie in the first half of trainer.max_steps.
+
+    Every restarted run is killed only after it has committed a checkpoint of its own, so it
+    has resumed, logged that, and flushed its `resumed` metrics event. Returns the newest
+    committed step at each kill: the step each following run must resume from."""
+    max_steps = int(_override(argv, "trainer.max_steps"))
+    targets = sorted(rng.sample(range(every, max_steps // 2, every), kills))
+    seen: list[int] = []
+    for target in targets:
+        with open(log, "ab") as out:
+            job = subprocess.Popen(
+                [STOCKPOT, "run", *argv],
+                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        goal = max(target, seen[-1] + 1 if seen else 0)
+        deadline = time.monotonic() + 240
+        while newest_step(run_dir) < goal and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.08))  # a few steps on, or still inside the save
+        assert job.poll() is None, f"the run ended before the kill after step {goal}"
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        seen.append(newest_step(run_dir))
+    assert stockpot_run(argv, log=log) == 0, log.read_text()[-3000:]
+    return seen
+
+
+def assert_resumed_from(run_dir: Path | str, log_text: str, steps: Sequence[int]) -> None:
+    """The run resumed exactly len(steps) times, from these steps in order, and never started
+    from scratch again: the `resumed` events in metrics.jsonl and the leader's log lines."""
+    events = [r for r in read_metrics(Store(str(run_dir))) if r.get("event") == "resumed"]
+    got = [(r["step"], r["resumes"]) for r in events]
+    want = [(step, n) for n, step in enumerate(steps, start=1)]
+    assert got == want, f"resume events {got}, expected {want}"
+    logged = [
+        (int(m.group(1)), int(m.group(2)))
+        for m in re.finditer(r"resumed from step (\d+) \(resume #(\d+)\)", log_text)
+    ]
+    assert logged == want, f"logged resumes {logged}, expected {want}"
+
+
+def _override(argv: Sequence[str], key: str) -> str:
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(f"{key}=")]
+    assert values, f"{key} is not set in {list(argv)}"
+    return values[-1]
+
+
+def wait_until(ok: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        assert time.monotonic() < deadline, f"gave up after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.01)
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler installed for `signum` (its SigCgt mask): how a
+    test knows a rank is past `catch_early` without asking it."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1]
+    return bool(int(mask, 16) >> (signum - 1) & 1)
