@@ -68,14 +68,14 @@ def _name_of(store: Store) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator.checkpoint import catalog
 
-    run = _run_store(open_target(args.run_dir, args.overrides))
+    run = _check_run(open_target(args.run_dir, args.overrides))
     report = status_report(run, catalog.scan(run))
     report.update(activity_report(run))
     print(json.dumps(report, indent=1) if args.json else format_status(run.path(), report))
     return 0
 
 
-def _run_store(run: Store) -> Store:
+def _check_run(run: Store) -> Store:
     if not run.exists(""):
         raise UsageError(f"run directory {run.path()} does not exist")
     if not run.exists(CHECKPOINTS_DIR) and not run.exists(JOBS_NAME):  # submitted, not started
