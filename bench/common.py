@@ -1,0 +1,117 @@
+"""What every benchmark shares: result rows, medians, launching ranks, and the bench's sizes.
+
+Every figure is a ratio against a baseline measured in the same run, on the same disk,
+interleaved with it (A B A B ..., not A A A B B B), and the median of several repeats: these
+machines swing 2-4x between runs, so absolute numbers mean little and ratios are what we keep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from launch.local import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+@dataclass
+class Row:
+    """One line of the results table. `value` is None when the figure could not be measured
+    (`note` says why); `met` is None where the figure has no pass/fail goal."""
+
+    figure: str
+    value: float | str | None
+    goal: str
+    met: bool | None
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big the bench is: quick mode fits in ~5 minutes on 2 cores, FULL=1 is ~1 GB of state."""
+
+    d_model: int  # CharLM width for the save/load state (its AdamW state triples the bytes)
+    n_layers: int
+    repeats: int  # interleaved repeats per figure (the median is reported)
+    s3_layers: int  # the S3 state's CharLM depth at d_model=256 (moto is slow: keep it small)
+    loop_steps: int  # steps per loop-overhead run on the demo
+
+    @staticmethod
+    def quick() -> Sizes:
+        return Sizes(d_model=512, n_layers=4, repeats=3, s3_layers=2, loop_steps=200)
+
+    @staticmethod
+    def full() -> Sizes:
+        return Sizes(d_model=1024, n_layers=7, repeats=5, s3_layers=8, loop_steps=300)
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def ranks(
+    module: str, args: Sequence[str], nproc: int = 2, env: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Run `python -m module args` as nproc gloo ranks; the JSON lines rank 0 printed.
+
+    A failing rank raises with the tail of its stderr, so a broken bench says why."""
+    port = str(free_port())
+    base = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(REPO),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+        "WORLD_SIZE": str(nproc),
+        **{k: v for k, v in os.environ.items() if k.startswith("AWS_")},
+        **(env or {}),
+    }
+    procs = [
+        subprocess.Popen(
+            [PY, "-m", module, *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+        )
+        for r in range(nproc)
+    ]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for r, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
+        if p.returncode != 0:
+            raise RuntimeError(f"{module} rank {r} exited {p.returncode}: {err[-2000:]}")
+    return [json.loads(line) for line in outs[0][0].splitlines() if line.startswith("{")]
+
+
+def run_cli(args: Sequence[str], env: dict[str, str] | None = None) -> None:
+    """`python -m launch ARGS` (what `stockpot` runs), raising with its stderr if it fails."""
+    done = subprocess.run(
+        [PY, "-m", "launch", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=900,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"stockpot {' '.join(args[:2])} exited {done.returncode}: "
+                           f"{done.stderr[-2000:]}")  # fmt: skip
+
+
+def ratio_row(figure: str, value: float, goal: str, at_least: float | None = None,
+              at_most: float | None = None, note: str = "") -> Row:  # fmt: skip
+    """A row whose goal is a bound on the ratio."""
+    met = (at_least is None or value >= at_least) and (at_most is None or value <= at_most)
+    return Row(figure, round(value, 3), goal, met, note)
