@@ -3,17 +3,16 @@
 The kills are SIGKILL to the whole job (spawner and both ranks), never a polite signal. After
 each kill the run is started again and resumes from its newest committed checkpoint; at the end
 its weights and optimizer state must equal an uninterrupted run's bit for bit, and every step's
-loss (the last line per step in metrics.jsonl) must be the same.
+loss (the last line per step in metrics.jsonl) must be the same. Training is deterministic, so
+those hold for a run restarted from scratch too: each restart must also have resumed, from the
+newest commit at its kill (`resumed` events in metrics.jsonl, "resumed from step N" in the log).
 """
 
 from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,65 +21,21 @@ import torch
 from orchestrator.checkpoint import catalog, dcp_io
 from orchestrator.metrics import last_per_step, read_metrics
 from orchestrator.storage import Store
+from tests import runs
 from tests.ckpt_helpers import assert_same, final_state
+from tests.runs import REPO, STOCKPOT, losses, newest_step
 
-REPO = Path(__file__).resolve().parents[1]
-STOCKPOT = str(Path(sys.executable).parent / "stockpot")
 MAX_STEPS = 60
+EVERY = 4  # checkpoint.every_steps
 BASE = [
     "configs/demo.yaml", f"trainer.max_steps={MAX_STEPS}", "trainer.log_every=1",
-    "trainer.eval_every=12", "checkpoint.every_steps=4", "checkpoint.keep_last=2",
-    "task.n_train=4096", "task.n_eval=512",
+    "trainer.eval_every=12", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=2",
+    *runs.SMALL_DATA,
 ]  # fmt: skip
 
 
 def stockpot_run(run_dir: Path, *overrides: str, log: Path, timeout: float = 300) -> int:
-    with open(log, "ab") as out:
-        return subprocess.run(
-            [STOCKPOT, "run", *BASE, f"run.dir={run_dir}", *overrides],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-            check=False,
-        ).returncode
-
-
-def newest_step(run_dir: Path) -> int:
-    latest = catalog.scan(Store(str(run_dir))).latest()
-    return latest.step if latest else 0
-
-
-def kill_at_random_steps(
-    run_dir: Path, kills: int, rng: random.Random, *overrides: str, log: Path
-) -> list[int]:
-    """Start the run and SIGKILL the whole job a random moment after the checkpoint at each of
-    `kills` random steps commits (so somewhere in the next steps, or mid-save); restart it after
-    each kill; finally let it finish. Returns the newest committed step at each kill."""
-    every = 4  # checkpoint.every_steps in BASE
-    # Targets in the first half leave the run >= 30 steps to go, so the kill always lands.
-    targets = sorted(rng.sample(range(every, MAX_STEPS // 2, every), kills))
-    seen = []
-    for target in targets:
-        with open(log, "ab") as out:
-            job = subprocess.Popen(
-                [STOCKPOT, "run", *BASE, f"run.dir={run_dir}", *overrides],
-                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + 240
-        while newest_step(run_dir) < target and job.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.08))  # a few steps on, or still inside the save
-        assert job.poll() is None, f"the run ended before the kill after step {target}"
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
-        seen.append(newest_step(run_dir))
-    assert stockpot_run(run_dir, *overrides, log=log) == 0, log.read_text()[-3000:]
-    return seen
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return last_per_step(read_metrics(Store(str(run_dir))), "loss")
+    return runs.stockpot_run([*BASE, f"run.dir={run_dir}", *overrides], log=log, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +73,14 @@ def test_killed_three_times_ends_bit_identical(
     root.mkdir(exist_ok=True)
     ref = _uninterrupted(reference, name.removesuffix("-async"), root, *overrides[:1])
     run_dir = tmp_path / "run"
-    at = kill_at_random_steps(run_dir, 3, random.Random(name), *overrides, log=tmp_path / "run.log")
+    log = tmp_path / "run.log"
+    argv = [*BASE, f"run.dir={run_dir}", *overrides]
+    at = runs.kill_at_random_steps(argv, run_dir, 3, random.Random(name), every=EVERY, log=log)
     assert len(at) == 3 and at[-1] < MAX_STEPS
     print(f"{name}: SIGKILLed with the newest commit at steps {at}, resumed each time")
+    # Resumed from each kill's newest commit, not restarted from scratch (which would end
+    # bit-identical too: training is deterministic).
+    runs.assert_resumed_from(run_dir, log.read_text(), at)
     assert_same(final_state(ref, MAX_STEPS), final_state(run_dir, MAX_STEPS))
     want, got = losses(ref), losses(run_dir)
     assert sorted(want) == list(range(1, MAX_STEPS + 1))
@@ -214,6 +174,7 @@ def test_config_drift_is_refused_with_a_diff_but_max_steps_may_change(tmp_path: 
     assert newest_step(run_dir) == 4
     assert stockpot_run(run_dir, "trainer.max_steps=8", log=log) == 0
     assert newest_step(run_dir) == 8
+    runs.assert_resumed_from(run_dir, log.read_text(), [4])  # the refused attempt did not count
 
 
 def test_init_from_starts_from_the_pretrained_weights(tmp_path: Path) -> None:
@@ -265,7 +226,7 @@ def test_run_on_s3_resumes_from_s3(s3_server, s3_bucket, tmp_path: Path, monkeyp
     assert first.returncode == 0, first.stderr[-3000:]
     second = run(12)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from step 8" in second.stderr
+    runs.assert_resumed_from(url, second.stderr, [8])
     store = Store(url)
     assert [c.step for c in catalog.scan(store).committed] == [8, 12]
     assert sorted(losses_at(store)) == list(range(1, 13))
