@@ -23,7 +23,7 @@ def config_hash(cfg: Config) -> str:
 _NON_COMPUTATIONAL = (
     "run.dir", "run.name", "trainer.max_steps", "trainer.nproc", "trainer.log_every",
     "trainer.eval_every", "trainer.device", "model.init_from", "checkpoint", "storage",
-    "launcher", "resume", "soup", "sweep",
+    "launcher", "resume", "soup", "sweep", "logging",
 )  # fmt: skip
 
 

@@ -240,6 +240,19 @@ class LauncherConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    # Rank 0 writes TensorBoard event files under <run.dir>/tb/ (loss, lr, eval, step time,
+    # checkpoint timings, restarts and commits); a resumed run hides the steps it re-trains.
+    # Skipped with a warning when the tensorboard package is not installed.
+    tensorboard: bool = True
+    # Also log to Weights & Biases (needs `pip install wandb`); the run id is kept in
+    # <run.dir>/wandb_id so every restart continues the same W&B run.
+    wandb: bool = False
+    # W&B project; null: the run's name.
+    wandb_project: str | None = None
+
+
+@dataclass(frozen=True)
 class ResumeConfig:
     # Resume even if the config changed in a way that changes the computation (e.g. optim.lr).
     allow_config_change: bool = False
@@ -267,6 +280,8 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
+    # What rank 0 logs besides metrics.jsonl (may change freely between resumes).
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     soup: SoupConfig = field(default_factory=SoupConfig)
     # A sweep: dotted config keys -> lists of values, e.g. {optim.lr: [1e-3, 3e-3], run.seed:
     # [0, 1]}. `stockpot submit` runs their cartesian product as ONE Slurm array, each element

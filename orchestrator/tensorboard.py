@@ -1,0 +1,93 @@
+"""TensorBoard event files for a run, written by the leader under `<run.dir>/tb/`.
+
+A resumed run opens its writer with `purge_step` = the resumed step + 1: TensorBoard then hides
+every event an earlier life wrote past the checkpoint (the steps that were lost and are trained
+again), so each step shows once, with the value `metrics.jsonl`'s last line has for it.
+
+Where the files go: a local run dir gets them directly in `<run.dir>/tb/`. SummaryWriter only
+writes local files, so an `s3://` run writes to a local scratch dir and uploads each event file
+whole to `<run.dir>/tb/` at every flush (before each checkpoint commits and at the end); every
+life writes its own file, so uploads never overwrite another life's events.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any
+
+from orchestrator.storage import Store, is_s3_url
+
+log = logging.getLogger(__name__)
+
+TB_DIR = "tb"
+
+
+def available() -> bool:
+    """Whether the tensorboard package is installed (torch's writer needs it)."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TensorBoardWriter:
+    """Scalars and text for one life of a run; `purge_step` hides an earlier life's later steps."""
+
+    def __init__(self, run: Store, purge_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # lazy: pulls tensorboard + protobuf
+
+        self.run = run
+        self._remote = is_s3_url(run.url)
+        self.local_dir = (
+            tempfile.mkdtemp(prefix="stockpot-tb-") if self._remote else run.path(TB_DIR)
+        )
+        # flush_secs: a killed run keeps what it logged up to ~10 s before the kill; what is
+        # lost is re-trained after the resume anyway.
+        self._writer = SummaryWriter(self.local_dir, purge_step=purge_step, flush_secs=10)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, value, step)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        self._writer.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        self._writer.flush()
+        if self._remote:
+            self._upload()
+
+    def close(self) -> None:
+        self._writer.close()
+        if self._remote:
+            self._upload()
+
+    def _upload(self) -> None:
+        for name in sorted(os.listdir(self.local_dir)):
+            with open(os.path.join(self.local_dir, name), "rb") as f:
+                self.run.write_bytes(f"{TB_DIR}/{name}", f.read())
+
+
+def open_writer(run: Store, *, enabled: bool, start_step: int) -> TensorBoardWriter | None:
+    """The leader's writer, or None when off or when tensorboard is not installed (said once)."""
+    if not enabled:
+        return None
+    if not available():
+        log.warning("logging.tensorboard: the tensorboard package is not installed; skipping")
+        return None
+    return TensorBoardWriter(run, purge_step=start_step + 1)
+
+
+def scalar_values(values: dict[str, Any]) -> dict[str, float]:
+    """The numeric, finite entries of a metrics line: what TensorBoard can plot."""
+    return {
+        k: float(v)
+        for k, v in values.items()
+        if isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and v == v
+        and abs(v) != float("inf")
+    }

@@ -1,0 +1,103 @@
+"""TensorBoard logging: a run killed and resumed looks like one clean run with its restarts marked.
+
+Read back with TensorBoard's own reader (EventAccumulator, which applies `purge_step` the way
+the TensorBoard UI does): each step has exactly one value, the one metrics.jsonl's last line for
+that step holds.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+from orchestrator.metrics import MetricsLog, last_per_step, read_metrics
+from orchestrator.storage import S3Options, Store
+from orchestrator.tensorboard import TB_DIR
+from tests import runs
+
+MAX_STEPS = 40
+EVERY = 4
+BASE = [
+    "configs/demo.yaml", f"trainer.max_steps={MAX_STEPS}", "trainer.log_every=1",
+    "trainer.eval_every=10", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=2",
+    *runs.SMALL_DATA,
+]  # fmt: skip
+
+
+def scalars(tb_dir: Path | str, tag: str) -> list[tuple[int, float]]:
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def raw_steps(tb_dir: Path, tag: str) -> list[int]:
+    """Every step logged for `tag` in every event file, purged or not (what a naive reader sees)."""
+    steps = []
+    for path in sorted(tb_dir.iterdir()):
+        for event in EventFileLoader(str(path)).Load():
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps
+
+
+def test_killed_twice_shows_each_step_once_with_the_last_logged_value(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    log = tmp_path / "run.log"
+    argv = [*BASE, f"run.dir={run_dir}"]
+    at = runs.kill_at_random_steps(argv, run_dir, 2, random.Random(13), every=EVERY, log=log)
+    runs.assert_resumed_from(run_dir, log.read_text(), at)
+    tb = run_dir / TB_DIR
+    assert len(list(tb.iterdir())) == 3, "one event file per life of the run"
+    records = read_metrics(Store(str(run_dir)))
+    for tag in ("loss", "lr", "eval/accuracy", "eval/loss"):
+        want = last_per_step(records, tag)
+        got = scalars(tb, tag)
+        steps = [s for s, _ in got]
+        assert len(steps) == len(set(steps)), f"{tag}: a step shows twice: {steps}"
+        assert dict(got) == pytest.approx(want, rel=1e-6), tag  # TensorBoard keeps float32
+    assert [s for s, _ in scalars(tb, "loss")] == list(range(1, MAX_STEPS + 1))
+    # Restarts are marked at the step each life resumed from, commits where they committed.
+    assert [(s, v) for s, v in scalars(tb, "events/resumes")] == [
+        (s, n) for n, s in enumerate(at, 1)
+    ]
+    commits = [s for s, _ in scalars(tb, "events/commit")]
+    assert set(at) <= set(commits) and commits[-1] == MAX_STEPS
+    assert [s for s, _ in scalars(tb, "time/step_s")] == list(range(1, MAX_STEPS + 1))
+
+
+def _life(run: Store, start: int, resumes: int, steps: range, offset: float) -> None:
+    """One life of a run as the leader logs it, flushed as it is before each checkpoint."""
+    metrics = MetricsLog(run, enabled=True)
+    metrics.start(start, resumes, tensorboard=True)
+    for step in steps:
+        metrics.record(step, {"loss": offset + step})
+    metrics.flush()
+
+
+def test_resume_purges_the_lost_steps_of_the_earlier_life(tmp_path: Path) -> None:
+    run = Store(str(tmp_path / "run"))
+    _life(run, 0, 0, range(1, 11), 0.0)  # died at step 10; its newest commit was step 6
+    _life(run, 6, 1, range(7, 13), 100.0)
+    tb = tmp_path / "run" / TB_DIR
+    assert raw_steps(tb, "loss").count(8) == 2, "both lives logged step 8: purge must hide one"
+    got = dict(scalars(tb, "loss"))
+    assert got == {**{s: float(s) for s in range(1, 7)}, **{s: 100.0 + s for s in range(7, 13)}}
+    assert got == last_per_step(read_metrics(run), "loss")
+    assert scalars(tb, "events/resumes") == [(6, 1.0)]
+
+
+@pytest.mark.s3
+def test_s3_run_uploads_its_event_files(tmp_path: Path, s3_server, s3_bucket: str) -> None:
+    run = Store(f"{s3_bucket}/run", S3Options(endpoint_url=s3_server.endpoint_url))
+    _life(run, 0, 0, range(1, 6), 0.0)
+    _life(run, 3, 1, range(4, 8), 10.0)
+    local = tmp_path / "tb"
+    local.mkdir()
+    for name in run.list(TB_DIR):
+        base = name.rsplit("/", 1)[-1]
+        (local / base).write_bytes(run.read_bytes(f"{TB_DIR}/{base}"))
+    assert len(list(local.iterdir())) == 2
+    assert dict(scalars(local, "loss")) == {1: 1, 2: 2, 3: 3, 4: 14, 5: 15, 6: 16, 7: 17}
