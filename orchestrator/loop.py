@@ -10,16 +10,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from orchestrator import dist, parallel
 from orchestrator.checkpoint.checkpointer import Checkpointer
-from orchestrator.config import CheckpointConfig, TrainerConfig
+from orchestrator.config import TrainerConfig
 from orchestrator.data import ResumableSampler
 from orchestrator.env import DistEnv
+from orchestrator.logs import LEADER_ONLY
 from orchestrator.metrics import MetricsLog
 from orchestrator.preemption import StopFlag
 from orchestrator.progress import Progress
@@ -29,8 +30,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Parts:
-    """Everything one rank trains with, built by `runner.build`."""
+class TrainingRun:
+    """What one rank trains with, built by `runner.build`: its place in the job, the task's
+    model and data, and the components the loop calls."""
 
     env: DistEnv
     device: str
@@ -42,10 +44,9 @@ class Parts:
     eval_data: Any
     sampler: ResumableSampler
     progress: Progress
-    ckpt: Checkpointer
+    ckpt: Checkpointer  # decides when to save (its schedule); the loop offers every step
     metrics: MetricsLog
     stop: StopFlag
-    latest: dict[str, float] = field(default_factory=dict)  # newest loss/eval, for manifests
 
 
 @dataclass(frozen=True)
@@ -56,64 +57,47 @@ class Outcome:
     save_s: float | None = None  # how long the stop's save took, signal to commit
 
 
-def train(p: Parts, t: TrainerConfig, c: CheckpointConfig) -> Outcome:
-    saved_at = p.progress.step  # restored from (or 0): never saved twice
-    last_save = time.monotonic()
-    window = _Window(p.progress.step)
-    while p.progress.step < t.max_steps:
+def train(run: TrainingRun, trainer: TrainerConfig) -> Outcome:
+    latest: dict[str, float] = {}  # newest mean loss and eval metrics: what manifests record
+    window = _Window(run.progress.step)
+    while run.progress.step < trainer.max_steps:
         # Posted before the step, answered after it: a stop seen by any rank when this step
         # began ends the run after it, on every rank, without a stall at each boundary.
-        stop = dist.PendingAgreement(p.stop.requested)
-        loss, epoch_ended = _train_step(p, t)
-        p.progress.step += 1
-        step = p.progress.step
-        if step % t.log_every == 0:
-            _log_progress(p, t, step, loss, window)
-        if t.eval_every and step % t.eval_every == 0:
-            evaluate(p, t.batch_size)
-        if _save_due(c, step, epoch_ended, p.sampler.epoch, last_save):
-            # Metrics first: once the checkpoint commits, a resume never re-runs these steps,
-            # so their lines must already be durable (a kill in between would lose them).
-            p.metrics.flush()
-            p.ckpt.save(step, p.latest)
-            saved_at, last_save = step, time.monotonic()
-        if stop.result() and step < t.max_steps:  # at max_steps: finish normally instead
-            return _stop(p, saved_at)
-    return _finish(p, t, saved_at)
+        stop = dist.PendingAgreement(run.stop.requested)
+        loss, epoch_ended = _train_step(run, trainer)
+        run.progress.step += 1
+        step = run.progress.step
+        if step % trainer.log_every == 0:
+            latest["loss"] = _log_progress(run, trainer, step, loss, window)
+        if trainer.eval_every and step % trainer.eval_every == 0:
+            latest.update(evaluate(run, trainer.batch_size))
+        run.ckpt.maybe_save(step, latest, epoch_ended=epoch_ended, epoch=run.sampler.epoch)
+        if stop.result() and step < trainer.max_steps:  # at max_steps: finish normally instead
+            return _stop(run, latest)
+    return _finish(run, trainer, latest)
 
 
-def _train_step(p: Parts, t: TrainerConfig) -> tuple[torch.Tensor, bool]:
-    p.model.train()
-    total = torch.zeros((), device=p.device)
+def _train_step(run: TrainingRun, trainer: TrainerConfig) -> tuple[torch.Tensor, bool]:
+    run.model.train()
+    total = torch.zeros((), device=run.device)
     epoch_ended = False
-    for _ in range(t.grad_accum_steps):
-        batch = _to(p.train_data.batch(p.sampler.next_indices()), p.device)
-        epoch_ended |= p.sampler.epoch_just_ended
-        with parallel.autocast(p.device, t.parallel, t.mixed_precision):
-            loss = p.task.loss(p.model, batch) / t.grad_accum_steps
+    for _ in range(trainer.grad_accum_steps):
+        batch = _to(run.train_data.batch(run.sampler.next_indices()), run.device)
+        epoch_ended |= run.sampler.epoch_just_ended
+        with parallel.autocast(run.device, trainer.parallel, trainer.mixed_precision):
+            loss = run.task.loss(run.model, batch) / trainer.grad_accum_steps
         loss.backward()
         total += loss.detach().float()
-    if t.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(p.model.parameters(), t.grad_clip)
-    p.optimizer.step()
-    p.scheduler.step()
-    p.optimizer.zero_grad(set_to_none=True)
+    if trainer.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), trainer.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     return total, epoch_ended
 
 
 def _to(batch: tuple[torch.Tensor, ...], device: str) -> tuple[torch.Tensor, ...]:
     return tuple(x.to(device, non_blocking=True) for x in batch)
-
-
-def _save_due(
-    c: CheckpointConfig, step: int, epoch_ended: bool, epoch: int, last_save: float
-) -> bool:
-    by_steps = c.every_steps is not None and step % c.every_steps == 0
-    by_epochs = c.every_epochs is not None and epoch_ended and epoch % c.every_epochs == 0
-    by_time = c.every_minutes is not None and dist.agree(
-        time.monotonic() - last_save >= 60 * c.every_minutes  # clocks differ: any rank decides
-    )
-    return by_steps or by_epochs or by_time
 
 
 class _Window:
@@ -130,85 +114,80 @@ class _Window:
 
 
 def _log_progress(
-    p: Parts, t: TrainerConfig, step: int, loss: torch.Tensor, window: _Window
-) -> None:
+    run: TrainingRun, trainer: TrainerConfig, step: int, loss: torch.Tensor, window: _Window
+) -> float:
+    """Record (and, on the leader, print) this step's loss averaged over ranks; returns it."""
     (loss_sum,) = dist.all_reduce_sum([float(loss)])
     mean = loss_sum / dist.world_size()
-    lr = float(p.scheduler.get_last_lr()[0])
-    p.latest["loss"] = mean
-    p.metrics.record(step, {"loss": mean, "lr": lr})
-    if p.env.is_leader:
-        rate = window.rate(step)
-        eta = (t.max_steps - step) / rate if rate > 0 else math.inf
-        log.info(
-            "step %d/%d loss %.4f lr %.3g %.1f step/s ETA %s",
-            step,
-            t.max_steps,
-            mean,
-            lr,
-            rate,
-            _duration(eta),
-        )
+    lr = float(run.scheduler.get_last_lr()[0])
+    run.metrics.record(step, {"loss": mean, "lr": lr})
+    rate = window.rate(step)
+    eta = (trainer.max_steps - step) / rate if rate > 0 else math.inf
+    log.info(
+        "step %d/%d loss %.4f lr %.3g %.1f step/s ETA %s",
+        step,
+        trainer.max_steps,
+        mean,
+        lr,
+        rate,
+        _duration(eta),
+        extra=LEADER_ONLY,
+    )
+    return mean
 
 
-def evaluate(p: Parts, batch_size: int) -> dict[str, float]:
-    """Held-out metrics, summed over every rank's share of the eval set."""
+def evaluate(run: TrainingRun, batch_size: int) -> dict[str, float]:
+    """Held-out metrics, summed over every rank's share of the eval set; recorded in the
+    progress history and the metrics log, and returned."""
     model = (
-        p.model.module
-        if isinstance(p.model, torch.nn.parallel.DistributedDataParallel)
-        else p.model
+        run.model.module
+        if isinstance(run.model, torch.nn.parallel.DistributedDataParallel)
+        else run.model
     )
     model.eval()
     sums: dict[str, float] = {}
     with torch.no_grad():
         # The same number of batches on every rank (maybe one empty): FSDP's forwards gather.
-        for indices in eval_batches(len(p.eval_data), batch_size, p.env.rank, p.env.world_size):
-            out = p.task.eval_sums(model, _to(p.eval_data.batch(indices), p.device))
+        env = run.env
+        for indices in eval_batches(len(run.eval_data), batch_size, env.rank, env.world_size):
+            out = run.task.eval_sums(model, _to(run.eval_data.batch(indices), run.device))
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
     keys = sorted(sums)  # every rank ran the same batches, so has the same keys
     totals = dict(zip(keys, dist.all_reduce_sum([sums.get(k, 0.0) for k in keys]), strict=True))
     count = totals.pop("count", 0.0) or 1.0
     metrics = {f"eval/{k}": v / count for k, v in totals.items()}
-    p.latest.update(metrics)
-    p.progress.history.append({"step": p.progress.step, **metrics})
-    p.metrics.record(p.progress.step, metrics)
-    if p.env.is_leader:
-        log.info(
-            "eval at step %d: %s",
-            p.progress.step,
-            " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-        )
+    step = run.progress.step
+    run.progress.history.append({"step": step, **metrics})
+    run.metrics.record(step, metrics)
+    text = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    log.info("eval at step %d: %s", step, text, extra=LEADER_ONLY)
     return metrics
 
 
-def _stop(p: Parts, saved_at: int) -> Outcome:
+def _stop(run: TrainingRun, latest: dict[str, float]) -> Outcome:
     """Every rank agreed to stop: save this step (after any save in flight), commit, return."""
-    step = p.progress.step
+    step = run.progress.step
     t0 = time.monotonic()
-    p.metrics.flush()  # before the commit, as in the loop
-    if saved_at != step:
-        p.ckpt.save(step, p.latest)
-    p.ckpt.wait()
-    since_signal = time.monotonic() - (p.stop.received_at or t0)
-    if p.env.is_leader:
-        log.warning(
-            "stop requested (%s): step %d committed %.2f s after the signal; run again to resume",
-            p.stop.signal_name or "another rank",
-            step,
-            since_signal,
-        )
-    return Outcome(False, step, p.stop.signal_name, since_signal)
+    run.ckpt.save_final(step, latest)
+    since_signal = time.monotonic() - (run.stop.received_at or t0)
+    log.warning(
+        "stop requested (%s): step %d committed %.2f s after the signal; run again to resume",
+        run.stop.signal_name or "another rank",
+        step,
+        since_signal,
+        extra=LEADER_ONLY,
+    )
+    return Outcome(False, step, run.stop.signal_name, since_signal)
 
 
-def _finish(p: Parts, t: TrainerConfig, saved_at: int) -> Outcome:
-    step = p.progress.step
-    if not p.progress.history or p.progress.history[-1]["step"] != step:
-        evaluate(p, t.batch_size)
-    p.metrics.flush()  # before the commit, as in the loop
-    if step > saved_at:
-        p.ckpt.save(step, p.latest)
-    p.ckpt.close()
+def _finish(run: TrainingRun, trainer: TrainerConfig, latest: dict[str, float]) -> Outcome:
+    step = run.progress.step
+    if not run.progress.history or run.progress.history[-1]["step"] != step:
+        latest.update(evaluate(run, trainer.batch_size))
+    run.ckpt.save_final(step, latest)
+    run.metrics.flush()  # the final eval's lines, when this step was saved before it ran
+    run.ckpt.close()
     return Outcome(True, step)
 
 

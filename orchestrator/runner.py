@@ -16,11 +16,13 @@ from orchestrator import dist, parallel
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.checkpoint.retention import RetentionPolicy
+from orchestrator.checkpoint.schedule import SaveSchedule
 from orchestrator.config import Config, computation_view, config_hash, diff_views, to_yaml
 from orchestrator.data import ResumableSampler
 from orchestrator.env import DistEnv, backend_for, device_for
 from orchestrator.errors import ConfigError
-from orchestrator.loop import Outcome, Parts, train
+from orchestrator.logs import LEADER_ONLY
+from orchestrator.loop import Outcome, TrainingRun, train
 from orchestrator.metrics import MetricsLog
 from orchestrator.optim import build_optimizer, build_scheduler
 from orchestrator.preemption import StopFlag
@@ -46,9 +48,9 @@ def run(cfg: Config, env: DistEnv) -> Outcome:
     if env.is_distributed:
         dist.init(backend_for(device), env.rank, env.world_size, env.master_addr, env.master_port)
     with StopFlag() as stop:
-        parts = build(cfg, env, device, stop)
-        _RETAINED.append(parts)
-        return train(parts, cfg.trainer, cfg.checkpoint)
+        training = build(cfg, env, device, stop)
+        _RETAINED.append(training)
+        return train(training, cfg.trainer)
 
 
 def exit_code(outcome: Outcome) -> int:
@@ -66,7 +68,14 @@ def retention_policy(cfg: Config) -> RetentionPolicy:
     )
 
 
-def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> Parts:
+def save_schedule(cfg: Config) -> SaveSchedule:
+    c = cfg.checkpoint
+    return SaveSchedule(
+        every_steps=c.every_steps, every_epochs=c.every_epochs, every_minutes=c.every_minutes
+    )
+
+
+def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> TrainingRun:
     store = run_store(cfg)
     task = build_task(cfg.task.target, dict(cfg.task.params))
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -85,9 +94,14 @@ def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> Parts:
     sampler = ResumableSampler(
         len(train_data), cfg.trainer.batch_size, env.rank, env.world_size, cfg.run.seed
     )
+    metrics = MetricsLog(store, enabled=env.is_leader, restart=env.restart_count)
     ckpt = Checkpointer(
         store,
         policy=retention_policy(cfg),
+        schedule=save_schedule(cfg),
+        # Metrics first: once a checkpoint commits, a resume never re-runs its steps, so their
+        # lines must already be durable (a kill in between would lose them).
+        before_save=metrics.flush,
         async_save=cfg.checkpoint.async_save,
         verify_checksums=cfg.checkpoint.verify_checksums,
         parallel=cfg.trainer.parallel,
@@ -102,23 +116,22 @@ def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> Parts:
     _resume_or_start(cfg, ckpt, progress, sampler, env)
     if env.is_leader:
         store.write_bytes("config.yaml", to_yaml(cfg).encode())
-    metrics = MetricsLog(store, enabled=env.is_leader, restart=env.restart_count)
     if progress.resumes:
         metrics.record(progress.step, {}, event="resumed", resumes=progress.resumes)
-    return Parts(
-        env,
-        device,
-        task,
-        model,
-        optimizer,
-        scheduler,
-        train_data,
-        eval_data,
-        sampler,
-        progress,
-        ckpt,
-        metrics,
-        stop,
+    return TrainingRun(
+        env=env,
+        device=device,
+        task=task,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_data=train_data,
+        eval_data=eval_data,
+        sampler=sampler,
+        progress=progress,
+        ckpt=ckpt,
+        metrics=metrics,
+        stop=stop,
     )
 
 
@@ -147,17 +160,17 @@ def _resume_or_start(
     if changes:
         log.warning("resuming with a changed config (allowed): %s", "; ".join(changes))
         progress.config = view
-    if info.manifest.world_size != env.world_size and env.is_leader:
+    if info.manifest.world_size != env.world_size:
         log.warning(
             "resuming world size %d from a checkpoint of world size %d: model and "
             "optimizer are exact; data continues at global sample %d",
             env.world_size,
             info.manifest.world_size,
             sampler.samples_seen,
+            extra=LEADER_ONLY,
         )
     progress.resumes += 1
-    if env.is_leader:
-        log.info("resumed from step %d (resume #%d)", info.step, progress.resumes)
+    log.info("resumed from step %d (resume #%d)", info.step, progress.resumes, extra=LEADER_ONLY)
 
 
 def init_from(model: torch.nn.Module, source: str, store: Store) -> None:
@@ -174,17 +187,17 @@ def init_from(model: torch.nn.Module, source: str, store: Store) -> None:
             )
     result = model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
     unexpected = sorted(set(weights) - set(own))
-    if dist.rank() == 0:
-        log.info(
-            "initialised from %s: %d tensors loaded", where, len(own) - len(result.missing_keys)
+    loaded = len(own) - len(result.missing_keys)
+    log.info("initialised from %s: %d tensors loaded", where, loaded, extra=LEADER_ONLY)
+    if result.missing_keys:
+        log.warning(
+            "init_from: not in the source (left as initialised): %s",
+            ", ".join(result.missing_keys),
+            extra=LEADER_ONLY,
         )
-        if result.missing_keys:
-            log.warning(
-                "init_from: not in the source (left as initialised): %s",
-                ", ".join(result.missing_keys),
-            )
-        if unexpected:
-            log.warning(
-                "init_from: in the source but not in this model (ignored): %s",
-                ", ".join(unexpected),
-            )
+    if unexpected:
+        log.warning(
+            "init_from: in the source but not in this model (ignored): %s",
+            ", ".join(unexpected),
+            extra=LEADER_ONLY,
+        )

@@ -14,15 +14,10 @@ import sys
 from orchestrator.config import Config, from_dict
 from orchestrator.env import DistEnv
 from orchestrator.errors import StockpotError
+from orchestrator.logs import setup_logging
 from orchestrator.preemption import catch_early
 
-
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
+__all__ = ["exit_now", "main", "main_with", "setup_logging"]  # setup_logging: for launch/job.py
 
 
 def main_with(cfg: Config, environ: dict[str, str] | None = None) -> int:

@@ -89,7 +89,6 @@ class Checkpointer:
         policy: RetentionPolicy | None = None,
         schedule: SaveSchedule | None = None,
         before_save: Callable[[], None] | None = None,
-        on_commit: Callable[[int, dict[str, float]], None] | None = None,
         async_save: bool = False,
         verify_checksums: bool = True,
         parallel: str = "",
@@ -103,7 +102,6 @@ class Checkpointer:
         self.policy = policy or RetentionPolicy()
         self.schedule = schedule or SaveSchedule()
         self._before_save = before_save
-        self._on_commit = on_commit  # (step, timings), on the leader, after each commit
         self.async_save = async_save
         self.verify_checksums = verify_checksums
         self.parallel, self.config_hash = parallel, config_hash
@@ -254,13 +252,7 @@ class Checkpointer:
         return self._commits.prepare(step_rel(step))
 
     def _commit(self, attempt: Attempt, snap: _Snapshot, gathered: Any) -> CheckpointInfo:
-        errors = [err for _, (_, err) in gathered if err]
-        if errors:
-            raise CheckpointError("; ".join(errors))
-        files: dict[str, FileEntry] = {}
-        for records, (local, _) in gathered:
-            for name, entry in [*records.items(), *local.items()]:
-                files[attempt.final_name(name)] = entry
+        files = _gathered_files(attempt, gathered)
         t0 = time.perf_counter()
         timings = dict(snap.timings)
         manifest = Manifest(
@@ -281,8 +273,6 @@ class Checkpointer:
             manifest.total_bytes / 1e6,
             ", ".join(f"{k} {v:.3f}" for k, v in timings.items()),
         )
-        if self._on_commit is not None:
-            self._on_commit(snap.step, timings)
         self._apply_retention()
         return CheckpointInfo(snap.step, attempt.final_rel, manifest)
 
@@ -370,6 +360,18 @@ class Checkpointer:
         for key in per_rank:
             if key in state:
                 self._entries[key][0].load_state_dict(state[key])
+
+
+def _gathered_files(attempt: Attempt, gathered: Any) -> dict[str, FileEntry]:
+    """Every rank's files, as the manifest lists them; a rank's write error fails the commit."""
+    errors = [err for _, (_, err) in gathered if err]
+    if errors:
+        raise CheckpointError("; ".join(errors))
+    files: dict[str, FileEntry] = {}
+    for records, (local, _) in gathered:
+        for name, entry in [*records.items(), *local.items()]:
+            files[attempt.final_name(name)] = entry
+    return files
 
 
 def _stage(value: Any, buffer: Any) -> Any:
