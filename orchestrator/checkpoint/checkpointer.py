@@ -89,6 +89,7 @@ class Checkpointer:
         policy: RetentionPolicy | None = None,
         schedule: SaveSchedule | None = None,
         before_save: Callable[[], None] | None = None,
+        on_commit: Callable[[int, dict[str, float]], None] | None = None,
         async_save: bool = False,
         verify_checksums: bool = True,
         parallel: str = "",
@@ -102,6 +103,7 @@ class Checkpointer:
         self.policy = policy or RetentionPolicy()
         self.schedule = schedule or SaveSchedule()
         self._before_save = before_save
+        self._on_commit = on_commit  # (step, timings), on the leader, after each commit
         self.async_save = async_save
         self.verify_checksums = verify_checksums
         self.parallel, self.config_hash = parallel, config_hash
@@ -273,6 +275,8 @@ class Checkpointer:
             manifest.total_bytes / 1e6,
             ", ".join(f"{k} {v:.3f}" for k, v in timings.items()),
         )
+        if self._on_commit is not None:
+            self._on_commit(snap.step, timings)
         self._apply_retention()
         return CheckpointInfo(snap.step, attempt.final_rel, manifest)
 
