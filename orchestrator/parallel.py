@@ -2,19 +2,38 @@
 
 With one rank there is nothing to synchronise: the plain module trains identically, and its
 state dict has the same names, so checkpoints move freely between world sizes.
+
+Buffers (BatchNorm's running statistics) follow DDP's rule under both strategies: every forward
+starts from rank 0's buffers. DDP does it itself (`broadcast_buffers`); FSDP2 leaves buffers
+alone, so each rank's statistics would drift apart on its own data, and a checkpoint (which
+keeps one rank's copy) would resume differently from a run never stopped. A pre-forward hook
+on the root broadcasts them instead.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn as nn
 
-from orchestrator import dist
+from orchestrator import dist, sharding
+
+log = logging.getLogger(__name__)
 
 
-def wrap(model: nn.Module, parallel: str, *, device: str, mixed_precision: str = "no") -> nn.Module:
+def wrap(
+    model: nn.Module,
+    parallel: str,
+    *,
+    device: str,
+    mixed_precision: str = "no",
+    shard_modules: Sequence[str] = (),
+) -> nn.Module:
+    """`shard_modules`: the FSDP units by class name, or one import path to a policy function
+    (see `orchestrator.sharding`); empty chooses them from the model."""
     model.to(device)
     if dist.world_size() == 1:
         return model
@@ -22,11 +41,13 @@ def wrap(model: nn.Module, parallel: str, *, device: str, mixed_precision: str =
         device_ids = [torch.device(device).index] if device.startswith("cuda") else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if parallel == "fsdp":
-        return _fully_shard(model, device, mixed_precision)
+        return _fully_shard(model, device, mixed_precision, shard_modules)
     raise ValueError(f"trainer.parallel must be ddp or fsdp (got {parallel!r})")
 
 
-def _fully_shard(model: nn.Module, device: str, mixed_precision: str) -> nn.Module:
+def _fully_shard(
+    model: nn.Module, device: str, mixed_precision: str, shard_modules: Sequence[str]
+) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -36,19 +57,19 @@ def _fully_shard(model: nn.Module, device: str, mixed_precision: str) -> nn.Modu
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32
         )
-    for unit in shard_units(model):
+    chosen = sharding.plan(model, shard_modules)
+    if dist.rank() == dist.LEADER:
+        log.info("%s", chosen.describe())
+    for _, unit in chosen.units:
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)  # in place: the module's class becomes an FSDPModule subclass
+    if any(True for _ in model.buffers()):
+        model.register_forward_pre_hook(_broadcast_buffers_hook)
     return model
 
 
-def shard_units(model: nn.Module) -> list[nn.Module]:
-    """Sub-modules sharded on their own: transformer blocks (`model.blocks`) when the model
-    has them, else every direct child that holds parameters."""
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, nn.ModuleList):
-        return list(blocks)
-    return [m for m in model.children() if any(True for _ in m.parameters())]
+def _broadcast_buffers_hook(module: nn.Module, args: object) -> None:
+    dist.broadcast_tensors(list(module.buffers()), src=dist.LEADER)
 
 
 def autocast(device: str, parallel: str, mixed_precision: str) -> AbstractContextManager:

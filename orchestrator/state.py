@@ -13,19 +13,50 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from orchestrator import dist
+from orchestrator.ties import TIED_KEY, tied_parameters
+
 
 class ModelAndOptimizer:
+    """The model's and optimizer's state under their plain (unwrapped) names.
+
+    Two things beyond DCP's own: buffers are saved as rank 0 holds them, the copy every rank's
+    next forward starts from (DDP's `broadcast_buffers`; `parallel` does the same under FSDP),
+    so which rank's copy DCP happens to write never matters; and a model with tied parameters
+    records its ties (`tied`: groups of names, owner first), so an export can write each tied
+    tensor once under its owner's name, as `save_pretrained` does.
+    """
+
     def __init__(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
     ) -> None:
         self.model, self.optimizer = model, optimizer
+        self._ties = tied_parameters(_unwrapped(model))
 
     def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any]
         if self.optimizer is None:
             model_sd, _ = get_state_dict(self.model, [])
-            return {"model": model_sd}
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
+            state = {"model": model_sd}
+        else:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+        self._buffers_from_leader(model_sd)
+        if self._ties:  # only then: checkpoints of untied models keep their old keys
+            state[TIED_KEY] = [list(group) for group in self._ties]
+        return state
+
+    def _buffers_from_leader(self, model_sd: dict[str, Any]) -> None:
+        """Replace the state dict's buffers by copies holding rank 0's values (the live
+        buffers are left as they are: the next forward overwrites them anyway)."""
+        names = sorted(
+            name
+            for name, _ in _unwrapped(self.model).named_buffers()
+            if isinstance(model_sd.get(name), torch.Tensor)
+        )
+        copies = [model_sd[name].detach().clone() for name in names]
+        dist.broadcast_tensors(copies, src=dist.LEADER)
+        model_sd.update(zip(names, copies, strict=True))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.optimizer is None:
@@ -58,3 +89,10 @@ class RNGState:
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module under DDP (FSDP2 wraps in place: names are unchanged)."""
+    inner = getattr(model, "module", None)
+    is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    return inner if is_ddp and isinstance(inner, torch.nn.Module) else model

@@ -1,0 +1,238 @@
+"""Library models as users bring them: `transformers` GPT-2 (tied embeddings, dropout on) and
+ResNet (BatchNorm), each under DDP and FSDP on 2 real gloo ranks (`stockpot run` processes).
+
+Each trains, is SIGKILLed after a commit and resumed, and must end bit-identical to a run never
+interrupted (weights, optimizer state, BatchNorm buffers with their int64 counters, every
+step's loss); its export must load into the library's own class (`from_pretrained`) with the
+tie intact and give the same outputs as the checkpoint. Models are built from configs: no
+network. (torchvision/timm from PyPI do not import beside our pinned torch, so the CNN is
+transformers' ResNet, which needs no torchvision.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from orchestrator.checkpoint import catalog
+from orchestrator.metrics import last_per_step, read_metrics
+from orchestrator.storage import Store
+from orchestrator.tasks import build_task
+from tests.ckpt_helpers import assert_same, final_state
+
+transformers = pytest.importorskip("transformers")  # a dev dependency: `make test` installs it
+
+REPO = Path(__file__).resolve().parents[1]
+STOCKPOT = str(Path(sys.executable).parent / "stockpot")
+STEPS = 6
+TASKS: dict[str, dict[str, Any]] = {
+    "gpt2": {
+        "_target_": "orchestrator.tasks.hf.CausalLM",
+        "seq_len": 16,
+        "eval_fraction": 0.01,
+        "config": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 16},
+    },
+    "resnet": {
+        "_target_": "orchestrator.tasks.hf.ImageClassification",
+        "image_size": 16,
+        "n_train": 512,
+        "n_eval": 48,
+        "config": {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]},
+    },
+}
+VARIANTS = [(m, p) for m in TASKS for p in ("ddp", "fsdp")]
+TIE = ("train.model.transformer.wte.weight", "train.model.lm_head.weight")
+
+
+def write_config(path: Path, model: str, parallel: str) -> Path:
+    config = {
+        "run": {"name": f"{model}-{parallel}", "seed": 0},
+        "task": TASKS[model],
+        "trainer": {
+            "max_steps": STEPS, "nproc": 2, "parallel": parallel, "batch_size": 8,
+            "log_every": 1, "eval_every": None,
+        },
+        "optim": {"name": "adamw", "lr": 0.003, "weight_decay": 0.01},
+        "checkpoint": {"every_steps": 2, "keep_last": 2, "async_save": False},
+    }  # fmt: skip
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def run(config: Path, run_dir: Path, *overrides: str, log: Path) -> int:
+    with open(log, "ab") as out:
+        return subprocess.run(
+            [STOCKPOT, "run", str(config), f"run.dir={run_dir}", *overrides],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=400, check=False,
+        ).returncode  # fmt: skip
+
+
+def newest_step(run_dir: Path) -> int:
+    latest = catalog.scan(Store(str(run_dir))).latest()
+    return latest.step if latest else 0
+
+
+def killed_then_resumed(config: Path, run_dir: Path, rng: random.Random, log: Path) -> int:
+    """SIGKILL the whole job (spawner and ranks) soon after its first commit, then run it
+    again to the end. Returns the step it resumed from."""
+    with open(log, "ab") as out:
+        job = subprocess.Popen(
+            [STOCKPOT, "run", str(config), f"run.dir={run_dir}"],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while newest_step(run_dir) < 2 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.3))  # in the next steps, or inside the next save
+    assert job.poll() is None, f"the run ended before the kill: {log.read_text()[-2000:]}"
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    resumed_from = newest_step(run_dir)
+    assert run(config, run_dir, log=log) == 0, log.read_text()[-3000:]
+    return resumed_from
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    return {}
+
+
+def reference(runs: dict, root: Path, model: str, parallel: str) -> Path:
+    """The uninterrupted run of a variant, made once per module."""
+    if (model, parallel) not in runs:
+        config = write_config(root / f"{model}-{parallel}.yaml", model, parallel)
+        run_dir, log = root / f"ref-{model}-{parallel}", root / f"ref-{model}-{parallel}.log"
+        assert run(config, run_dir, log=log) == 0, log.read_text()[-3000:]
+        runs[model, parallel] = run_dir
+    return runs[model, parallel]
+
+
+@pytest.fixture
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.getbasetemp() / "library-models"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    return last_per_step(read_metrics(Store(str(run_dir))), key)
+
+
+@pytest.mark.parametrize(("model", "parallel"), VARIANTS)
+def test_killed_and_resumed_ends_bit_identical(
+    model: str, parallel: str, runs: dict, root: Path, tmp_path: Path
+) -> None:
+    ref = reference(runs, root, model, parallel)
+    config = write_config(tmp_path / "run.yaml", model, parallel)
+    at = killed_then_resumed(
+        config, tmp_path / "run", random.Random(model + parallel), tmp_path / "log"
+    )
+    assert 2 <= at < STEPS
+    want, got = final_state(ref, STEPS), final_state(tmp_path / "run", STEPS)
+    assert_same(want, got)
+    assert sorted(losses(ref)) == list(range(1, STEPS + 1))
+    assert losses(tmp_path / "run") == losses(ref)
+    # eval uses BatchNorm's running statistics: every rank's must have resumed exactly
+    assert losses(tmp_path / "run", "eval/loss") == losses(ref, "eval/loss") != {}
+    if model == "gpt2":  # still one tensor: it trained as one
+        assert torch.equal(got[TIE[0]], got[TIE[1]])
+    else:  # every training forward counted once, from rank 0's buffers (int64, exact)
+        counters = [v for k, v in got.items() if k.endswith("num_batches_tracked")]
+        assert counters and all(c.dtype == torch.int64 and c.item() == STEPS for c in counters)
+
+
+@pytest.mark.parametrize(("model", "parallel"), VARIANTS)
+def test_export_loads_into_the_library_class_with_the_same_outputs(
+    model: str, parallel: str, runs: dict, root: Path, tmp_path: Path
+) -> None:
+    ref = reference(runs, root, model, parallel)
+    task = build_task(TASKS[model]["_target_"], _params(model))
+    out = tmp_path / "hf" / "model.safetensors"
+    ckpt = catalog.scan(Store(str(ref))).latest()
+    done = subprocess.run(
+        [STOCKPOT, "export", str(ref / ckpt.rel), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    exported = load_file(out)
+    trained = _restored_in_one_process(task, ref)  # 2 ranks -> 1, model and optimizer
+    own = trained.state_dict()
+    if model == "gpt2":  # written once, under its owner's name, as save_pretrained does
+        assert "lm_head.weight" not in exported and "transformer.wte.weight" in exported
+        assert trained.lm_head.weight is trained.transformer.wte.weight
+    assert exported.keys() == own.keys() - {"lm_head.weight"}
+    assert_same(exported, {k: own[k] for k in exported})
+    trained.config.save_pretrained(out.parent)
+    loaded = type(trained).from_pretrained(out.parent)
+    if model == "gpt2":
+        assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert_same(dict(loaded.state_dict()), dict(own))
+    batch = task.eval_set().batch(torch.arange(4))
+    trained.eval()
+    with torch.no_grad():
+        assert torch.equal(_logits(loaded, batch), _logits(trained, batch))
+
+
+def test_tied_model_resumes_at_another_world_size_and_init_from_keeps_the_tie(
+    runs: dict, root: Path, tmp_path: Path
+) -> None:
+    from orchestrator.runner import init_from
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference(runs, root, "gpt2", "fsdp"), run_dir)
+    config = write_config(tmp_path / "run.yaml", "gpt2", "fsdp")
+    more = (f"trainer.max_steps={STEPS + 2}", "trainer.nproc=1", "resume.allow_config_change=true")
+    assert run(config, run_dir, *more, log=tmp_path / "log") == 0
+    assert (
+        "resuming world size 1 from a checkpoint of world size 2" in (tmp_path / "log").read_text()
+    )
+    state = final_state(run_dir, STEPS + 2)
+    assert torch.equal(state[TIE[0]], state[TIE[1]])
+
+    task = build_task(TASKS["gpt2"]["_target_"], _params("gpt2"))
+    out = tmp_path / "model.safetensors"
+    ckpt = catalog.scan(Store(str(run_dir))).latest()
+    subprocess.run(
+        [STOCKPOT, "export", str(run_dir / ckpt.rel), "--out", str(out)],
+        cwd=REPO, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    fresh = task.build_model()
+    init_from(fresh, str(out), Store(str(tmp_path / "fine")))
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight
+    assert torch.equal(fresh.lm_head.weight, state[TIE[0]])
+
+
+def _params(model: str) -> dict[str, Any]:
+    return {k: v for k, v in TASKS[model].items() if k != "_target_"}
+
+
+def _restored_in_one_process(task: Any, run_dir: Path) -> torch.nn.Module:
+    from orchestrator.checkpoint.checkpointer import Checkpointer
+    from orchestrator.state import ModelAndOptimizer
+
+    torch.manual_seed(123)  # not the run's seed: everything must come from the checkpoint
+    model = task.build_model()
+    optim = torch.optim.AdamW(model.parameters(), lr=0.003, weight_decay=0.01)
+    ckpt = Checkpointer(Store(str(run_dir)))
+    ckpt.register("train", ModelAndOptimizer(model, optim))
+    assert ckpt.restore().step == STEPS
+    return model
+
+
+def _logits(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    model.eval()
+    x = batch[0]
+    return (model(pixel_values=x) if x.is_floating_point() else model(input_ids=x)).logits
