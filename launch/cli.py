@@ -84,10 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(handler=_inspect("cmd_export"))
 
-    soup = sub.add_parser("soup", help="merge committed checkpoints into a model soup")
-    soup.add_argument("config", help="YAML config file with a soup: section")
-    soup.add_argument("overrides", nargs="*", metavar="key=value")
-    soup.set_defaults(handler=_not_built("soup"))
+    from launch import soup_cmd  # argparse only: the soup engine loads when the command runs
+
+    soup_cmd.add_parser(sub)
     return parser
 
 

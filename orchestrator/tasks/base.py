@@ -44,6 +44,14 @@ class Task(Protocol):
         ...
 
 
+@runtime_checkable
+class HasTestSet(Protocol):
+    """Optional for a task: a test split, disjoint from train and eval. Soup reports score on
+    it; selection (greedy, learned) never does. `None`: this task instance has none."""
+
+    def test_set(self) -> Dataset | None: ...
+
+
 class Tensors:
     """Equal-length tensors indexed together along their first dimension (a TensorDataset)."""
 

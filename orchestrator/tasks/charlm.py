@@ -35,6 +35,7 @@ class CharLM:
         d_ff: int | None = None,
         dropout: float = 0.0,
         eval_fraction: float = 0.05,
+        test_fraction: float = 0.0,
         vocab: Literal["bytes"] = "bytes",
     ) -> None:
         for key, value in (("seq_len", seq_len), ("d_model", d_model), ("n_layers", n_layers)):
@@ -54,13 +55,21 @@ class CharLM:
             0.0 < eval_fraction < 1.0,
             f"task.eval_fraction must be in (0, 1) (got {eval_fraction!r})",
         )
+        require(
+            0.0 <= test_fraction < 1.0 - eval_fraction,
+            f"task.test_fraction must be in [0, 1 - eval_fraction) (got {test_fraction!r})",
+        )
         require(vocab == "bytes", f"task.vocab must be 'bytes' (got {vocab!r})")
         self.text_path = Path(text_path) if text_path is not None else DEFAULT_TEXT
         self.seq_len, self.d_model = seq_len, d_model
         self.n_layers, self.n_heads = n_layers, n_heads
         self.d_ff = d_ff if d_ff is not None else 4 * d_model
         self.dropout, self.eval_fraction = float(dropout), float(eval_fraction)
+        # The test part (for soup reports only) is cut from the end of the training part, so
+        # the held-out part is the same whatever test_fraction is.
+        self.test_fraction = float(test_fraction)
         self._splits: tuple[Windows, Windows] | None = None
+        self._test: Windows | None = None
 
     @property
     def name(self) -> str:
@@ -89,6 +98,12 @@ class CharLM:
 
     def eval_set(self) -> Windows:
         return self._load()[1]
+
+    def test_set(self) -> Windows | None:
+        """The test split (task.test_fraction of the file, before the held-out part); None
+        when test_fraction is 0."""
+        self._load()
+        return self._test
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         x, y = batch
@@ -119,7 +134,15 @@ class CharLM:
                 f"seq_len={self.seq_len} and eval_fraction={self.eval_fraction}: each part needs "
                 f">= {need} bytes",
             )
-            self._splits = (Windows(data[:cut], self.seq_len), Windows(data[cut:], self.seq_len))
+            test_cut = cut - int(len(data) * self.test_fraction)
+            if test_cut < cut:
+                require(
+                    min(test_cut, cut - test_cut) >= need,
+                    f"task.test_fraction={self.test_fraction} leaves a part under {need} bytes",
+                )
+                self._test = Windows(data[test_cut:cut], self.seq_len)
+            train = Windows(data[:test_cut], self.seq_len)
+            self._splits = (train, Windows(data[cut:], self.seq_len))
         return self._splits
 
 

@@ -24,6 +24,7 @@ Split = Literal["pretrain", "finetune"]
 _TEACHER, _SHIFT = 0, 1
 _STREAMS = {("pretrain", "train"): 2, ("pretrain", "eval"): 3}
 _STREAMS |= {("finetune", "train"): 4, ("finetune", "eval"): 5}
+_STREAMS |= {("pretrain", "test"): 6, ("finetune", "test"): 7}  # soup reports only
 
 
 def _generator(data_seed: int, stream: int) -> torch.Generator:
@@ -89,6 +90,10 @@ class SyntheticClassification:
 
     def eval_set(self) -> Tensors:
         return self._dataset("eval", self.n_eval)
+
+    def test_set(self) -> Tensors:
+        """A third split of n_eval samples from its own stream (the soup report's test set)."""
+        return self._dataset("test", self.n_eval)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         x, y = batch

@@ -1,0 +1,430 @@
+"""One soup, start to finish: ingredients -> pre-flight checks -> recipe -> files -> commit.
+
+    resolve the sources into ingredients (selection rules)       ingredients.py
+    open each one's tensor index; same keys, shapes, dtypes       reader.py, engine.check_layout
+    verify each against its manifest (checksums or sizes)         reader.verify
+    recipe: uniform / weighted need no model; greedy / learned    engine.py, recipes.py
+            score with the run's task (evaluate.py)
+    stream the output (sharded safetensors), then SOUP.json last  writer.py, checkpoint/commit.py
+
+Nothing is committed unless every check passed: a refusal after the files were written leaves
+only an uncommitted attempt (a temp dir locally, a nonce dir on S3), which readers ignore.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.errors import CheckpointCorrupt, UsageError
+from orchestrator.soup import engine, evaluate, recipes, writer
+from orchestrator.soup.ingredients import Ingredient, resolve
+from orchestrator.soup.reader import Source, open_source, verify
+
+if TYPE_CHECKING:
+    import torch
+
+    from orchestrator.config import SoupConfig
+    from orchestrator.storage import S3Options
+
+log = logging.getLogger(__name__)
+
+BATCH_BYTES = 16 << 20  # output tensors handed to the file writer at a time
+UNRELATED_COSINE = 0.2  # below: the weights share no starting point (see engine.Similarity)
+EVAL_RECIPES = ("greedy", "learned")
+
+
+@dataclass
+class Kitchen:
+    """What a soup is made from, after the pre-flight checks."""
+
+    cfg: SoupConfig
+    s3: S3Options | None
+    ingredients: list[Ingredient]
+    sources: list[Source]
+    out: str
+    timings: dict[str, float] = field(default_factory=dict)
+    judge: evaluate.Judge | None = None
+
+
+def prepare(sources: Sequence[str], cfg: SoupConfig, s3: S3Options | None, out: str) -> Kitchen:
+    t0 = time.perf_counter()
+    ingredients = resolve(sources, cfg, s3)
+    opened = [open_source(i, s3) for i in ingredients]
+    engine.check_layout(opened)
+    if cfg.recipe == "weighted":
+        engine.normalised(cfg.weights, len(opened))
+    kitchen = Kitchen(cfg, s3, ingredients, opened, out)
+    kitchen.timings["plan_s"] = time.perf_counter() - t0
+    return kitchen
+
+
+def dry_run(kitchen: Kitchen) -> list[str]:
+    """The ingredients chosen and why, and the bytes a real run reads."""
+    cfg = kitchen.cfg
+    lines = [f"soup {cfg.recipe} -> {kitchen.out} ({len(kitchen.ingredients)} ingredients)"]
+    for ing in kitchen.ingredients:
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(ing.metrics.items()))
+        lines.append(f"  {ing.label:>12}  {ing.url}  [{ing.why}]  {metrics}".rstrip())
+    model = kitchen.sources[0].model_bytes
+    mixer_bytes = _planned_bytes(kitchen)
+    lines.append(f"model tensors: {_mb(model)} per ingredient; the soup reads {_mb(mixer_bytes)}")
+    if cfg.verify == "checksums":
+        lines.append(f"verification reads {_mb(_verify_bytes(kitchen))} (every file, hashed)")
+    if cfg.recipe in EVAL_RECIPES:
+        lines.append(f"{cfg.recipe} also reads each ingredient whole (~{_mb(model)} each)")
+    return lines
+
+
+def _planned_bytes(kitchen: Kitchen) -> int:
+    weights = kitchen.cfg.weights if kitchen.cfg.recipe == "weighted" else None
+    names = list(kitchen.sources[0].specs)
+    mixer = engine.Mixer(kitchen.sources, weights, names)
+    try:
+        return mixer.bytes_planned()
+    finally:
+        mixer.close()
+
+
+def _verify_bytes(kitchen: Kitchen) -> int:
+    from orchestrator.checkpoint import catalog
+
+    return sum(
+        catalog.load_info(s.store).manifest.total_bytes
+        for s in kitchen.sources
+        if not s.safetensors
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+class Integrity:
+    """Every ingredient checked against its manifest in background threads, while the soup is
+    made: the wall time is the longer of the two rather than their sum, and nothing is
+    committed before `check()` says every ingredient is whole."""
+
+    def __init__(self, kitchen: Kitchen) -> None:
+        self.kitchen = kitchen
+        checksums = kitchen.cfg.verify == "checksums"
+        workers = min(kitchen.cfg.read_workers, len(kitchen.sources))
+        self.t0 = time.perf_counter()
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="soup-verify")
+        self.futures = [self.pool.submit(verify, s, checksums) for s in kitchen.sources]
+
+    def check(self) -> None:
+        """CheckpointCorrupt naming the first bad ingredient and its file."""
+        try:
+            found = [f.result() for f in self.futures]
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        for ing, problems in zip(self.kitchen.ingredients, found, strict=True):
+            if problems:
+                raise CheckpointCorrupt(
+                    f"ingredient {ing.label} ({ing.url}) is corrupt: {problems[0]}; "
+                    "refusing to soup"
+                )
+        self.kitchen.timings.setdefault("verify_s", time.perf_counter() - self.t0)
+
+
+def needs_judge(cfg: SoupConfig) -> bool:
+    return cfg.recipe in EVAL_RECIPES or cfg.report or cfg.recompute_bn
+
+
+def build_judge(kitchen: Kitchen) -> evaluate.Judge:
+    run = next((i.run for i in kitchen.ingredients if i.run), None)
+    if run is None:
+        raise UsageError(
+            f"recipe {kitchen.cfg.recipe} (or --report/--recompute-bn) needs the run's task: "
+            "name run dirs or their checkpoints, not only .safetensors files"
+        )
+    cfg = kitchen.cfg
+    return evaluate.Judge(run, kitchen.s3, cfg.metric, cfg.mode, cfg.eval_batch_size)
+
+
+# --- the recipes -------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What to write: a streamed weighted mean of `sources`, or a state already in memory."""
+
+    sources: list[Source]
+    weights: list[float] | None = None
+    state: dict[str, torch.Tensor] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    ingredient_scores: list[dict[str, float]] = field(default_factory=list)
+
+
+def choose(kitchen: Kitchen) -> Plan:
+    cfg, srcs = kitchen.cfg, kitchen.sources
+    if cfg.recipe == "uniform":
+        return Plan(srcs)
+    if cfg.recipe == "weighted":
+        weights = engine.normalised(cfg.weights, len(srcs))
+        return Plan(srcs, weights, details={"weights": weights})
+    judge = kitchen.judge
+    assert judge is not None
+    scores = score_ingredients(kitchen)
+    if cfg.recipe == "greedy":
+        g = recipes.greedy(judge, srcs, scores)
+        details = {
+            "order": [srcs[i].ingredient.label for i in g.order],
+            "chosen": [srcs[i].ingredient.label for i in g.chosen],
+            "tries": [
+                {"added": srcs[i].ingredient.label, "accepted": ok, "scores": s}
+                for i, ok, s in zip(g.order[1:], g.accepted, g.soup_scores, strict=True)
+            ],
+        }
+        return Plan([srcs[i] for i in g.chosen], None, None, details, scores)
+    got = recipes.learned(
+        judge, srcs, per_layer=cfg.per_layer, epochs=cfg.learned_epochs, lr=cfg.learned_lr,
+        max_memory_gb=cfg.max_memory_gb,
+    )  # fmt: skip
+    details = {"per_layer": cfg.per_layer, "epoch_losses": got.losses}
+    if got.weights is not None:
+        return Plan(srcs, got.weights, None, {**details, "weights": got.weights}, scores)
+    return Plan(srcs, None, got.state, {**details, "coefficients": got.per_layer}, scores)
+
+
+def score_ingredients(kitchen: Kitchen) -> list[dict[str, float]]:
+    """Each ingredient's validation (and test, for the report) scores, one model at a time;
+    scores recorded for the same checkpoint (same manifest checksum) by a sibling soup's
+    SOUP.json are reused instead of recomputed."""
+    judge = kitchen.judge
+    assert judge is not None
+    t0 = time.perf_counter()
+    want_test = kitchen.cfg.report and judge.has_test
+    cached = _cached_scores(kitchen)
+    scores = []
+    for ing, src in zip(kitchen.ingredients, kitchen.sources, strict=True):
+        got = cached.get(ing.manifest_checksum or "")
+        if (
+            got
+            and judge.metric in got
+            and (not want_test or any(k.startswith("test/") for k in got))
+        ):
+            scores.append(dict(got))
+            continue
+        state = evaluate.read_state(src)
+        got = judge.score(state)
+        if want_test:
+            got.update(judge.score(state, split="test"))
+        scores.append(got)
+    kitchen.timings["score_ingredients_s"] = time.perf_counter() - t0
+    return scores
+
+
+def _cached_scores(kitchen: Kitchen) -> dict[str, dict[str, float]]:
+    """manifest checksum -> scores, from the committed soups next to this one."""
+    parent, _ = writer.split_out(kitchen.out, kitchen.s3)
+    found: dict[str, dict[str, float]] = {}
+    try:
+        names = parent.list("")
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for name in names:
+        try:
+            record = writer.read_record(parent.child(name))
+        except (UsageError, CheckpointCorrupt, OSError):
+            continue
+        for ing in record.get("ingredients", []):
+            if ing.get("manifest_checksum") and ing.get("scores"):
+                found.setdefault(ing["manifest_checksum"], ing["scores"])
+    return found
+
+
+# --- the whole thing ---------------------------------------------------------------------------
+
+
+def cook(kitchen: Kitchen, progress: Callable[[int], object] | None = None) -> dict[str, Any]:
+    """Make the soup and commit it; returns the record written to SOUP.json."""
+    t_start = time.perf_counter()
+    rss0 = _rss_bytes()
+    integrity = Integrity(kitchen)
+    try:
+        record = _cook_checked(kitchen, progress, integrity, t_start, rss0)
+    except BaseException:
+        integrity.check()  # a corrupt ingredient explains any failure above: say that instead
+        raise
+    return record
+
+
+def _cook_checked(kitchen: Kitchen, progress: Callable[[int], object] | None,
+                  integrity: Integrity, t_start: float, rss0: int) -> dict[str, Any]:  # fmt: skip
+    from orchestrator.checkpoint.commit import commit_strategy
+
+    if needs_judge(kitchen.cfg):
+        kitchen.judge = build_judge(kitchen)
+    related: dict[str, Any] = {"method": "skipped (--allow-unrelated)"}
+    if kitchen.cfg.recipe in EVAL_RECIPES and not kitchen.cfg.allow_unrelated:
+        assert kitchen.judge is not None
+        labels = [i.label for i in kitchen.ingredients]
+        related = evaluate.check_related(kitchen.judge, kitchen.sources, labels)
+    t0 = time.perf_counter()
+    plan = choose(kitchen)
+    kitchen.timings["recipe_s"] = time.perf_counter() - t0
+    if kitchen.cfg.recompute_bn:
+        plan = _recompute_bn(kitchen, plan)
+    parent, name = writer.split_out(kitchen.out, kitchen.s3)
+    strategy = commit_strategy(parent, writer.RECORD)
+    attempt = strategy.prepare(name)
+    t0 = time.perf_counter()
+    written, mixer_info = _write(kitchen, plan, parent, attempt.write_rel, progress)
+    kitchen.timings["write_s"] = time.perf_counter() - t0
+    if kitchen.cfg.recipe not in EVAL_RECIPES and not kitchen.cfg.allow_unrelated:
+        related = _check_cosines(kitchen, mixer_info["cosines"])
+    record = _record(kitchen, plan, written, mixer_info, related, attempt.data_dir)
+    if kitchen.judge is not None:
+        record["soup_scores"] = _score_written(kitchen, parent, attempt.write_rel, written)
+    if kitchen.cfg.report:
+        from orchestrator.soup import report
+
+        png = report.plot(record, kitchen.judge.metric if kitchen.judge else "eval/loss")
+        parent.write_bytes(f"{attempt.write_rel}/{report.PNG}", png)
+        from orchestrator.checkpoint.manifest import hash_bytes
+
+        record["files"][attempt.final_name(report.PNG)] = asdict(hash_bytes(png))
+    integrity.check()
+    kitchen.timings["total_s"] = time.perf_counter() - t_start
+    record["timings"] = dict(kitchen.timings)
+    record["memory"] = {"peak_rss_bytes": _peak_rss_bytes(), "rss_at_start_bytes": rss0}
+    strategy.commit(attempt, writer.record_bytes(record))
+    return record
+
+
+def _recompute_bn(kitchen: Kitchen, plan: Plan) -> Plan:
+    judge = kitchen.judge
+    assert judge is not None
+    if not evaluate.has_batchnorm(judge):
+        log.warning("--recompute-bn: the model has no BatchNorm layer; nothing to recompute")
+        return plan
+    state = plan.state if plan.state is not None else _in_memory(plan)
+    state = judge.recompute_bn(state)
+    return Plan(plan.sources, plan.weights, state, {**plan.details, "recomputed_bn": True},
+                plan.ingredient_scores)  # fmt: skip
+
+
+def _in_memory(plan: Plan) -> dict[str, torch.Tensor]:
+    names = list(plan.sources[0].specs)
+    mixer = engine.Mixer(plan.sources, plan.weights, names)
+    try:
+        return {name: mixer.next(name) for name in names}
+    finally:
+        mixer.close()
+
+
+def _write(kitchen: Kitchen, plan: Plan, parent: Any, write_rel: str,
+           progress: Callable[[int], object] | None) -> tuple[writer.Written, dict[str, Any]]:  # fmt: skip
+    specs = kitchen.sources[0].specs
+    shards = writer.plan_shards(specs, int(kitchen.cfg.shard_mb * 1_000_000))
+    metadata = {"format": "pt", "stockpot_soup": kitchen.cfg.recipe}
+    names = [e.name for shard in shards for e in shard]
+    if plan.state is not None:
+        state = plan.state
+        written = writer.write_files(parent, write_rel, shards, state.__getitem__, metadata,
+                                     batch_bytes=BATCH_BYTES, progress=progress)  # fmt: skip
+        return written, {"cosines": {}, "ties": {}, "bytes_read": 0}
+    mixer = engine.Mixer(plan.sources, plan.weights, names, workers=kitchen.cfg.read_workers)
+    t0 = time.perf_counter()
+    try:
+        written = writer.write_files(parent, write_rel, shards, mixer.next, metadata,
+                                     batch_bytes=BATCH_BYTES, progress=progress)  # fmt: skip
+    finally:
+        mixer.close()
+    seconds = time.perf_counter() - t0
+    info = {
+        "cosines": mixer.similarity.cosines(),
+        "ties": mixer.ties,
+        "bytes_read": mixer.stats.bytes_read,
+        "pieces_read": mixer.stats.pieces,
+        "read_workers": kitchen.cfg.read_workers,
+        "mix_s": seconds,
+        "mix_mb_per_s": mixer.stats.bytes_read / 1e6 / max(seconds, 1e-9),
+    }
+    return written, info
+
+
+def _check_cosines(kitchen: Kitchen, cosines: dict[int, float]) -> dict[str, Any]:
+    labels = [i.label for i in kitchen.ingredients]
+    for i, cos in sorted(cosines.items()):
+        if cos < UNRELATED_COSINE:
+            raise UsageError(
+                f"{labels[0]} and {labels[i]} look unrelated: the cosine of their weights is "
+                f"{cos:.3f} (< {UNRELATED_COSINE}); soups need one shared starting point "
+                "(pass --allow-unrelated to soup them anyway); nothing was committed"
+            )
+    return {"method": "weight cosine to the first ingredient", "threshold": UNRELATED_COSINE,
+            "cosines": {labels[i]: c for i, c in sorted(cosines.items())}}  # fmt: skip
+
+
+def _score_written(kitchen: Kitchen, parent: Any, write_rel: str,
+                   written: writer.Written) -> dict[str, float]:  # fmt: skip
+    """Scores of the soup exactly as written (read back before the commit)."""
+    from safetensors.torch import load
+
+    judge = kitchen.judge
+    assert judge is not None
+    state: dict[str, torch.Tensor] = {}
+    for shard in written.shards:
+        state.update(load(parent.read_bytes(f"{write_rel}/{shard}")))
+    scores = judge.score(state)
+    if judge.has_test:
+        scores.update(judge.score(state, split="test"))
+    return scores
+
+
+def _record(kitchen: Kitchen, plan: Plan, written: writer.Written, info: dict[str, Any],
+            related: dict[str, Any], data_dir: str) -> dict[str, Any]:  # fmt: skip
+    from orchestrator.checkpoint.manifest import library_versions
+
+    cfg = kitchen.cfg
+    chosen = {id(s) for s in plan.sources}
+    ingredients = []
+    for k, (ing, src) in enumerate(zip(kitchen.ingredients, kitchen.sources, strict=True)):
+        entry = {
+            "path": ing.url, "kind": ing.kind, "step": ing.step, "run": ing.run,
+            "manifest_checksum": ing.manifest_checksum, "why": ing.why,
+            "metrics": dict(ing.metrics), "in_soup": id(src) in chosen,
+        }  # fmt: skip
+        if plan.ingredient_scores:
+            entry["scores"] = plan.ingredient_scores[k]
+        ingredients.append(entry)
+    files = {(f"{data_dir}/{n}" if data_dir else n): asdict(e) for n, e in written.files.items()}
+    params = {k: v for k, v in asdict(cfg).items() if k not in ("enabled",)}
+    return {
+        "recipe": cfg.recipe,
+        "params": params,
+        "details": plan.details,
+        "ingredients": ingredients,
+        "related_check": related,
+        "tied": {k: v for k, v in info.get("ties", {}).items()},
+        "reading": {k: v for k, v in info.items() if k not in ("cosines", "ties")},
+        "shards": written.shards,
+        "index": writer.INDEX if len(written.shards) > 1 else None,
+        "data_dir": data_dir,
+        "files": files,
+        "nbytes": written.nbytes,
+        "versions": library_versions(),
+        "created_at": time.time(),
+        "command": sys.argv,
+    }
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
+def _peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -1,0 +1,194 @@
+"""The soup's output: sharded safetensors (+ index) and SOUP.json, committed as one directory.
+
+    <out>/model.safetensors                    one file when the soup is <= shard_bytes
+    <out>/model-00001-of-00003.safetensors     else shards, and
+    <out>/model.safetensors.index.json         Hugging Face's index: {metadata, weight_map}
+    <out>/SOUP.json                            the record, written LAST (commit.py): recipe,
+                                               ingredients, scores, files with checksums
+
+On S3 the files sit under a nonce sub-directory named by SOUP.json's `data_dir`, and the
+record is one create-only PUT (see orchestrator.checkpoint.commit). `load_soup` reads a
+committed soup back; `write_checkpoint` turns one into a committed stockpot checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.checkpoint.export import TensorEntry, safetensors_header, write_safetensors
+from orchestrator.checkpoint.manifest import FileEntry, Hasher
+from orchestrator.errors import CheckpointCorrupt, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from orchestrator.soup.reader import TensorSpec
+    from orchestrator.storage import S3Options, Store
+
+RECORD = "SOUP.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+FORMAT = "stockpot.soup"
+
+
+@dataclass(frozen=True)
+class Written:
+    files: dict[str, FileEntry]  # name relative to the out dir -> size, checksum
+    shards: list[str]
+    nbytes: int
+
+
+class _HashingFile:
+    """Passes writes to `raw` and hashes them, so the record's checksums cost no re-read."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.hasher = raw, Hasher()
+
+    def write(self, data: Any) -> int:
+        self.hasher.update(data)
+        self.raw.write(data)
+        return memoryview(data).nbytes
+
+
+def split_out(url: str, s3: S3Options | None) -> tuple[Store, str]:
+    """(the store of the out dir's parent, the out dir's name)."""
+    from orchestrator.storage import Store
+
+    trimmed = url.rstrip("/")
+    parent, _, name = trimmed.rpartition("/")
+    if not name or name in (".", ".."):
+        raise UsageError(f"--out must name a directory, e.g. runs/demo/soups/uniform (got {url!r})")
+    if not parent and not trimmed.startswith("s3://"):
+        parent = "."
+    return Store(parent, s3), name
+
+
+def plan_shards(specs: Mapping[str, TensorSpec], shard_bytes: int) -> list[list[TensorEntry]]:
+    """The output tensors in file order, split into consecutive shards of <= shard_bytes."""
+    from orchestrator.checkpoint.export import DTYPE_CODES
+
+    entries = []
+    for name, spec in specs.items():
+        dtype = str(spec.dtype).removeprefix("torch.")
+        if dtype not in DTYPE_CODES:
+            raise UsageError(f"{name} has dtype {dtype}, which safetensors cannot hold")
+        entries.append(TensorEntry(name, name, dtype, spec.shape, spec.dtype.itemsize))
+    _, ordered = safetensors_header(entries, {})
+    shards: list[list[TensorEntry]] = [[]]
+    size = 0
+    for e in ordered:
+        if shards[-1] and size + e.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_files(
+    store: Store,
+    write_rel: str,
+    shards: Sequence[Sequence[TensorEntry]],
+    next_tensor: Callable[[str], torch.Tensor],
+    metadata: Mapping[str, str],
+    *,
+    batch_bytes: int,
+    progress: Callable[[int], object] | None = None,
+) -> Written:
+    """Stream every shard (tensors from `next_tensor`, in file order) and the index."""
+    names = shard_names(len(shards))
+    files: dict[str, FileEntry] = {}
+    weight_map: dict[str, str] = {}
+    for fname, entries in zip(names, shards, strict=True):
+        with store.open_write(f"{write_rel}/{fname}") as raw:
+            f = _HashingFile(raw)
+            write_safetensors(
+                f,
+                entries,
+                lambda batch: {e.key: next_tensor(e.name) for e in batch},
+                metadata,
+                batch_bytes=batch_bytes,
+                progress=progress,
+            )
+        files[fname] = f.hasher.entry()
+        weight_map.update({e.name: fname for e in entries})
+    total = sum(e.nbytes for entries in shards for e in entries)
+    if len(names) > 1:
+        body = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        raw_index = (json.dumps(body, indent=1) + "\n").encode()
+        store.write_bytes(f"{write_rel}/{INDEX}", raw_index)
+        from orchestrator.checkpoint.manifest import hash_bytes
+
+        files[INDEX] = hash_bytes(raw_index)
+    return Written(files, names, total)
+
+
+def record_bytes(record: Mapping[str, Any]) -> bytes:
+    return (json.dumps({"format": FORMAT, **record}, indent=1, default=str) + "\n").encode()
+
+
+def read_record(out: Store) -> dict[str, Any]:
+    """A committed soup's SOUP.json (UsageError if `out` is not one)."""
+    try:
+        raw = out.read_bytes(RECORD)
+    except FileNotFoundError:
+        raise UsageError(f"{out.path()} is not a committed soup (no {RECORD})") from None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise CheckpointCorrupt(f"{out.path(RECORD)}: does not parse") from None
+    if body.get("format") != FORMAT:
+        raise CheckpointCorrupt(f"{out.path(RECORD)}: not a soup record")
+    return dict(body)
+
+
+def load_soup(out: Store) -> dict[str, torch.Tensor]:
+    """Every tensor of a committed soup, in memory (the checkpoint writer and tests use it)."""
+    from safetensors.torch import load
+
+    record = read_record(out)
+    data = record.get("data_dir", "")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in record["shards"]:
+        tensors.update(load(out.read_bytes(f"{data}/{name}" if data else name)))
+    return tensors
+
+
+class _ModelOnly:
+    """A Stateful holding plain-named tensors as `<registered name>.model.<param>`."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.tensors}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tensors = dict(state["model"])
+
+
+def write_checkpoint(out: Store, run_url: str, step: int, s3: S3Options | None,
+                     metrics: Mapping[str, float]) -> str:  # fmt: skip
+    """Write the committed soup at `out` as a committed stockpot checkpoint (model only) of
+    the run dir `run_url`, at `step`; returns its path. Holds the model in memory once."""
+    from orchestrator.checkpoint.checkpointer import Checkpointer
+    from orchestrator.checkpoint.layout import step_rel
+    from orchestrator.storage import Store
+
+    run = Store(run_url, s3)
+    if run.exists(f"{step_rel(step)}/MANIFEST.json"):
+        raise UsageError(f"{run.path(step_rel(step))} is already committed; choose another dir")
+    ckpt = Checkpointer(run)
+    ckpt.register("train", _ModelOnly(load_soup(out)))
+    ckpt.save(step, metrics=dict(metrics))
+    ckpt.close()
+    return run.path(step_rel(step))
