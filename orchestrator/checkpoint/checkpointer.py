@@ -96,9 +96,8 @@ class Checkpointer:
         config_hash: str = "",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`before_save` runs at the start of every save, so what it writes is durable before
-        that checkpoint commits (the metrics lines of the steps it covers: a resume from it
-        never runs those steps again, so a kill in between would lose their lines)."""
+        """`before_save` runs first in every save: what it writes (the metrics lines of the
+        steps the checkpoint covers, which a resume never runs again) is durable by the commit."""
         self.run = run
         self.policy = policy or RetentionPolicy()
         self.schedule = schedule or SaveSchedule()
@@ -120,7 +119,7 @@ class Checkpointer:
         # The step whose state was last saved or restored (a fresh start, step 0, needs no
         # save), and when: what the schedule and `save_final` go by.
         self._saved_step, self._saved_time = 0, clock()
-        self.last_save_s: float | None = None
+        self.last_save_s: float | None = None  # stage to commit, of the newest commit
 
     # -- registration ---------------------------------------------------------------------
 
