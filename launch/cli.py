@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_overrides(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=5.0,
+        metavar="SECONDS",
+        help="redraw every SECONDS (default 5) until Ctrl-C",
+    )
     status.set_defaults(handler=_inspect("cmd_status"))
 
     verify = sub.add_parser("verify", help="check sizes and checksums (exit 3 if bad)")
@@ -87,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     from launch import soup_cmd  # argparse only: the soup engine loads when the command runs
 
     soup_cmd.add_parser(sub)
+    from launch import plot, scaffold  # argparse only: matplotlib loads when `plot` runs
+
+    plot.add_parser(sub)
+    scaffold.add_parser(sub)
     return parser
 
 

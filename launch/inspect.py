@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -66,13 +67,27 @@ def _name_of(store: Store) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from orchestrator.checkpoint import catalog
+    from launch import status_view  # the human view and --watch
 
     run = _check_run(open_target(args.run_dir, args.overrides))
+    if args.json:
+        print(json.dumps(_report(run), indent=1))
+        return 0
+
+    def frame() -> str:
+        report = _report(run)
+        report["progress"] = status_view.run_progress(run)
+        return status_view.render(format_status(run.path(), report), report, time.time())
+
+    return status_view.show(frame, watch_every=args.watch)
+
+
+def _report(run: Store) -> dict[str, Any]:
+    from orchestrator.checkpoint import catalog
+
     report = status_report(run, catalog.scan(run))
     report.update(activity_report(run))
-    print(json.dumps(report, indent=1) if args.json else format_status(run.path(), report))
-    return 0
+    return report
 
 
 def _check_run(run: Store) -> Store:

@@ -17,7 +17,7 @@ import os
 import tempfile
 from typing import Any
 
-from orchestrator.storage import Store, is_s3_url
+from orchestrator.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,9 @@ class TensorBoardWriter:
         from torch.utils.tensorboard import SummaryWriter  # lazy: pulls tensorboard + protobuf
 
         self.run = run
-        self._remote = is_s3_url(run.url)
-        self.local_dir = (
-            tempfile.mkdtemp(prefix="stockpot-tb-") if self._remote else run.path(TB_DIR)
-        )
+        local = run.local_path(TB_DIR)
+        self._remote = local is None  # an object store: write here, upload at each flush
+        self.local_dir = local or tempfile.mkdtemp(prefix="stockpot-tb-")
         # flush_secs: a killed run keeps what it logged up to ~10 s before the kill; what is
         # lost is re-trained after the resume anyway.
         self._writer = SummaryWriter(self.local_dir, purge_step=purge_step, flush_secs=10)

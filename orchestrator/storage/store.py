@@ -67,6 +67,11 @@ class Store:
         rel = _clean_rel(rel)
         return f"{self.url}/{rel}" if rel else self.url
 
+    def local_path(self, rel: str = "") -> str | None:
+        """`rel` as a path on this machine, for libraries that only write local files
+        (TensorBoard's writer); None where the store is not a local filesystem (S3)."""
+        return None if self.is_s3 else self.path(rel)
+
     def storage_options(self) -> dict[str, Any]:
         """fsspec kwargs for this store (no secrets), with botocore retries per request."""
         return self._backend.storage_options()

@@ -1,0 +1,1 @@
+"""Files `stockpot init` copies into a new project (launch/scaffold.py)."""

@@ -1,0 +1,110 @@
+"""`stockpot status RUN` (the human view) and `--watch`, on a real run stopped by a signal and
+resumed; the speed/ETA/cause rules on their own."""
+
+from __future__ import annotations
+
+import os
+import pty
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from launch.status_view import CLEAR, progress_report, restart_causes
+from tests import runs
+from tests.runs import REPO, STOCKPOT
+
+ARGS = [
+    "configs/demo.yaml", "trainer.max_steps=30", "trainer.log_every=1", "trainer.eval_every=10",
+    "checkpoint.every_steps=5", *runs.SMALL_DATA,
+]  # fmt: skip
+
+
+def status(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [STOCKPOT, "status", *argv], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_status_of_a_stopped_then_resumed_run(tmp_path: Path) -> None:
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    with open(log, "ab") as out:
+        job = subprocess.Popen(
+            [STOCKPOT, "run", *ARGS, f"run.dir={run_dir}"], cwd=REPO, stdout=out, stderr=out
+        )
+    runs.wait_until(lambda: runs.newest_step(run_dir) >= 10, "a commit at step 10", 240)
+    job.send_signal(signal.SIGUSR2)  # as Slurm does before a time limit
+    assert job.wait(timeout=120) == 75, log.read_text()[-2000:]
+    stopped = status(str(run_dir))
+    assert stopped.returncode == 0, stopped.stderr
+    text = stopped.stdout
+    assert "/30 [" in text and "step/s" in text and "ETA" in text, text
+    assert "resumes by cause: none" in text and "newest commit: step" in text, text
+
+    assert runs.stockpot_run([*ARGS, f"run.dir={run_dir}"], log=log) == 0
+    done = status(str(run_dir)).stdout
+    assert "step 30/30 [" + "#" * 30 + "] 100%" in done and "done" in done, done
+    assert "resumes by cause: 1 stopped by a signal" in done, done
+    assert "newest commit: step 30" in done, done
+
+    _watch_piped_prints_plain_frames(run_dir)
+    _watch_on_a_tty_clears_the_screen(run_dir)
+
+
+def _watch_piped_prints_plain_frames(run_dir: Path) -> None:
+    watch = subprocess.Popen(
+        [STOCKPOT, "status", str(run_dir), "--watch", "0.3"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(4)
+    watch.send_signal(signal.SIGINT)
+    out, err = watch.communicate(timeout=30)
+    assert watch.returncode == 0, err
+    assert out.count("step 30/30") >= 2, out  # redrawn
+    assert "\x1b" not in out  # no escape codes when not a terminal
+
+
+def _watch_on_a_tty_clears_the_screen(run_dir: Path) -> None:
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stockpot on a terminal
+        os.chdir(REPO)
+        os.execv(STOCKPOT, [STOCKPOT, "status", str(run_dir), "--watch", "0.3"])
+    seen = b""
+    deadline = time.monotonic() + 60
+    while seen.count(CLEAR.encode()) < 2 and time.monotonic() < deadline:
+        try:
+            seen += os.read(fd, 65536)
+        except OSError:
+            break
+    os.kill(pid, signal.SIGINT)
+    os.waitpid(pid, 0)
+    os.close(fd)
+    assert seen.count(CLEAR.encode()) >= 2, seen[-2000:]
+    assert b"Ctrl-C to stop" in seen
+
+
+def _line(step: int, t: float, **extra: object) -> dict[str, object]:
+    return {"step": step, "time": t, **extra}
+
+
+def test_speed_and_eta_come_from_the_current_life() -> None:
+    records = [_line(s, 100.0 + s, loss=1.0) for s in range(1, 11)]  # 1 step/s
+    records.append(_line(5, 500.0, event="resumed", resumes=1))
+    records += [_line(s, 500.0 + (s - 5) / 4, loss=1.0) for s in range(6, 14)]  # 4 step/s
+    p = progress_report(records, {"trainer": {"max_steps": 33}}, now=510.0)
+    assert p["step"] == 13 and p["max_steps"] == 33
+    assert abs(p["steps_per_s"] - 4.0) < 1e-9 and abs(p["eta_s"] - 5.0) < 1e-9
+    assert p["restarts"] == {"crash": 1}
+
+
+def test_a_stop_near_the_time_limit_is_a_time_out_else_a_preemption() -> None:
+    slurm = {"kind": "slurm", "timeout_min": 60}  # time-outs from 48 min on (submitit's rule)
+    records = [
+        _line(10, 1.0, event="stopped", signal="SIGUSR2", uptime_s=50 * 60),
+        _line(10, 2.0, event="resumed", resumes=1),
+        _line(20, 3.0, event="stopped", signal="SIGUSR2", uptime_s=5 * 60),
+        _line(20, 4.0, event="resumed", resumes=2),
+        _line(25, 5.0, event="resumed", resumes=3),  # no save before it: killed
+    ]
+    assert restart_causes(records, slurm) == {"preemption": 1, "time-out": 1, "crash": 1}
+    assert restart_causes(records, {"kind": "local"}) == {"signal": 2, "crash": 1}
