@@ -120,8 +120,9 @@ def _log_progress(
     (loss_sum,) = dist.all_reduce_sum([float(loss)])
     mean = loss_sum / dist.world_size()
     lr = float(run.scheduler.get_last_lr()[0])
-    run.metrics.record(step, {"loss": mean, "lr": lr})
     rate = window.rate(step)
+    step_s = 1 / rate if rate > 0 else math.inf  # seconds per step: a TensorBoard curve
+    run.metrics.record(step, {"loss": mean, "lr": lr, "time/step_s": step_s})
     eta = (trainer.max_steps - step) / rate if rate > 0 else math.inf
     log.info(
         "step %d/%d loss %.4f lr %.3g %.1f step/s ETA %s",
@@ -170,6 +171,8 @@ def _stop(run: TrainingRun, latest: dict[str, float]) -> Outcome:
     step = run.progress.step
     t0 = time.monotonic()
     run.ckpt.save_final(step, latest)
+    run.metrics.stopped(step, run.stop.signal_name)
+    run.metrics.flush()  # the commit's own line (and TensorBoard's events) before exiting
     since_signal = time.monotonic() - (run.stop.received_at or t0)
     log.warning(
         "stop requested (%s): step %d committed %.2f s after the signal; run again to resume",

@@ -102,6 +102,7 @@ def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> TrainingRun
         # Metrics first: once a checkpoint commits, a resume never re-runs its steps, so their
         # lines must already be durable (a kill in between would lose them).
         before_save=metrics.flush,
+        on_commit=metrics.commit,
         async_save=cfg.checkpoint.async_save,
         verify_checksums=cfg.checkpoint.verify_checksums,
         parallel=cfg.trainer.parallel,
@@ -116,8 +117,7 @@ def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> TrainingRun
     _resume_or_start(cfg, ckpt, progress, sampler, env)
     if env.is_leader:
         store.write_bytes("config.yaml", to_yaml(cfg).encode())
-    if progress.resumes:
-        metrics.record(progress.step, {}, event="resumed", resumes=progress.resumes)
+    metrics.start(progress.step, progress.resumes, tensorboard=cfg.logging.tensorboard)
     return TrainingRun(
         env=env,
         device=device,
