@@ -2,7 +2,8 @@
 
 Same task, model, DDP, AdamW + warmup/cosine schedule, sampler and batch size as
 `configs/demo.yaml`, with nothing else: no checkpoints, no metrics, no stop checks.
-Rank 0 prints {"steps_per_s": ...} measured after a warm-up.
+Rank 0 prints {"steps_per_s": ...} measured from step `trainer.log_every` to the end: the
+span `stockpot run`'s rate is read from (its first and last progress lines).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from orchestrator.optim import build_optimizer, build_scheduler
 from orchestrator.tasks import build_task
 from orchestrator.worker import exit_now
 
-WARMUP = 20
-
 
 def main(config: str, overrides: list[str]) -> None:
     cfg = load(config, overrides)
@@ -36,14 +35,15 @@ def main(config: str, overrides: list[str]) -> None:
     sched = build_scheduler(optim, cfg.scheduler, lambda: cfg.trainer.max_steps)
     data = task.train_set()
     sampler = ResumableSampler(len(data), cfg.trainer.batch_size, rank, world, cfg.run.seed)
+    warmup = cfg.trainer.log_every
     for step in range(cfg.trainer.max_steps):
-        if step == WARMUP:
+        if step == warmup:
             t0 = time.perf_counter()
         task.loss(model, data.batch(sampler.next_indices())).backward()
         optim.step()
         sched.step()
         optim.zero_grad(set_to_none=True)
-    rate = (cfg.trainer.max_steps - WARMUP) / (time.perf_counter() - t0)
+    rate = (cfg.trainer.max_steps - warmup) / (time.perf_counter() - t0)
     if rank == 0:
         print(json.dumps({"steps_per_s": rate}), flush=True)
     dist.barrier()

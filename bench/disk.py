@@ -37,7 +37,7 @@ def nbytes(state: Any) -> int:
 def _raw_bytes(t: torch.Tensor) -> memoryview:
     # The tensor's memory as bytes, whatever its dtype (numpy has no bfloat16).
     flat = t.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def raw_write(path: Path, state: Any) -> float:

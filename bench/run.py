@@ -1,101 +1,116 @@
-"""`make bench`: speed figures as ratios against a baseline measured in the same run.
+"""`make bench`: every speed figure as a ratio against a baseline measured in the same run.
 
-The machines are noisy (2-4x swings), so variants are interleaved and each is the median of
-several runs; read the ratios, not the absolute numbers.
+    python -m bench.run                      # quick: ~300 MB of state, 3 repeats
+    python -m bench.run --full               # ~1 GB of state, 5 repeats
+    python -m bench.run --d-model 768 --n-layers 6 --repeats 4 --only save,load
+    python -m bench.run --readme             # also rewrite README.md's Performance block
 
-1. Loop overhead: steps/s of `stockpot run` on the demo (2 ranks, DDP) against a hand-written
-   bare loop with no checkpointing, with checkpoints off and with one every 50 steps.
-2. Save stall: how long a 2-rank save of a CharLM with AdamW state blocks training, sync vs
-   async (async blocks only while staging to host memory).
+Sections (bench/<name>.py): save (sync vs raw write, torch.save, dcp.save; async stall, step
+time and background throughput), load (restore vs raw read; resume start-up), s3 (moto_server:
+throughput vs put_file; requests per save and restore), loop (overhead vs a bare loop), soup.
+Writes bench/results.json, bench/results.md and bench/results.png. A section that fails
+becomes a "not measured" row saying why; the others still run.
 """
 
 from __future__ import annotations
 
-import json
-import statistics
-import subprocess
+import argparse
+import dataclasses
+import shutil
 import sys
 import tempfile
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from launch.local import free_port
+from bench import load, loop, report, s3, save, soup
+from bench.common import REPO, Row, Sizes
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-REPEATS = 3
-DEMO = ["trainer.max_steps=300", "trainer.log_every=20", "trainer.eval_every=null"]
-
-
-def ranks(argv: list[str], nproc: int = 2) -> list[dict]:
-    """Run `argv` as nproc ranks; the JSON lines rank 0 printed."""
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                         env={"RANK": str(r), "WORLD_SIZE": str(nproc), "MASTER_PORT": port,
-                              "MASTER_ADDR": "127.0.0.1", "PATH": "/usr/bin:/bin",
-                              "PYTHONPATH": str(REPO)})
-        for r in range(nproc)
-    ]  # fmt: skip
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    return [json.loads(line) for line in outs[0].splitlines() if line.startswith("{")]
+SECTIONS = ("save", "load", "s3", "loop", "soup")
+# What each section measures, for its "not measured" row.
+FIGURES = {
+    "save": "sync/async save against the raw write",
+    "load": "restore and resume against the raw read",
+    "s3": "S3 throughput and request counts",
+    "loop": "loop overhead against a bare loop",
+    "soup": "soup engine peak RSS and throughput",
+}
 
 
-def stockpot_rate(overrides: list[str]) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [PY, "-m", "launch", "run", "configs/demo.yaml", f"run.dir={tmp}", *DEMO, *overrides],
-            cwd=REPO,
-            check=True,
-            capture_output=True,
-        )
-        lines = [json.loads(x) for x in Path(tmp, "metrics.jsonl").read_text().splitlines()]
-    timed = [x for x in lines if "loss" in x]
-    first, last = timed[0], timed[-1]
-    return (last["step"] - first["step"]) / (last["time"] - first["time"])
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n")[0])
+    p.add_argument("--full", action="store_true", help="~1 GB of training state, 5 repeats")
+    p.add_argument("--d-model", type=int, help="CharLM width of the saved state")
+    p.add_argument("--n-layers", type=int, help="CharLM depth of the saved state")
+    p.add_argument("--repeats", type=int, help="interleaved repeats per figure (median)")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    p.add_argument("--dir", help="scratch dir on the disk to measure (default: the temp dir)")
+    p.add_argument("--out", default=str(REPO / "bench"), help="where results.* are written")
+    p.add_argument("--readme", action="store_true", help="rewrite README.md's bench block")
+    args = p.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(SECTIONS)
+    if unknown:
+        p.error(f"--only: unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")
+    return args
 
 
-def loop_overhead() -> None:
-    rates: dict[str, list[float]] = {"bare loop": [], "stockpot, no checkpoints": [],
-                                     "stockpot, checkpoint every 50 steps": []}  # fmt: skip
-    for _ in range(REPEATS):
-        rates["bare loop"] += [
-            ranks([PY, "-m", "bench.bare_loop", "configs/demo.yaml", *DEMO])[0]["steps_per_s"]
-        ]
-        rates["stockpot, no checkpoints"] += [stockpot_rate(["checkpoint.every_steps=null"])]
-        rates["stockpot, checkpoint every 50 steps"] += [
-            stockpot_rate(["checkpoint.every_steps=50"])
-        ]
-    base = statistics.median(rates["bare loop"])
-    print(f"\n== loop overhead: demo, 2 ranks, DDP (median of {REPEATS}, steps/s) ==")
-    for name, values in rates.items():
-        med = statistics.median(values)
-        print(f"{name:38s} {med:7.1f} steps/s   step time x{base / med:.2f} of the bare loop")
+def sizes_from(args: argparse.Namespace) -> Sizes:
+    base = Sizes.full() if args.full else Sizes.quick()
+    given = {"d_model": args.d_model, "n_layers": args.n_layers, "repeats": args.repeats}
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
-def save_stall(d_model: int = 512, n_layers: int = 8) -> None:
-    out: dict[str, list[dict]] = {"sync": [], "async": []}
-    for _ in range(REPEATS):
-        for mode in ("sync", "async"):
-            with tempfile.TemporaryDirectory() as tmp:
-                saves = ranks(
-                    [PY, "-m", "bench.ckpt_worker", tmp, mode, "3", str(d_model), str(n_layers)]
-                )
-                out[mode] += saves[1:]  # steady state: the first save also allocates buffers
-    size = out["sync"][0]["bytes"] / 1e6
-    print(
-        f"\n== save stall: CharLM d_model={d_model} n_layers={n_layers}, {size:.0f} MB with AdamW, "
-        f"2 ranks (median of {len(out['sync'])}) =="
-    )
-    sync_block = statistics.median(r["blocked_s"] for r in out["sync"])
-    for mode in ("sync", "async"):
-        blocked = statistics.median(r["blocked_s"] for r in out[mode])
-        total = statistics.median(r["total_s"] for r in out[mode])
-        print(
-            f"{mode:6s} training blocked {blocked:6.3f} s (x{blocked / sync_block:.2f} of sync), "
-            f"committed after {total:6.3f} s"
-        )
+def sections(
+    sizes: Sizes, work: Path, details: dict[str, Any], full: bool
+) -> dict[str, Callable[[], list[Row]]]:
+    return {
+        "save": lambda: save.measure(sizes, work, details),
+        "load": lambda: load.measure(sizes, work),
+        "s3": lambda: s3.measure(sizes, work),
+        "loop": lambda: loop.measure(sizes),
+        "soup": lambda: soup.measure(sizes, work, (2, 4, 8) if full else (2, 4)),
+    }  # fmt: skip
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    sizes = sizes_from(args)
+    work = Path(tempfile.mkdtemp(prefix="stockpot-bench-", dir=args.dir))
+    details: dict[str, Any] = {}
+    started = time.time()
+    meta: dict[str, Any] = {"mode": "full" if args.full else "quick", "sizes": dataclasses.asdict(sizes),
+            "commit": report.commit(), "unix_time": started,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": report.machine(work)}  # fmt: skip
+    rows: list[Row] = []
+    try:
+        for name, measure in sections(sizes, work, details, args.full).items():
+            if name not in args.only.split(","):
+                continue
+            t0 = time.perf_counter()
+            print(f"== {name} ...", file=sys.stderr, flush=True)
+            try:
+                got = measure()
+            except Exception as exc:  # one broken section must not hide the others' figures
+                traceback.print_exc()
+                got = [Row(FIGURES[name], None, "-", False, note=f"failed: {str(exc)[:200]}")]
+            rows += got
+            print(report.table(got).split("\n", 2)[2], file=sys.stderr)
+            print(f"   {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    meta["seconds"] = round(time.time() - started, 1)
+    out = Path(args.out)
+    report.write_json(out / "results.json", rows, meta)
+    (out / "results.md").write_text(report.table(rows) + "\n")
+    png = report.chart(out / "results.png", details)
+    print(report.table(rows))
+    if args.readme:
+        report.update_readme(REPO / "README.md", rows, meta, "bench/results.png" if png else None)
+    return 0
 
 
 if __name__ == "__main__":
-    loop_overhead()
-    save_stall()
+    sys.exit(main(sys.argv[1:]))

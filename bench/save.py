@@ -89,7 +89,7 @@ def async_phase(trainee: Trainee, args: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         ckpt.save(r + 2)
         stall = max(dist.all_gather_objects(time.perf_counter() - t0))
-        during = []
+        during: list[float] = []
         while not dist.agree(ckpt.last_save_s is not None) and len(during) < MAX_STEPS_DURING:
             during.append(_timed_step(trainee))
         ckpt.wait()
@@ -111,7 +111,7 @@ def _gbps(nbytes_: int, seconds: float) -> str:
     return f"{nbytes_ / seconds / 1e9:.2f} GB/s"
 
 
-def measure(sizes: Sizes, work: Path) -> list[Row]:
+def measure(sizes: Sizes, work: Path, details: dict[str, Any]) -> list[Row]:
     args = {"d_model": sizes.d_model, "n_layers": sizes.n_layers, "repeats": sizes.repeats,
             "work": str(work)}  # fmt: skip
     sync = ranks("bench.worker", ["save", json.dumps(args)])
@@ -130,11 +130,18 @@ def measure(sizes: Sizes, work: Path) -> list[Row]:
         ratio_row("sync save speed / plain dcp.save (x faster)", median([d / s for _, s, _, d in per]),
                   "> 1", at_least=1.0 + 1e-9, note=f"dcp.save {_gbps(size, median(by['dcp.save']))}"),
     ]  # fmt: skip
-    return rows + _async_rows(ranks("bench.worker", ["async", json.dumps(args)]), mb)
+    med = {name: median(values) for name, values in by.items()}
+    details["save"] = {"mb": size / 1e6, "raw_s": med["raw"], "stockpot_s": med["stockpot"],
+                       "raw_gbps": size / med["raw"] / 1e9, "stockpot_gbps": size / med["stockpot"] / 1e9,
+                       "torch_gbps": size / med["torch.save"] / 1e9, "dcp_gbps": size / med["dcp.save"] / 1e9}  # fmt: skip
+    lines = ranks("bench.worker", ["async", json.dumps(args)])
+    return rows + _async_rows(lines, mb, details["save"])
 
 
-def _async_rows(lines: list[dict[str, Any]], mb: str) -> list[Row]:
+def _async_rows(lines: list[dict[str, Any]], mb: str, details: dict[str, Any]) -> list[Row]:
     size = lines[0]["bytes"]
+    details["stall_s"] = median([x["stall_s"] for x in lines])
+    details["background_gbps"] = size / median([x["background_s"] for x in lines]) / 1e9
     stall = median([x["stall_s"] / x["raw_s"] for x in lines])
     steps = [x["during_step_s"] / x["base_step_s"] for x in lines if x["during_step_s"]]
     background = median([x["raw_s"] / x["background_s"] for x in lines])

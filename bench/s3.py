@@ -1,0 +1,186 @@
+"""S3 on a real endpoint (moto_server; a correctness server, not a speed reference): save
+throughput against one s3fs `put_file` of the same bytes, and the HTTP requests a save and a
+resume make, counted at a proxy (tests/fixtures/s3.py's FaultProxy, forwarding everything).
+
+Requests are split per save by marks: after each save every rank meets at a barrier and rank 0
+sends `GET /__bench_mark__/NAME` through the same proxy, so the log reads save | mark | save ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, Row, Sizes, median, ranks, ratio_row
+from bench.disk import nbytes, raw_write
+from bench.worker import Trainee, emit, timed
+from orchestrator import dist
+from orchestrator.checkpoint.checkpointer import Checkpointer
+from orchestrator.checkpoint.retention import RetentionPolicy
+from orchestrator.state import ModelAndOptimizer
+from orchestrator.storage import S3Options, Store
+from tests.fixtures.s3 import FAKE_KEY, REGION, FaultProxy, _free_port, _stop, _wait_until_up
+
+MARK = "__bench_mark__"
+AWS_ENV = {"AWS_ACCESS_KEY_ID": FAKE_KEY, "AWS_SECRET_ACCESS_KEY": FAKE_KEY,
+           "AWS_DEFAULT_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+
+
+@contextlib.contextmanager
+def moto_server(log: Path) -> Iterator[str]:
+    """A moto_server process on a free port; yields its URL."""
+    url = f"http://127.0.0.1:{_free_port()}"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
+             url.rsplit(":", 1)[1]], stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+        )  # fmt: skip
+    try:
+        _wait_until_up(url, proc, 30.0)
+        yield url
+    finally:
+        _stop(proc)
+
+
+def make_bucket(endpoint: str) -> str:
+    import boto3
+
+    name = f"bench-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name=REGION, aws_access_key_id=FAKE_KEY,
+                 aws_secret_access_key=FAKE_KEY).create_bucket(Bucket=name)  # fmt: skip
+    return name
+
+
+def _checkpointer(args: dict[str, Any], trainee: Trainee, keep: int) -> Checkpointer:
+    store = Store(f"s3://{args['bucket']}/run", S3Options(endpoint_url=args["endpoint"]))
+    ckpt = Checkpointer(store, policy=RetentionPolicy(keep_last=keep))
+    ckpt.register("train", ModelAndOptimizer(trainee.model, trainee.optim))
+    return ckpt
+
+
+# -- rank side ---------------------------------------------------------------------------------
+
+
+def save_phase(trainee: Trainee, args: dict[str, Any]) -> None:
+    """Sync saves to S3 alternating with one put_file of the same bytes from rank 0."""
+    ckpt = _checkpointer(args, trainee, keep=1)
+    local = Path(args["work"]) / "s3raw.bin"
+    if dist.rank() == 0:
+        raw_write(local, trainee.state())
+    fs = ckpt.run.fsspec_filesystem()
+    size = nbytes(trainee.state())
+
+    def put() -> None:
+        if dist.rank() == 0:
+            fs.put_file(str(local), f"{args['bucket']}/put/raw.bin")
+
+    for r in range(args["repeats"]):
+        for name in ("put", "save") if r % 2 == 0 else ("save", "put"):
+            fn = put if name == "put" else functools.partial(ckpt.save, r + 1)
+            emit(repeat=r, variant=name, s=timed(fn), bytes=size)
+    ckpt.close()
+
+
+def _mark(args: dict[str, Any], name: str) -> None:
+    dist.barrier()  # every rank's requests for what came before are answered
+    if dist.rank() == 0:
+        with contextlib.suppress(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{args['endpoint']}/{MARK}/{name}", timeout=30).close()
+    dist.barrier()
+
+
+def requests_phase(trainee: Trainee, args: dict[str, Any]) -> None:
+    """keep+2 saves (the last ones run retention), then a fresh Checkpointer restores."""
+    ckpt = _checkpointer(args, trainee, keep=args["keep"])
+    _mark(args, "start")
+    for step in range(1, args["keep"] + 3):
+        ckpt.save(step)
+        _mark(args, f"save-{step}")
+    ckpt.close()
+    fresh = _checkpointer(args, trainee, keep=args["keep"])
+    fresh.restore()
+    _mark(args, "restore")
+    fresh.close()
+
+
+# -- parent side -------------------------------------------------------------------------------
+
+
+def _segments(requests: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    """The proxy's log cut at the marks: {mark name: the requests just before it}."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for method, path in requests:
+        if f"/{MARK}/" in path:
+            out[path.rsplit("/", 1)[1]] = current
+            current = []
+        else:
+            current.append((method, path))
+    return out
+
+
+def _counts(reqs: list[tuple[str, str]]) -> tuple[int, int]:
+    """(all requests, GETs of a manifest)."""
+    return len(reqs), sum(1 for m, p in reqs if m == "GET" and "MANIFEST" in p)
+
+
+def _requests(endpoint: str, work: Path, world: int, keep: int) -> dict[str, tuple[int, int]]:
+    proxy = FaultProxy(upstream=endpoint).start()
+    try:
+        args = {"d_model": 32, "n_layers": 1, "keep": keep, "endpoint": proxy.endpoint_url,
+                "bucket": make_bucket(endpoint), "work": str(work)}  # fmt: skip
+        ranks("bench.worker", ["s3requests", json.dumps(args)], nproc=world, env=AWS_ENV)
+        seg = _segments(list(proxy.requests))
+    finally:
+        proxy.stop()
+    return {"first": _counts(seg["save-1"]), "steady": _counts(seg[f"save-{keep + 2}"]),
+            "restore": _counts(seg["restore"])}  # fmt: skip
+
+
+def request_rows(endpoint: str, work: Path) -> list[Row]:
+    """Saves should cost O(ranks) requests, not O(checkpoints kept); a resume should read each
+    manifest once (the leader), not once per rank."""
+    got = {(w, k): _requests(endpoint, work, w, k) for w in (2, 4) for k in (2, 20)}
+
+    def show(kind: str, i: int) -> str:
+        return ", ".join(f"{w}r/{k}k {c[kind][i]}" for (w, k), c in got.items())
+
+    save_flat = all(got[w, 20]["steady"][0] <= got[w, 2]["steady"][0] + 2 for w in (2, 4))
+    once = all(c["restore"][1] <= k + 1 for (_, k), c in got.items())
+    return [
+        Row("S3 requests per save (steady state, retention on)", show("steady", 0),
+            "O(ranks), not O(kept)", save_flat,
+            note=f"first save {show('first', 0)}; manifest GETs per save {show('steady', 1)}"),
+        Row("S3 requests per restore (Checkpointer.restore)", show("restore", 0),
+            "manifests read once, by the leader", once,
+            note=f"manifest GETs {show('restore', 1)}"),
+    ]  # fmt: skip
+
+
+def _throughput_row(endpoint: str, sizes: Sizes, work: Path) -> Row:
+    args = {"d_model": 256, "n_layers": sizes.s3_layers, "repeats": sizes.repeats,
+            "endpoint": endpoint, "bucket": make_bucket(endpoint), "work": str(work)}  # fmt: skip
+    lines = ranks("bench.worker", ["s3save", json.dumps(args)], env=AWS_ENV)
+    put = [x["s"] for x in lines if x["variant"] == "put"]
+    save = [x["s"] for x in lines if x["variant"] == "save"]
+    size = lines[0]["bytes"]
+    return ratio_row("S3 save throughput / one s3fs put_file",
+                     median([p / s for p, s in zip(put, save, strict=True)]), ">= 0.9",
+                     at_least=0.9, note=f"{size / 1e6:.0f} MB: save {size / median(save) / 1e6:.0f}"
+                     f" MB/s, put_file {size / median(put) / 1e6:.0f} MB/s")  # fmt: skip
+
+
+def measure(sizes: Sizes, work: Path) -> list[Row]:
+    os.environ.update(AWS_ENV)  # for boto3 here and every rank
+    with moto_server(work / "moto_server.log") as endpoint:
+        return [_throughput_row(endpoint, sizes, work), *request_rows(endpoint, work)]
