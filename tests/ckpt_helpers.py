@@ -39,5 +39,17 @@ def final_state(run_dir: Path | str, step: int | None = None) -> dict[str, Any]:
     store = Store(str(run_dir))
     info = catalog.scan(store).latest()
     assert info is not None and (step is None or info.step == step), f"{run_dir}: newest {info}"
-    keys = list(dcp_io.read_metadata(store, info.data_rel).state_dict_metadata)
-    return dcp_io.load_flat(store, info.data_rel, [k for k in keys if k.startswith("train.")])
+    return _load(store, info.data_rel, "train.")
+
+
+def state_at(run_dir: Path | str, step: int, prefix: str = "train.model.") -> dict[str, Any]:
+    """The entries under `prefix` of the committed checkpoint at `step`, as DCP flat entries."""
+    store = Store(str(run_dir))
+    found = [c for c in catalog.scan(store).committed if c.step == step]
+    assert found, f"{run_dir}: no committed checkpoint at step {step}"
+    return _load(store, found[0].data_rel, prefix)
+
+
+def _load(store: Store, data_rel: str, prefix: str) -> dict[str, Any]:
+    keys = list(dcp_io.read_metadata(store, data_rel).state_dict_metadata)
+    return dcp_io.load_flat(store, data_rel, [k for k in keys if k.startswith(prefix)])
