@@ -38,9 +38,11 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# Speed figures as ratios against a baseline measured in the same run (bench/run.py).
+# Speed figures as ratios against baselines measured in the same run (bench/run.py): quick mode
+# (~300 MB of state, < 5 min on 2 cores); FULL=1 for ~1 GB; README=1 rewrites README's table;
+# BENCH_ARGS for sizes and sections, e.g. BENCH_ARGS="--d-model 768 --n-layers 6 --only save".
 bench: venv
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(if $(FULL),--full) $(if $(README),--readme) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
