@@ -19,7 +19,7 @@ from orchestrator.checkpoint.retention import RetentionPolicy
 from orchestrator.checkpoint.schedule import SaveSchedule
 from orchestrator.config import Config, computation_view, config_hash, diff_views, to_yaml
 from orchestrator.data import ResumableSampler
-from orchestrator.env import DistEnv, backend_for, device_for
+from orchestrator.env import EXIT_STOPPED, DistEnv, backend_for, device_for
 from orchestrator.errors import ConfigError
 from orchestrator.logs import LEADER_ONLY
 from orchestrator.loop import Outcome, TrainingRun, train
@@ -32,8 +32,6 @@ from orchestrator.storage import Store
 from orchestrator.tasks import build_task
 
 log = logging.getLogger(__name__)
-
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal after committing a checkpoint; run again
 
 # Wrapped models and process groups are never destroyed in this process: destroying a DDP
 # Reducer holds the GIL while gloo's worker thread waits for it to free a tensor (a deadlock
