@@ -26,7 +26,9 @@ demo: venv
 	$(BIN)/python -m launch.demo configs/demo.yaml
 
 # Starts the real services the tests need (Slurm here; the S3 server is started by the tests),
-# then runs the whole suite. Under CI=true the Slurm and S3 tests must run, never skip.
+# then runs the whole suite. Under CI=true (.ci/run sets it) the Slurm and S3 tests must run,
+# never skip; without it a service that cannot start skips its tests, and the run ends with a
+# loud line naming them and why (tests/conftest.py).
 test: venv services
 	$(BIN)/python -m pytest
 

@@ -1,3 +1,45 @@
-"""Shared test set-up. Real services live in their own fixture modules."""
+"""Shared test set-up. Real services live in their own fixture modules (tests/fixtures/);
+helpers shared by several test modules live in tests/*.py modules that are not tests, so no
+test module imports another."""
 
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.slurm"]
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.slurm", "tests.fixtures.sbatch"]
+
+# Tests whose service may be missing outside CI; under CI=true their fixtures fail instead.
+SERVICES = {"slurm": "Slurm", "s3": "S3"}
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture scope
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the `two_nodes` tests last: they switch the dev cluster to two nodes (and back at
+    their teardown), which would cancel or confuse the single-node Slurm tests' jobs."""
+    items.sort(key=lambda item: item.get_closest_marker("two_nodes") is not None)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """A loud closing line when Slurm or S3 tests were skipped because their service could not
+    start: a green `make test` must not hide that those tests never ran."""
+    skipped: Counter[tuple[str, str]] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        service = next((SERVICES[m] for m in SERVICES if m in report.keywords), None)
+        if service is not None:
+            skipped[service, _reason(report)] += 1
+    if not skipped:
+        return
+    total = sum(skipped.values())
+    terminalreporter.write_sep(
+        "!", f"{total} SERVICE TESTS DID NOT RUN (set CI=true to fail instead)", red=True, bold=True
+    )
+    for (service, reason), count in sorted(skipped.items()):
+        terminalreporter.write_line(f"SKIPPED {count} {service} tests: {reason}", red=True)
+
+
+def _reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")

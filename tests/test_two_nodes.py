@@ -1,7 +1,8 @@
 """slurm/train.sbatch across two nodes: the dev cluster's virtual nodes n1 and n2.
 
 This module switches the cluster to `slurm/dev-cluster start --nodes 2` and back to single-node
-mode at teardown; its name sorts last so the single-node Slurm tests run before it. The nodes
+mode at teardown; its tests are marked `two_nodes`, which tests/conftest.py runs after every
+other test, so the single-node Slurm tests never meet the two-node cluster. The nodes
 are this machine with their own hostnames (UTS namespaces) and /etc/hosts, so MASTER_ADDR=n1
 resolves on both; they share the filesystem, so the pytest tmp dir serves as shared storage.
 """
@@ -9,38 +10,18 @@ resolves on both; they share the filesystem, so the pytest tmp dir serves as sha
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests import test_sbatch_path
-from tests.fixtures.slurm import DEV_CLUSTER, SlurmCluster, _unavailable
-from tests.test_sbatch_path import check_resumed_and_identical, preempt_once, reference_run
+from tests.fixtures.slurm import SlurmCluster, start_cluster, unavailable
+from tests.sbatch_jobs import check_resumed_and_identical, preempt_once, reference_run
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.two_nodes]
 
-submit = test_sbatch_path.submit  # the same fixture, registered here too
 SWITCH_TIMEOUT_S = 120  # drains jobs (up to 30 s), restarts the daemons (~1 s)
-
-
-def _dev_cluster_start(*args: str) -> str | None:
-    """`slurm/dev-cluster start ARGS`; why it failed, or None."""
-    try:
-        proc = subprocess.run(
-            [str(DEV_CLUSTER), "start", *args],
-            capture_output=True, text=True, timeout=SWITCH_TIMEOUT_S, check=False,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"slurm/dev-cluster start {' '.join(args)}: {e}"
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-5:]
-        return f"slurm/dev-cluster start {' '.join(args)} exited {proc.returncode}: " + " | ".join(
-            tail
-        )
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +29,12 @@ def two_nodes(slurm_cluster: SlurmCluster) -> Iterator[None]:
     # Depends on slurm_cluster so that the session fixture (which starts single-node mode) is
     # set up first and not in the middle of this module.
     try:
-        reason = _dev_cluster_start("--nodes", "2")
+        reason = start_cluster("--nodes", "2", timeout_s=SWITCH_TIMEOUT_S)
         if reason is not None:
-            _unavailable(reason)
+            unavailable(reason)
         yield
     finally:
-        reason = _dev_cluster_start()  # single-node again, whatever happened
+        reason = start_cluster(timeout_s=SWITCH_TIMEOUT_S)  # single-node again, whatever happened
         assert reason is None, reason
 
 
@@ -73,14 +54,14 @@ def host_logging_python(tmp_path: Path) -> Path:
 
 def test_two_nodes_preempted_once_resume_on_both_and_end_bit_identical(
     two_nodes: None,
-    submit,
+    sbatch,
     host_logging_python: Path,
     tmp_path: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     reference = reference_run(tmp_path_factory)
     run_dir = tmp_path / "run"
-    job = submit(
+    job = sbatch(
         run_dir,
         "--nodes=2",
         "--ntasks-per-node=1",
