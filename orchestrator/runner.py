@@ -115,7 +115,13 @@ def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> TrainingRun
     _resume_or_start(cfg, ckpt, progress, sampler, env)
     if env.is_leader:
         store.write_bytes("config.yaml", to_yaml(cfg).encode())
-    metrics.start(progress.step, progress.resumes, tensorboard=cfg.logging.tensorboard)
+    metrics.start(
+        progress.step,
+        progress.resumes,
+        tensorboard=cfg.logging.tensorboard,
+        wandb_project=(cfg.logging.wandb_project or cfg.run.name) if cfg.logging.wandb else None,
+        name=cfg.run.name,
+    )
     return TrainingRun(
         env=env,
         device=device,
