@@ -99,6 +99,9 @@ def _summary(cfg: Config, run_dir: Path) -> None:
         last = max(accuracy)
         print(f"held-out acc   {accuracy[last]:.3f} at step {last} (chance: 0.10)")
     print(f"inspect        stockpot status {run_dir}   |   stockpot verify {run_dir}")
+    if (run_dir / "tb").is_dir():  # logging.tensorboard: one event file per life of the run
+        print(f"tensorboard    tensorboard --logdir {run_dir / 'tb'}   (restarts: events/resumes)")
+    print(f"curves         stockpot plot {run_dir} --out curves.png")
 
 
 if __name__ == "__main__":

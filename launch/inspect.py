@@ -231,14 +231,13 @@ def _verify_run(run: Store) -> list[dict[str, Any]]:
     from orchestrator.checkpoint.layout import parse_step_dirname
 
     found = catalog.scan(run)
-    checked = [
-        _checked(
-            run.path(info.rel),
-            info.step,
-            catalog.verify(run.child(info.rel), info.manifest, checksums=True),
-        )
-        for info in found.committed
-    ]
+    checked = []
+    total = sum(info.manifest.total_bytes for info in found.committed)
+    with _progress_bar("verify", total) as bar:  # bytes checked, on a TTY only
+        for info in found.committed:
+            problems = catalog.verify(run.child(info.rel), info.manifest, checksums=True)
+            checked.append(_checked(run.path(info.rel), info.step, problems))
+            bar.update(info.manifest.total_bytes)
     for rel, reason in found.corrupt:  # a manifest that does not parse is a failed checkpoint
         checked.append(
             _checked(run.path(rel), parse_step_dirname(rel.rsplit("/", 1)[-1]), [reason])
@@ -269,10 +268,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_bar() -> Any:
+def _progress_bar(desc: str = "export", total: int | None = None) -> Any:
     from tqdm import tqdm
 
-    return tqdm(unit="B", unit_scale=True, desc="export", disable=not sys.stderr.isatty())
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not sys.stderr.isatty())
 
 
 def _split_out(out: str) -> tuple[str, str]:

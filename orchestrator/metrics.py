@@ -5,7 +5,7 @@ is killed and resumed repeats the steps it lost, so readers take the LAST line p
 Special lines carry `event`: `resumed` (this life started from the checkpoint of that step) and
 `commit` (a checkpoint of that step committed, with its `checkpoint/*_s` timings).
 
-Every line is also sent to TensorBoard when a writer is given (orchestrator/tensorboard.py):
+Every line is also sent to the sinks `start` opens (TensorBoard: orchestrator/tensorboard.py):
 numbers as scalars, events as text and as `events/*` scalars, so restarts and commits show on
 the step axis next to the curves.
 """
@@ -17,14 +17,21 @@ import math
 import threading
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from orchestrator.storage import Store
 
-if TYPE_CHECKING:
-    from orchestrator.tensorboard import TensorBoardWriter
-
 METRICS_NAME = "metrics.jsonl"
+
+
+class Sink(Protocol):
+    """Where lines also go: TensorBoard (orchestrator/tensorboard.py), W&B (wandb_log.py)."""
+
+    def scalars(self, step: int, values: dict[str, float]) -> None: ...
+
+    def text(self, step: int, tag: str, text: str) -> None: ...
+
+    def flush(self) -> None: ...
 
 
 class MetricsLog:
@@ -34,10 +41,10 @@ class MetricsLog:
         *,
         enabled: bool,
         restart: int = 0,
-        tensorboard: TensorBoardWriter | None = None,
+        sinks: list[Sink] | None = None,
     ) -> None:
         self.run, self.enabled, self.restart = run, enabled, restart
-        self.tensorboard = tensorboard if enabled else None
+        self.sinks: list[Sink] = list(sinks or []) if enabled else []
         self._pending: list[str] = []
         self._born = time.monotonic()  # built at the start of the rank's process
         # An async save commits on the checkpointer's thread while the loop records steps.
@@ -55,16 +62,30 @@ class MetricsLog:
         }
         with self._lock:
             self._pending.append(json.dumps(line, sort_keys=True))
-            if self.tensorboard is not None:
-                _to_tensorboard(self.tensorboard, step, values, extra)
+            for sink in self.sinks:
+                _to_sink(sink, step, values, extra)
 
-    def start(self, step: int, resumes: int, *, tensorboard: bool = False) -> None:
+    def start(
+        self,
+        step: int,
+        resumes: int,
+        *,
+        tensorboard: bool = False,
+        wandb_project: str | None = None,
+        name: str = "",
+    ) -> None:
         """Mark where this life begins (a `resumed` line when it restored a checkpoint) and open
-        its TensorBoard writer, which hides what earlier lives logged after `step`."""
-        if self.enabled and tensorboard and self.tensorboard is None:
+        its sinks: TensorBoard hides what earlier lives logged after `step`; W&B continues the
+        run's W&B run. Leader only; a sink whose package is missing is skipped with a warning."""
+        if self.enabled:
             from orchestrator.tensorboard import open_writer
+            from orchestrator.wandb_log import open_wandb
 
-            self.tensorboard = open_writer(self.run, enabled=True, start_step=step)
+            opened = [
+                open_writer(self.run, enabled=tensorboard, start_step=step),
+                open_wandb(self.run, wandb_project, name or self.run.path()),
+            ]
+            self.sinks += [sink for sink in opened if sink is not None]
         if resumes:
             self.record(step, {}, event="resumed", resumes=resumes)
 
@@ -83,12 +104,12 @@ class MetricsLog:
             if self._pending:
                 self.run.append_bytes(METRICS_NAME, ("\n".join(self._pending) + "\n").encode())
                 self._pending.clear()
-            if self.tensorboard is not None:
-                self.tensorboard.flush()
+            for sink in self.sinks:
+                sink.flush()
 
 
-def _to_tensorboard(
-    writer: TensorBoardWriter, step: int, values: Mapping[str, float], extra: Mapping[str, Any]
+def _to_sink(
+    writer: Sink, step: int, values: Mapping[str, float], extra: Mapping[str, Any]
 ) -> None:
     from orchestrator.tensorboard import scalar_values
 

@@ -49,6 +49,7 @@ def test_status_of_a_stopped_then_resumed_run(tmp_path: Path) -> None:
 
     _watch_piped_prints_plain_frames(run_dir)
     _watch_on_a_tty_clears_the_screen(run_dir)
+    _verify_shows_a_byte_bar_on_a_tty_only(run_dir)
 
 
 def _watch_piped_prints_plain_frames(run_dir: Path) -> None:
@@ -81,6 +82,35 @@ def _watch_on_a_tty_clears_the_screen(run_dir: Path) -> None:
     os.close(fd)
     assert seen.count(CLEAR.encode()) >= 2, seen[-2000:]
     assert b"Ctrl-C to stop" in seen
+
+
+def _on_a_tty(argv: list[str]) -> bytes:
+    """Everything `argv` writes to a terminal, until it exits."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(REPO)
+        os.execv(argv[0], argv)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.waitpid(pid, 0)
+    os.close(fd)
+    return seen
+
+
+def _verify_shows_a_byte_bar_on_a_tty_only(run_dir: Path) -> None:
+    tty = _on_a_tty([STOCKPOT, "verify", str(run_dir)])
+    assert b"verify: 100%" in tty and b"B/s" in tty, tty[-2000:]
+    piped = subprocess.run(
+        [STOCKPOT, "verify", str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert piped.returncode == 0 and "verify:" not in piped.stderr, piped.stderr
 
 
 def _line(step: int, t: float, **extra: object) -> dict[str, object]:

@@ -7,6 +7,7 @@ that step holds.
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from pathlib import Path
 
@@ -101,3 +102,17 @@ def test_s3_run_uploads_its_event_files(tmp_path: Path, s3_server, s3_bucket: st
         (local / base).write_bytes(run.read_bytes(f"{TB_DIR}/{base}"))
     assert len(list(local.iterdir())) == 2
     assert dict(scalars(local, "loss")) == {1: 1, 2: 2, 3: 3, 4: 14, 5: 15, 6: 16, 7: 17}
+
+
+def test_wandb_without_the_package_is_skipped_with_a_warning(tmp_path: Path, caplog) -> None:
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here (it is not a dependency)")
+    run = Store(str(tmp_path / "run"))
+    metrics = MetricsLog(run, enabled=True)
+    with caplog.at_level("WARNING"):
+        metrics.start(0, 0, tensorboard=False, wandb_project="proj")
+    assert metrics.sinks == []
+    assert "logging.wandb: the wandb package is not installed" in caplog.text
+    metrics.record(1, {"loss": 1.0})
+    metrics.flush()
+    assert last_per_step(read_metrics(run), "loss") == {1: 1.0}
