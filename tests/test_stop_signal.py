@@ -54,7 +54,7 @@ def test_signal_saves_at_the_next_step_and_resume_finishes(
     )
     assert code.returncode == 0, code.stderr[-2000:]
     assert f"resumed from step {stopped.step}" in code.stderr
-    assert catalog.scan(Store(str(run_dir))).latest().step == stopped.step + 5
+    assert runs.newest_step(run_dir) == stopped.step + 5
 
 
 def test_make_demo_driver_interrupts_resumes_and_summarises(tmp_path: Path) -> None:
@@ -108,4 +108,4 @@ def test_signal_during_start_up_is_kept_not_fatal(tmp_path: Path) -> None:
     # Every rank took the early path (a handler that only records), not the running one.
     assert err.count("SIGUSR2 arrived during start-up, before training began") == 2, err[-2000:]
     assert "stop requested (SIGUSR2): step 1 committed" in err
-    assert catalog.scan(Store(str(run_dir))).latest().step == 1
+    assert runs.newest_step(run_dir) == 1
