@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, Row, Sizes, median, ranks, ratio_row
+from bench.common import REPO, Row, Sizes, median, ranks, ratio_row, run_cli
 from bench.disk import nbytes, raw_write
 from bench.worker import Trainee, emit, timed
 from orchestrator import dist
@@ -167,6 +167,34 @@ def request_rows(endpoint: str, work: Path) -> list[Row]:
     ]  # fmt: skip
 
 
+def _run_args(bucket: str, endpoint: str, keep: int, nproc: int) -> list[str]:
+    return ["run", "bench/charlm.yaml", f"run.dir=s3://{bucket}/run",
+            f"storage.s3.endpoint_url={endpoint}", "task.d_model=32", "task.n_layers=1",
+            f"trainer.max_steps={keep}", f"trainer.nproc={nproc}", "trainer.log_every=1",
+            "checkpoint.every_steps=1", f"checkpoint.keep_last={keep}"]  # fmt: skip
+
+
+def resume_request_row(endpoint: str, keep: int = 20) -> Row:
+    """A whole `stockpot run` resume (keep checkpoints on S3, nothing left to train), at 2 and
+    4 ranks: every request it makes, and how many were manifest GETs."""
+    bucket = make_bucket(endpoint)
+    run_cli(_run_args(bucket, endpoint, keep, 2), env=AWS_ENV)  # `keep` committed checkpoints
+    proxy = FaultProxy(upstream=endpoint).start()
+    got = {}
+    try:
+        for nproc in (2, 4):
+            before = len(proxy.requests)
+            run_cli(_run_args(bucket, proxy.endpoint_url, keep, nproc), env=AWS_ENV)
+            got[nproc] = _counts(list(proxy.requests)[before:])
+    finally:
+        proxy.stop()
+    once = all(m <= keep + 1 for _, m in got.values())
+    return Row(f"S3 requests per `stockpot run` resume, {keep} kept",
+               ", ".join(f"{n}r {c[0]}" for n, c in got.items()),
+               "manifests read once, by the leader", once,
+               note="manifest GETs " + ", ".join(f"{n}r {c[1]}" for n, c in got.items()))  # fmt: skip
+
+
 def _throughput_row(endpoint: str, sizes: Sizes, work: Path) -> Row:
     args = {"d_model": 256, "n_layers": sizes.s3_layers, "repeats": sizes.repeats,
             "endpoint": endpoint, "bucket": make_bucket(endpoint), "work": str(work)}  # fmt: skip
@@ -183,4 +211,5 @@ def _throughput_row(endpoint: str, sizes: Sizes, work: Path) -> Row:
 def measure(sizes: Sizes, work: Path) -> list[Row]:
     os.environ.update(AWS_ENV)  # for boto3 here and every rank
     with moto_server(work / "moto_server.log") as endpoint:
-        return [_throughput_row(endpoint, sizes, work), *request_rows(endpoint, work)]
+        rows = [_throughput_row(endpoint, sizes, work), *request_rows(endpoint, work)]
+        return [*rows, resume_request_row(endpoint)]
