@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 
 import torch
 import torch.nn as nn
 
 from orchestrator import dist, sharding
+from orchestrator.logs import LEADER_ONLY
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +60,25 @@ def _fully_shard(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32
         )
     chosen = sharding.plan(model, shard_modules)
-    if dist.rank() == dist.LEADER:
-        log.info("%s", chosen.describe())
+    saved = persistent_buffers(model)
+    log.info("%s", chosen.describe(), extra=LEADER_ONLY)
     for _, unit in chosen.units:
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)  # in place: the module's class becomes an FSDPModule subclass
-    if any(True for _ in model.buffers()):
-        model.register_forward_pre_hook(_broadcast_buffers_hook)
+    if saved:
+        model.register_forward_pre_hook(partial(_broadcast_buffers, names=saved))
     return model
 
 
-def _broadcast_buffers_hook(module: nn.Module, args: object) -> None:
-    dist.broadcast_tensors(list(module.buffers()), src=dist.LEADER)
+def persistent_buffers(model: nn.Module) -> frozenset[str]:
+    """Names of the buffers a checkpoint holds (not the non-persistent ones, e.g. rotary
+    frequencies, which are rebuilt, never trained)."""
+    return frozenset(name for name, _ in model.named_buffers()) & set(model.state_dict())
+
+
+def _broadcast_buffers(module: nn.Module, args: object, *, names: frozenset[str]) -> None:
+    # looked up on every call: a module may replace a buffer instead of updating it in place
+    dist.broadcast_tensors([b for n, b in module.named_buffers() if n in names], src=dist.LEADER)
 
 
 def autocast(device: str, parallel: str, mixed_precision: str) -> AbstractContextManager:
