@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch script only")
     submit.set_defaults(handler=_cmd_submit)
 
-    status = sub.add_parser("status", help="committed checkpoints and leftovers of a run")
+    status = sub.add_parser(
+        "status", help="progress, restarts and committed checkpoints of a run (--watch)"
+    )
     status.add_argument(
         "run_dir",
         metavar="RUN",

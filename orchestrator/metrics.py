@@ -12,14 +12,18 @@ the step axis next to the curves.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from orchestrator.storage import Store
+
+log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -62,8 +66,8 @@ class MetricsLog:
         }
         with self._lock:
             self._pending.append(json.dumps(line, sort_keys=True))
-            for sink in self.sinks:
-                _to_sink(sink, step, values, extra)
+            for sink in list(self.sinks):
+                self._guarded(sink, functools.partial(_to_sink, sink, step, values, extra))
 
     def start(
         self,
@@ -104,8 +108,19 @@ class MetricsLog:
             if self._pending:
                 self.run.append_bytes(METRICS_NAME, ("\n".join(self._pending) + "\n").encode())
                 self._pending.clear()
-            for sink in self.sinks:
-                sink.flush()
+            for sink in list(self.sinks):
+                self._guarded(sink, sink.flush)
+
+    def _guarded(self, sink: Sink, call: Callable[[], None]) -> None:
+        """A sink that fails (disk full, W&B down) is dropped with a warning: it must never
+        fail training, nor a commit (`commit` runs inside the checkpointer's commit)."""
+        try:
+            call()
+        except Exception as exc:
+            log.warning(
+                "metrics: %s failed (%s); no longer logging to it", type(sink).__name__, exc
+            )
+            self.sinks.remove(sink)
 
 
 def _to_sink(

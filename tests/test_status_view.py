@@ -3,10 +3,13 @@ resumed; the speed/ETA/cause rules on their own."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import signal
+import struct
 import subprocess
+import termios
 import time
 from pathlib import Path
 
@@ -87,7 +90,8 @@ def _watch_on_a_tty_clears_the_screen(run_dir: Path) -> None:
 def _on_a_tty(argv: list[str]) -> bytes:
     """Everything `argv` writes to a terminal, until it exits."""
     pid, fd = pty.fork()
-    if pid == 0:
+    if pid == 0:  # a terminal of 120 columns: a fresh pty has 0, and tqdm draws to the width
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
         os.chdir(REPO)
         os.execv(argv[0], argv)
     seen = b""

@@ -116,3 +116,27 @@ def test_wandb_without_the_package_is_skipped_with_a_warning(tmp_path: Path, cap
     metrics.record(1, {"loss": 1.0})
     metrics.flush()
     assert last_per_step(read_metrics(run), "loss") == {1: 1.0}
+
+
+class _FullDisk:
+    """A sink whose writes fail, as TensorBoard's does on a full disk."""
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        raise OSError(28, "No space left on device")
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    def flush(self) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failing_sink_is_dropped_and_never_fails_a_commit(tmp_path: Path, caplog) -> None:
+    run = Store(str(tmp_path / "run"))
+    metrics = MetricsLog(run, enabled=True, sinks=[_FullDisk()])
+    with caplog.at_level("WARNING"):
+        metrics.record(1, {"loss": 1.0})
+        metrics.commit(1, {"write_s": 0.1})  # runs inside the checkpointer's commit
+    assert metrics.sinks == [] and "No space left on device" in caplog.text
+    metrics.flush()
+    assert last_per_step(read_metrics(run), "loss") == {1: 1.0}
