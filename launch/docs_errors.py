@@ -52,11 +52,9 @@ FIXES: dict[str, str] = {
     "is not a run directory": "Give the run dir (the one that holds `checkpoints/`), or the "
     "run's YAML config so its `run.dir` and `storage.s3` are used.",
     "does not exist": "Check the path; for `s3://` URLs also the endpoint and credentials.",
-    "shape": "`model.init_from` must come from the same architecture: match the model's "
-    "config to the checkpoint's, or start without init_from.",
+    "model.init_from": "`model.init_from` must come from the same architecture: match the "
+    "model's config to the checkpoint's, or start without init_from.",
     "not committed": "See CheckpointError below; the previous commit is intact.",
-    "checksum": "The file changed after it was written (disk fault, partial copy): see "
-    "CheckpointCorrupt below.",
     "task._target_": "The import path must name a class or function importable from the "
     "directory `stockpot run` starts in (`stockpot init NAME` makes one that is).",
     "overrides": "key=value overrides apply to a config: pass the YAML config, not a dir.",
