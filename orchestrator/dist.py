@@ -7,6 +7,7 @@ checkpoint engine and the tools (`stockpot export`, `verify`) run the same code 
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
@@ -174,6 +175,24 @@ def leader_decides(decide: Callable[[], T], group: Group = None) -> Decision[T]:
         except Exception as exc:
             decision = Decision(None, one_line(exc))
     return cast(Decision[T], broadcast_object(decision, src=LEADER, group=group))
+
+
+# What gloo says when a peer died, left, or stopped answering for longer than the group's timeout.
+_PEER_LOST = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """One line for a collective that failed because of another rank, else None. With two
+    ranks the culprit is known: the other one."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(exc).split()))  # gloo's source location
+    if not is_initialized() or not any(m in text for m in _PEER_LOST):
+        return None
+    me, n = rank(), world_size()
+    who = f"rank {1 - me}" if n == 2 else "another rank"
+    return (
+        f"rank {me}: a collective failed: {who} died, left or hung past "
+        f"trainer.collective_timeout_s ({text[:200]})"
+    )
 
 
 def one_line(exc: BaseException) -> str:

@@ -29,6 +29,7 @@ from orchestrator.preemption import StopFlag
 from orchestrator.progress import Progress
 from orchestrator.state import ModelAndOptimizer, RNGState
 from orchestrator.storage import Store
+from orchestrator.storage.check import StorageSetupError
 from orchestrator.tasks import build_task
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,12 @@ def run(cfg: Config, env: DistEnv) -> Outcome:
     """Train this rank. The process group is left up (see _RETAINED): leave with exit_now."""
     device = device_for(env.local_rank, cfg.trainer.device, torch.cuda.is_available())
     if env.is_distributed:
-        dist.init(backend_for(device), env.rank, env.world_size, env.master_addr, env.master_port)
+        dist.init(
+            backend_for(device),
+            *(env.rank, env.world_size, env.master_addr, env.master_port),
+            timeout_s=cfg.trainer.collective_timeout_s,
+        )
+    check_storage(cfg)
     with StopFlag() as stop:
         training = build(cfg, env, device, stop)
         _RETAINED.append(training)
@@ -53,6 +59,14 @@ def run(cfg: Config, env: DistEnv) -> Outcome:
 
 def exit_code(outcome: Outcome) -> int:
     return 0 if outcome.finished else EXIT_STOPPED
+
+
+def check_storage(cfg: Config) -> None:
+    """The leader probes run.dir before any training; every rank leaves alike (exit 2) on a
+    bad set-up, and only the leader says why (StorageSetupError is logged leader-only)."""
+    problem = dist.leader_decides(lambda: run_store(cfg).check_writable()).problem
+    if problem is not None:
+        raise StorageSetupError(problem)
 
 
 def run_store(cfg: Config) -> Store:

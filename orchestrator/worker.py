@@ -14,7 +14,7 @@ import sys
 from orchestrator.config import Config, from_dict
 from orchestrator.env import DistEnv
 from orchestrator.errors import StockpotError
-from orchestrator.logs import setup_logging
+from orchestrator.logs import LEADER_ONLY, setup_logging
 from orchestrator.preemption import catch_early
 
 __all__ = ["exit_now", "main", "main_with", "setup_logging"]  # setup_logging: for launch/job.py
@@ -28,8 +28,17 @@ def main_with(cfg: Config, environ: dict[str, str] | None = None) -> int:
     try:
         return runner.exit_code(runner.run(cfg, env))
     except StockpotError as exc:
-        logging.getLogger("stockpot").error("%s", exc)
+        quiet = getattr(exc, "leader_only", False)  # the same line from every rank: once
+        logging.getLogger("stockpot").error("%s", exc, extra=LEADER_ONLY if quiet else None)
         return exc.exit_code
+    except RuntimeError as exc:  # gloo: a peer rank died, or hung past the collective timeout
+        from orchestrator.dist import lost_peer
+
+        why = lost_peer(exc)
+        if why is None:
+            raise
+        logging.getLogger("stockpot").error("%s", why)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

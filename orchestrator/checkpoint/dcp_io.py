@@ -8,11 +8,12 @@ never arbitrary objects; tensors and byte items are loaded by DCP with `weights_
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,21 +24,28 @@ from torch.distributed.checkpoint._fsspec_filesystem import (
     FsspecReader,
     FsspecWriter,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from orchestrator import dist
 from orchestrator.checkpoint.manifest import FileEntry, Hasher
-from orchestrator.errors import CheckpointCorrupt
+from orchestrator.errors import CheckpointCorrupt, CheckpointError
 from orchestrator.storage import Store
 
 METADATA_NAME = ".metadata"
 
 
+class DiskFull(CheckpointError):
+    """A save ran out of space (ENOSPC); its attempt is removed, the previous checkpoint stays."""
+
+    leader_only = True  # every rank raises the same line; the leader says it (worker.py)
+
+
 class _HashingStream:
     """Passes writes through to `raw`, feeding a Hasher on the way."""
 
-    def __init__(self, raw: Any, hasher: Hasher) -> None:
-        self._raw, self._hasher = raw, hasher
+    def __init__(self, raw: Any, hasher: Hasher, on_full: Callable[[], None]) -> None:
+        self._raw, self._hasher, self._on_full = raw, hasher, on_full
         self.closed = False
 
     def writable(self) -> bool:
@@ -45,7 +53,12 @@ class _HashingStream:
 
     def write(self, b: Any) -> int:
         self._hasher.update(b)
-        written = self._raw.write(b)
+        try:
+            written = self._raw.write(b)
+        except OSError as exc:  # torch.save's zip writer turns it into "unexpected pos": note it
+            if exc.errno == errno.ENOSPC:
+                self._on_full()
+            raise
         return memoryview(b).nbytes if written is None else written
 
     def tell(self) -> int:
@@ -70,15 +83,24 @@ class _HashingFileSystem(FileSystem):
         super().__init__()
         self.root = root
         self.records: dict[str, FileEntry] = {}
+        self.no_space: str | None = None  # the first file a write failed on with ENOSPC
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
-        with super().create_stream(path, mode) as stream:
-            if "w" not in mode:
-                yield stream
-                return
-            hasher = Hasher()
-            yield _HashingStream(stream, hasher)
+        def full() -> None:
+            self.no_space = self.no_space or os.fspath(path)
+
+        try:
+            with super().create_stream(path, mode) as stream:
+                if "w" not in mode:
+                    yield stream
+                    return
+                hasher = Hasher()
+                yield _HashingStream(stream, hasher, full)
+        except OSError as exc:  # a buffered write can fail at close
+            if exc.errno == errno.ENOSPC:
+                full()
+            raise
         self.records[self._name(path)] = hasher.entry()
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
@@ -162,14 +184,30 @@ def save_shards(
 ) -> dict[str, FileEntry]:
     """Write this rank's shards of `state` under `rel`; (size, checksum) of each file it wrote."""
     writer = _Writer(store, rel)
-    with _quiet_single_process():
-        dcp.save(
-            dict(state),
-            storage_writer=writer,
-            process_group=group,
-            no_dist=not dist.is_initialized(),
-        )
+    try:
+        with _quiet_single_process():
+            dcp.save(
+                dict(state),
+                storage_writer=writer,
+                process_group=group,
+                no_dist=not dist.is_initialized(),
+            )
+    except CheckpointException:
+        _raise_if_disk_full(writer.fs.no_space, store, rel, group)
+        raise
     return writer.fs.records
+
+
+def _raise_if_disk_full(mine: str | None, store: Store, rel: str, group: Any) -> None:
+    """DiskFull on every rank if any rank's write hit ENOSPC. DCP raised its exception on every
+    rank (it gathers each rank's outcome), so this exchange is safe; the leader removes the
+    attempt's files, so the next run has the space back that this one took."""
+    full = next((p for p in dist.all_gather_objects(mine, group) if p), None)
+    if full is None:
+        return
+    if dist.rank() == dist.LEADER:
+        store.delete(rel, recursive=True)
+    raise DiskFull(f"no space left on device writing {full}") from None
 
 
 def load_shards(state: dict[str, Any], store: Store, rel: str, group: Any = None) -> None:

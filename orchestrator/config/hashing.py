@@ -22,8 +22,8 @@ def config_hash(cfg: Config) -> str:
 # sample index; model.init_from is ignored once a run has checkpoints of its own.)
 _NON_COMPUTATIONAL = (
     "run.dir", "run.name", "trainer.max_steps", "trainer.nproc", "trainer.log_every",
-    "trainer.eval_every", "trainer.device", "model.init_from", "checkpoint", "storage",
-    "launcher", "resume", "soup", "sweep", "logging",
+    "trainer.eval_every", "trainer.device", "trainer.collective_timeout_s", "model.init_from",
+    "checkpoint", "storage", "launcher", "resume", "soup", "sweep", "logging",
 )  # fmt: skip
 
 

@@ -85,6 +85,9 @@ class TrainerConfig:
     eval_every: int | None = None
     # `auto` picks cuda when available, else cpu (gloo).
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Seconds a rank waits in a collective for its peers (a hung or stopped rank) before it
+    # fails naming the wait, so the job exits instead of holding its allocation.
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         require(self.max_steps >= 0, f"trainer.max_steps must be >= 0 (got {self.max_steps})")
@@ -97,6 +100,8 @@ class TrainerConfig:
         _positive_or_none(self.grad_clip, "trainer.grad_clip")
         require(self.log_every >= 1, f"trainer.log_every must be >= 1 (got {self.log_every})")
         _positive_or_none(self.eval_every, "trainer.eval_every", "null to evaluate only at the end")
+        t = self.collective_timeout_s
+        require(t > 0, f"trainer.collective_timeout_s must be > 0 seconds (got {t})")
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,13 @@ class Store:
         """The fsspec filesystem for torch DCP's FsspecWriter/Reader and streams."""
         return self._backend.fsspec_filesystem()
 
+    def check_writable(self) -> None:
+        """Probe that this root can be written, read and deleted (the leader, at start-up);
+        a StorageSetupError (exit 2) whose one line names the fix otherwise."""
+        from orchestrator.storage.check import check_writable
+
+        check_writable(self)
+
     # --- small objects -----------------------------------------------------------------------
 
     def read_bytes(self, rel: str) -> bytes:
