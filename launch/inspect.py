@@ -123,6 +123,8 @@ def status_report(run: Store, found: Scan) -> dict[str, Any]:
                 "metrics": _json_metrics(info.metrics),
                 "bytes": info.manifest.total_bytes,
                 "created_at": info.manifest.created_at,
+                # weights: retention dropped its optimizer state (a soup ingredient; not resumable)
+                "kind": "weights" if info.manifest.weights_only else "full",
             }
             for info in found.committed
         ],
@@ -141,12 +143,13 @@ def format_status(run_url: str, report: Mapping[str, Any]) -> str:
     rows = report["checkpoints"]
     lines = [f"{run_url}: {len(rows)} committed checkpoint{'s' if len(rows) != 1 else ''}"]
     if rows:
-        lines.append(f"{'STEP':>10}  {'CREATED (UTC)':<19}  {'SIZE':>9}  METRICS")
+        lines.append(f"{'STEP':>10}  {'CREATED (UTC)':<19}  {'SIZE':>9}  {'KIND':<7}  METRICS")
     for row in rows:
         metrics = " ".join(f"{k}={_num(v)}" for k, v in sorted(row["metrics"].items()))
         created = _utc(row["created_at"])
         lines.append(
-            f"{row['step']:>10}  {created:<19}  {_human_bytes(row['bytes']):>9}  {metrics}"
+            f"{row['step']:>10}  {created:<19}  {_human_bytes(row['bytes']):>9}  "
+            f"{row.get('kind', 'full'):<7}  {metrics}"
         )
     lines += [f"leftover (not committed, ignored): {path}" for path in report["leftovers"]]
     lines += [f"corrupt (ignored): {c['path']}: {c['reason']}" for c in report["corrupt"]]

@@ -76,7 +76,10 @@ def run_store(cfg: Config) -> Store:
 def retention_policy(cfg: Config) -> RetentionPolicy:
     c = cfg.checkpoint  # keep_best is retention's own KeepBest (metric null: the rule is off)
     return RetentionPolicy(
-        keep_last=c.keep_last, keep_best=c.keep_best, keep_every_steps=c.keep_every_steps
+        keep_last=c.keep_last,
+        keep_best=c.keep_best,
+        keep_every_steps=c.keep_every_steps,
+        keep_weights_every_steps=c.keep_weights_every_steps,
     )
 
 

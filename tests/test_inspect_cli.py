@@ -68,7 +68,7 @@ class Run:
         return self.path / "checkpoints" / f"step-{step:09d}"
 
     def shard(self, step: int) -> Path:
-        (shard,) = self.ckpt(step).rglob("*.distcp")
+        (shard,) = self.ckpt(step).rglob("*_0.distcp")  # the model part
         return shard
 
 
@@ -130,7 +130,8 @@ def test_status_json_shape(run: Run) -> None:
     assert set(report) == {"checkpoints", "leftovers", "corrupt"}
     assert [c["step"] for c in report["checkpoints"]] == list(STEPS)
     for c in report["checkpoints"]:
-        assert set(c) == {"step", "path", "metrics", "bytes", "created_at"}
+        assert set(c) == {"step", "path", "metrics", "bytes", "created_at", "kind"}
+        assert c["kind"] == "full"  # "weights" once retention drops its optimizer state
         ckpt = run.ckpt(c["step"])
         assert c["path"] == str(ckpt)
         assert set(c["metrics"]) == {"loss", "lr"} and c["metrics"]["lr"] == 0.1
@@ -152,11 +153,12 @@ def test_status_human_table(run: Run) -> None:
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == f"{run.path}: 2 committed checkpoints"
-    assert lines[1].split() == ["STEP", "CREATED", "(UTC)", "SIZE", "METRICS"]
+    assert lines[1].split() == ["STEP", "CREATED", "(UTC)", "SIZE", "KIND", "METRICS"]
     for line, step in zip(lines[2:4], STEPS, strict=True):
         assert (
             line.split()[0] == str(step) and "loss=" in line and "lr=0.1" in line and "kB" in line
         )
+        assert " full " in line  # not a weights-only one (retention dropped no optimizer state)
     rest = lines[4:]
     assert rest[0].startswith("leftover") and ".tmp-step-000000100" in rest[0]
     assert rest[1].startswith("leftover") and rest[1].endswith("step-000000099")

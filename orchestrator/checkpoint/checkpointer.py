@@ -40,12 +40,7 @@ from orchestrator.checkpoint.layout import (
     step_rel,
 )
 from orchestrator.checkpoint.manifest import FileEntry, Manifest, hash_bytes
-from orchestrator.checkpoint.retention import (
-    Candidate,
-    RetentionPolicy,
-    delete_checkpoints,
-    plan_retention,
-)
+from orchestrator.checkpoint.retention import RetentionPolicy, apply_retention, sweep_dropped
 from orchestrator.checkpoint.schedule import SaveSchedule
 from orchestrator.dist import one_line
 from orchestrator.errors import CheckpointCorrupt, CheckpointError, StockpotError
@@ -280,17 +275,9 @@ class Checkpointer:
         return CheckpointInfo(snap.step, attempt.final_rel, manifest)
 
     def _apply_retention(self) -> None:
-        try:
-            committed = catalog.scan(self.run).committed
-            in_flight = self._in_flight_step
-            doomed = plan_retention(
-                [Candidate(c.step, c.metrics) for c in committed],
-                self.policy,
-                protected=() if in_flight is None else (in_flight,),
-            )
-            delete_checkpoints(self.run, doomed, log=log)
-        except Exception as exc:  # retention must never fail a save; next save plans again
-            log.warning("retention skipped this time: %s", one_line(exc))
+        in_flight = self._in_flight_step
+        protected = () if in_flight is None else (in_flight,)
+        apply_retention(self.run, self.policy, protected=protected, log=log)
 
     def collect_garbage(self) -> list[str]:
         """Remove what interrupted saves left (see commit.py); uncommitted step dirs count as
@@ -305,7 +292,10 @@ class Checkpointer:
             if (parse_step_dirname(rel.rsplit("/", 1)[-1]) or newest + 1) < newest
         ]
         committed = {c.rel: c.manifest.data_dir for c in found.committed}
-        return self._commits.collect_garbage(CHECKPOINTS_DIR, dead=dead, committed=committed)
+        swept = sweep_dropped(self.run, found.committed)  # a thinning cut short by a kill
+        return swept + self._commits.collect_garbage(
+            CHECKPOINTS_DIR, dead=dead, committed=committed
+        )
 
     # -- restoring ------------------------------------------------------------------------
 
@@ -332,12 +322,17 @@ class Checkpointer:
         return info
 
     def _choose(self, step: int | None) -> CheckpointInfo | None:
-        committed = catalog.scan(self.run).committed
+        # A weights-only checkpoint (retention dropped its optimizer state) is never resumed.
+        committed = [c for c in catalog.scan(self.run).committed if not c.manifest.weights_only]
         if step is None:
-            return catalog.newest_good(self.run, committed, checksums=self.verify_checksums)
+            good = catalog.newest_good(self.run, committed, checksums=self.verify_checksums)
+            return catalog.set_aside_newer(self.run, good)  # the bad ones above it
         chosen = [c for c in committed if c.step == step]
         if not chosen:
-            raise CheckpointCorrupt(f"no committed checkpoint at step {step} in {self.run.path()}")
+            raise CheckpointCorrupt(
+                f"no committed full checkpoint at step {step} in {self.run.path()} "
+                "(a weights-only one, kept for soups, cannot be resumed)"
+            )
         problems = catalog.verify(
             self.run.child(chosen[0].rel), chosen[0].manifest, checksums=self.verify_checksums
         )

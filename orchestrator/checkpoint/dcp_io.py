@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import queue
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -25,9 +26,14 @@ from torch.distributed.checkpoint._fsspec_filesystem import (
     FsspecWriter,
 )
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from orchestrator import dist
+from orchestrator.checkpoint.layout import OPTIM_KEY, is_optimizer_item
 from orchestrator.checkpoint.manifest import FileEntry, Hasher
 from orchestrator.errors import CheckpointCorrupt, CheckpointError
 from orchestrator.storage import Store
@@ -120,6 +126,19 @@ class _Writer(FsspecWriter):
         hashing = _HashingFileSystem(os.fspath(self.path))
         hashing.fs = self.fs.fs
         self.fs: _HashingFileSystem = hashing  # type: ignore[assignment]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        """One file of this rank's optimizer state (`__<rank>_optim.distcp`) apart from the rest
+        (`__<rank>_0.distcp`): retention can then drop a kept checkpoint's optimizer part by
+        deleting files, never rewriting the model's (see layout.py)."""
+        prefix = plan.storage_data.prefix
+        optim = [item for item in plan.items if is_optimizer_item(item.index.fqn)]
+        rest = [item for item in plan.items if not is_optimizer_item(item.index.fqn)]
+        files: queue.Queue[tuple[Any, str, list[WriteItem]]] = queue.Queue()
+        for name, bucket in ((f"0{DEFAULT_SUFFIX}", rest), (f"{OPTIM_KEY}{DEFAULT_SUFFIX}", optim)):
+            if bucket or name.startswith("0"):
+                files.put((self.fs.concat_path(self.path, prefix + name), prefix + name, bucket))
+        return self._write_data(planner, files)
 
 
 class _SafeMetadataUnpickler(pickle.Unpickler):

@@ -2,6 +2,10 @@
 
 <run.dir>/checkpoints/step-000001000/        committed iff MANIFEST.json inside parses
 <run.dir>/checkpoints/.tmp-step-000001000-<nonce>/   local disk: being written
+
+Inside a step, DCP writes each rank's optimizer state to its own file (`__<rank>_optim.distcp`)
+apart from the model's (`__<rank>_0.distcp`), so retention can drop the optimizer part of a
+checkpoint it keeps for soups without rewriting the model part.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ CHECKPOINTS_DIR = "checkpoints"
 MANIFEST_NAME = "MANIFEST.json"
 TMP_PREFIX = ".tmp-"
 RANK_STATE_DIR = "ranks"
+OPTIM_KEY = "optim"  # ModelAndOptimizer's flat DCP keys: <registered name>.optim.<...>
+_OPTIM_FILE_RE = re.compile(r"__\d+_optim\.distcp")
 _STEP_RE = re.compile(r"step-(\d{9})")
 
 
@@ -34,3 +40,17 @@ def parse_step_dirname(name: str) -> int | None:
 
 def rank_state_name(rank: int) -> str:
     return f"{RANK_STATE_DIR}/rank-{rank:05d}.json"
+
+
+def is_optimizer_item(fqn: str) -> bool:
+    """A flat DCP key of optimizer state (`train.optim.state.0.exp_avg`)."""
+    return fqn.split(".", 2)[1:2] == [OPTIM_KEY]
+
+
+def optimizer_file_name(rank: int) -> str:
+    return f"__{rank}_{OPTIM_KEY}.distcp"
+
+
+def is_optimizer_file(name: str) -> bool:
+    """A file (by its name relative to the checkpoint, data dir included) of optimizer state."""
+    return _OPTIM_FILE_RE.fullmatch(name.rsplit("/", 1)[-1]) is not None

@@ -24,6 +24,9 @@ from orchestrator.errors import CheckpointCorrupt, require
 
 FORMAT = "stockpot.checkpoint"
 VERSION = 1
+# A weights-only manifest (optimizer state dropped by retention) is version 2, so a reader that
+# predates it skips it as unsupported instead of trying to resume from it.
+WEIGHTS_ONLY_VERSION = 2
 CHECKSUM_ALGORITHM = "xxh3_128"
 
 
@@ -48,6 +51,8 @@ class Manifest:
     # Sub-directory holding the data ("" = the checkpoint dir itself). On S3 each save attempt
     # writes under its own nonce, so a racing or crashed writer can never mix files with it.
     data_dir: str = ""
+    # True once retention dropped the optimizer part: model weights only; resume never uses it.
+    weights_only: bool = False
 
     def data_path(self, name: str) -> str:
         """Path of a data file (as DCP names it) relative to the checkpoint directory."""
@@ -58,7 +63,8 @@ class Manifest:
         return sum(entry.size for entry in self.files.values())
 
     def to_json(self) -> bytes:
-        body = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        version = WEIGHTS_ONLY_VERSION if self.weights_only else VERSION
+        body = {"format": FORMAT, "version": version, **asdict(self)}
         return (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -68,7 +74,7 @@ class Manifest:
             body = json.loads(raw)
             require(body.get("format") == FORMAT, "not a stockpot manifest", CheckpointCorrupt)
             require(
-                body.get("version") == VERSION,
+                body.get("version") in (VERSION, WEIGHTS_ONLY_VERSION),
                 f"unsupported version {body.get('version')!r}",
                 CheckpointCorrupt,
             )
@@ -90,6 +96,7 @@ class Manifest:
                 versions=dict(body.get("versions", {})),
                 checksum_algorithm=str(body.get("checksum_algorithm", "")),
                 data_dir=str(body.get("data_dir", "")),
+                weights_only=body.get("weights_only", False) is True,
             )
             if manifest.data_dir:
                 check_confined(manifest.data_dir)

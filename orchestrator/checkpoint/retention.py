@@ -1,19 +1,33 @@
-"""Which committed checkpoints to delete (a pure planner) and the thin shell that deletes them.
+"""Which committed checkpoints to delete or thin to weights only (a pure planner), and the shell.
 
-A checkpoint is kept if ANY rule keeps it. Whatever the rules say, the newest committed checkpoint
-and every protected step (an in-flight save, a running soup's inputs) survive.
+A checkpoint is kept whole if ANY full rule keeps it (keep_last, keep_best, keep_every_steps,
+keep_if). Whatever the rules say, the newest committed checkpoint and every protected step (an
+in-flight save, a running soup's inputs) stay whole. A checkpoint no full rule keeps but a
+weights rule does (keep_weights_every_steps, keep_weights_if: soup ingredients) loses its
+optimizer state: AdamW's is ~2x the model. Any other is deleted.
+
+Dropping the optimizer part never leaves a manifest naming a missing file: the optimizer state
+is in files of its own (layout.py), so a new manifest naming only the rest (weights_only, a
+newer version) replaces the old one atomically (a temp file renamed over it; one PUT on S3)
+BEFORE those files are deleted. A kill in between leaves unnamed optimizer files, which the
+next sweep removes; resume never picks a weights-only checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from orchestrator.checkpoint.layout import MANIFEST_NAME, step_rel
+from orchestrator.checkpoint.layout import MANIFEST_NAME, is_optimizer_file, step_rel
 from orchestrator.errors import require
+
+if TYPE_CHECKING:  # the config schema imports this module: keep storage out of its imports
+    from orchestrator.checkpoint.catalog import CheckpointInfo
+    from orchestrator.storage import Store
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +38,7 @@ class Candidate:
 
     step: int
     metrics: Mapping[str, float]
+    weights_only: bool = False  # its optimizer state was dropped already
 
 
 @dataclass(frozen=True)
@@ -67,20 +82,29 @@ class RetentionPolicy:
     keep_best: KeepBest | None = None  # the k best by a metric; missing/NaN never count
     keep_every_steps: int | None = None  # keep milestones: every step with step % N == 0
     keep_if: Callable[[Candidate], bool] | None = None  # Python-API hook: True keeps it
+    keep_weights_every_steps: int | None = None  # weights only of every step % N == 0
+    keep_weights_if: Callable[[Candidate], bool] | None = None  # weights only where True
 
     def __post_init__(self) -> None:
         if self.keep_last is not None:
             _require_positive("keep_last", self.keep_last, "use null to turn the rule off")
-        if self.keep_every_steps is not None:
-            _require_positive("keep_every_steps", self.keep_every_steps, "use null to turn it off")
-        if self.keep_if is not None and not callable(self.keep_if):
-            raise ValueError(f"keep_if must be callable (got {type(self.keep_if).__name__})")
+        for name in ("keep_every_steps", "keep_weights_every_steps"):
+            if getattr(self, name) is not None:
+                _require_positive(name, getattr(self, name), "use null to turn it off")
+        for name in ("keep_if", "keep_weights_if"):
+            hook = getattr(self, name)
+            if hook is not None and not callable(hook):
+                raise ValueError(f"{name} must be callable (got {type(hook).__name__})")
 
     @property
     def has_rules(self) -> bool:
         best = self.keep_best.metric if self.keep_best is not None else None
-        rules = (self.keep_last, best, self.keep_every_steps, self.keep_if)
+        rules = (self.keep_last, best, self.keep_every_steps, self.keep_if, *self._weights_rules)
         return any(rule is not None for rule in rules)
+
+    @property
+    def _weights_rules(self) -> tuple[object, ...]:
+        return (self.keep_weights_every_steps, self.keep_weights_if)
 
 
 def _require_positive(name: str, value: object, fix: str) -> None:
@@ -89,23 +113,42 @@ def _require_positive(name: str, value: object, fix: str) -> None:
         raise ValueError(f"{name} must be an integer >= 1 (got {value!r}); {fix}")
 
 
+@dataclass(frozen=True)
+class RetentionPlan:
+    delete: list[int]  # steps to delete, ascending
+    drop_optimizer: list[int]  # whole checkpoints to thin to weights only, ascending
+
+
+def plan(
+    committed: Sequence[Candidate], policy: RetentionPolicy, *, protected: Collection[int] = ()
+) -> RetentionPlan:
+    """What to delete and what to thin; see the module docstring for the rules."""
+    by_step = {c.step: c for c in committed}
+    if not by_step or not policy.has_rules:
+        return RetentionPlan([], [])
+    whole = {max(by_step)} | set(protected)
+    if policy.keep_last is not None:
+        whole.update(sorted(by_step, reverse=True)[: policy.keep_last])
+    if policy.keep_best is not None:
+        whole.update(_best_steps(by_step.values(), policy.keep_best))
+    if policy.keep_every_steps is not None:
+        whole.update(s for s in by_step if s % policy.keep_every_steps == 0)
+    if policy.keep_if is not None:
+        whole.update(s for s, c in by_step.items() if policy.keep_if(c))
+    weights: set[int] = set()
+    if policy.keep_weights_every_steps is not None:
+        weights.update(s for s in by_step if s % policy.keep_weights_every_steps == 0)
+    if policy.keep_weights_if is not None:
+        weights.update(s for s, c in by_step.items() if policy.keep_weights_if(c))
+    thin = {s for s in weights - whole if not by_step[s].weights_only}
+    return RetentionPlan(sorted(set(by_step) - whole - weights), sorted(thin))
+
+
 def plan_retention(
     committed: Sequence[Candidate], policy: RetentionPolicy, *, protected: Collection[int] = ()
 ) -> list[int]:
-    """Steps to delete, ascending and without duplicates; see the module docstring for the rules."""
-    by_step = {c.step: c for c in committed}
-    if not by_step or not policy.has_rules:
-        return []
-    keep = {max(by_step)} | set(protected)
-    if policy.keep_last is not None:
-        keep.update(sorted(by_step, reverse=True)[: policy.keep_last])
-    if policy.keep_best is not None:
-        keep.update(_best_steps(by_step.values(), policy.keep_best))
-    if policy.keep_every_steps is not None:
-        keep.update(s for s in by_step if s % policy.keep_every_steps == 0)
-    if policy.keep_if is not None:
-        keep.update(s for s, c in by_step.items() if policy.keep_if(c))
-    return sorted(set(by_step) - keep)
+    """Steps to delete, ascending and without duplicates (`plan(...).delete`)."""
+    return plan(committed, policy, protected=protected).delete
 
 
 def _best_steps(candidates: Iterable[Candidate], rule: KeepBest) -> list[int]:
@@ -156,3 +199,63 @@ def _try_delete(store: DeletingStore, rel: str, recursive: bool, log: logging.Lo
         log.warning("retention: could not delete %s (%r); skipped, retried later", rel, exc)
         return False
     return True
+
+
+def apply_retention(
+    run: Store, policy: RetentionPolicy, *, protected: Collection[int] = (), log: logging.Logger
+) -> RetentionPlan:
+    """Plan over the committed checkpoints of `run`, thin, then delete (the leader, after a
+    commit). Never raises: retention must never fail a save; the next save plans again."""
+    from orchestrator.checkpoint import catalog
+
+    try:
+        committed = catalog.scan(run).committed
+        todo = plan(
+            [Candidate(c.step, c.metrics, c.manifest.weights_only) for c in committed],
+            policy,
+            protected=protected,
+        )
+        for info in committed:
+            if info.step in todo.drop_optimizer:
+                drop_optimizer(run, info, log=log)
+        delete_checkpoints(run, todo.delete, log=log)
+        return todo
+    except Exception as exc:
+        log.warning("retention skipped this time: %r", exc)
+        return RetentionPlan([], [])
+
+
+def drop_optimizer(run: Store, info: CheckpointInfo, *, log: logging.Logger = logger) -> int:
+    """Thin one committed checkpoint to its weights: the new manifest first, then the files it
+    no longer names (see the module docstring). Returns the bytes freed."""
+    manifest = info.manifest
+    dropped = {name: e for name, e in manifest.files.items() if is_optimizer_file(name)}
+    if not manifest.weights_only:
+        kept = {name: e for name, e in manifest.files.items() if name not in dropped}
+        thin = dataclasses.replace(manifest, files=kept, weights_only=True)
+        run.write_bytes(f"{info.rel}/{MANIFEST_NAME}", thin.to_json())  # atomic replace
+    for name in dropped:
+        run.delete(f"{info.rel}/{name}")
+    freed = sum(e.size for e in dropped.values())
+    log.info(
+        "retention: %s kept as weights only (%.1f MB of optimizer state dropped)",
+        info.rel,
+        freed / 1e6,
+    )
+    return freed
+
+
+def sweep_dropped(run: Store, committed: Iterable[CheckpointInfo]) -> list[str]:
+    """Delete optimizer files that weights-only checkpoints no longer name (left by a kill
+    between a thinning's manifest and its deletes). Run once per job, with garbage collection."""
+    removed = []
+    for info in committed:
+        if not info.manifest.weights_only:
+            continue
+        data_rel = info.data_rel
+        for name in run.list(data_rel):
+            named = info.manifest.data_path(name) in info.manifest.files
+            if is_optimizer_file(name) and not named:
+                run.delete(f"{data_rel}/{name}")
+                removed.append(f"{data_rel}/{name}")
+    return removed

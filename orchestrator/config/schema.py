@@ -166,6 +166,9 @@ class CheckpointConfig:
     keep_best: KeepBest = field(default_factory=KeepBest)
     # Also keep every checkpoint whose step is a multiple of N (milestones); null disables.
     keep_every_steps: int | None = None
+    # Also keep the WEIGHTS (no optimizer state) of every checkpoint whose step is a multiple of
+    # N, e.g. soup ingredients; full checkpoints follow the rules above; null disables.
+    keep_weights_every_steps: int | None = None
     # Stage to host memory, then write and commit in the background (one save in flight).
     async_save: bool = False
     # On resume, verify checksums of the chosen checkpoint (sizes are always checked).
@@ -177,6 +180,7 @@ class CheckpointConfig:
         _positive_or_none(self.every_minutes, "checkpoint.every_minutes")
         _positive_or_none(self.keep_last, "checkpoint.keep_last", "null to keep every checkpoint")
         _positive_or_none(self.keep_every_steps, "checkpoint.keep_every_steps")
+        _positive_or_none(self.keep_weights_every_steps, "checkpoint.keep_weights_every_steps")
 
 
 # One type for `storage.s3.*` and the S3 backend, so the rules are checked once, on load.
