@@ -53,17 +53,18 @@ def _first_step_time(run_dir: Path, step: int) -> float:
     return float([x for x in lines if x["step"] == step and "loss" in x][-1]["time"])
 
 
-def _bare_start(files: list[Path]) -> float:
+def _bare_start(run_dir: Path) -> float:
     """A bare `import torch` in a fresh interpreter, then a raw read of the checkpoint."""
     t0 = time.perf_counter()
     subprocess.run([PY, "-c", "import torch"], check=True, cwd=REPO)
     took = time.perf_counter() - t0
+    files = files_under(run_dir / "checkpoints")
     evict(files)
     return took + raw_read(files)
 
 
-def _resume(run_dir: Path, sizes: Sizes, step: int, files: list[Path]) -> float:
-    evict(files)
+def _resume(run_dir: Path, sizes: Sizes, step: int) -> float:
+    evict(files_under(run_dir / "checkpoints"))
     t0 = time.time()  # metrics lines carry wall-clock time
     run_cli(_stockpot_args(run_dir, sizes, step + 1))
     return _first_step_time(run_dir, step + 1) - t0
@@ -74,12 +75,11 @@ def resume_rows(sizes: Sizes, work: Path) -> list[Row]:
     run_cli(_stockpot_args(run_dir, sizes, 1))  # the checkpoint at step 1 (saved at the end)
     ratios, resumed, bare = [], [], []
     for r in range(sizes.repeats):
-        step = 1 + r
-        files = files_under(run_dir / "checkpoints")
+        step = 1 + r  # each resume trains one step and saves it (keep_last=1)
         if r % 2 == 0:
-            b, s = _bare_start(files), _resume(run_dir, sizes, step, files)
+            b, s = _bare_start(run_dir), _resume(run_dir, sizes, step)
         else:
-            s, b = _resume(run_dir, sizes, step, files), _bare_start(files)
+            s, b = _resume(run_dir, sizes, step), _bare_start(run_dir)
         ratios.append(s / b)
         resumed.append(s)
         bare.append(b)
