@@ -99,7 +99,11 @@ def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> TrainingRun
     if fresh and cfg.model.init_from:
         init_from(model, cfg.model.init_from, store)
     model = parallel.wrap(
-        model, cfg.trainer.parallel, device=device, mixed_precision=cfg.trainer.mixed_precision
+        model,
+        cfg.trainer.parallel,
+        device=device,
+        mixed_precision=cfg.trainer.mixed_precision,
+        shard_modules=cfg.trainer.fsdp.shard_modules,
     )
     _RETAINED.append(model)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
@@ -197,6 +201,7 @@ def _resume_or_start(
 def init_from(model: torch.nn.Module, source: str, store: Store) -> None:
     """Load matching parameters from `source` into a fresh model; refuse shape mismatches."""
     from orchestrator.checkpoint.weights import read_weights
+    from orchestrator.ties import tied_parameters, truly_missing
 
     weights, where = read_weights(source, store.s3)
     own = model.state_dict()
@@ -207,6 +212,7 @@ def init_from(model: torch.nn.Module, source: str, store: Store) -> None:
                 f"there but {tuple(own[name].shape)} in this model"
             )
     result = model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+    result.missing_keys[:] = truly_missing(result.missing_keys, tied_parameters(model))  # ties
     unexpected = sorted(set(weights) - set(own))
     loaded = len(own) - len(result.missing_keys)
     log.info("initialised from %s: %d tensors loaded", where, loaded, extra=LEADER_ONLY)

@@ -64,6 +64,27 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class FsdpConfig:
+    # FSDP2 units sharded on their own: module class names (e.g. [GPT2Block]), or one import
+    # path to a function `policy(model) -> sub-modules`. Empty: the model's
+    # `_no_split_modules`, else its largest list of same-class blocks (orchestrator/sharding.py).
+    shard_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        require(
+            all(isinstance(m, str) and m.strip() for m in self.shard_modules),
+            f"trainer.fsdp.shard_modules must be class names or one import path "
+            f"(got {list(self.shard_modules)})",
+        )
+        paths = [m for m in self.shard_modules if "." in m or ":" in m]
+        require(
+            not paths or len(self.shard_modules) == 1,
+            "trainer.fsdp.shard_modules: an import path to a policy function must be its only "
+            f"entry (got {list(self.shard_modules)})",
+        )
+
+
+@dataclass(frozen=True)
 class TrainerConfig:
     # Optimizer steps to train for; the run exits 0 once reached (may grow between resumes).
     max_steps: int = 100
@@ -85,6 +106,8 @@ class TrainerConfig:
     eval_every: int | None = None
     # `auto` picks cuda when available, else cpu (gloo).
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # FSDP2 settings (used when parallel is fsdp).
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     # Seconds a rank waits in a collective for its peers (a hung or stopped rank) before it
     # fails naming the wait, so the job exits instead of holding its allocation.
     collective_timeout_s: float = 600.0
