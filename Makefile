@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stockpot-installed
 
-.PHONY: venv demo test lint bench services clean
+.PHONY: venv demo test lint bench chaos services clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,13 @@ lint: venv
 # BENCH_ARGS for sizes and sections, e.g. BENCH_ARGS="--d-model 768 --n-layers 6 --only save".
 bench: venv
 	$(BIN)/python -m bench.run $(if $(FULL),--full) $(if $(README),--readme) $(BENCH_ARGS)
+
+# Chaos trials on real 2-rank jobs (bench/chaos): SIGKILLs, S3 faults, a full disk, a hung rank,
+# corrupted files, bad storage set-ups; each must lose nothing and resume bit-identical. Quick mode
+# (19 trials, < 10 min on 2 quiet cores); TRIALS=N for more; README=1 rewrites README's table;
+# CHAOS_ARGS e.g. "--only kill s3 --s3-fault-rate 0.1". Needs root (tmpfs mounts).
+chaos: venv
+	$(BIN)/python -m bench.chaos $(if $(TRIALS),--trials $(TRIALS)) $(if $(README),--readme) $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

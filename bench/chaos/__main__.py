@@ -1,7 +1,7 @@
 """`python -m bench.chaos [--trials N] [--only SCENARIO ...] [--s3-fault-rate R]` (`make chaos`).
 
 Runs N trials (quick mode: 16) round-robin over the scenarios, each variant in turn, prints a
-line per trial and a summary, writes bench/chaos.json and rewrites README's Reliability table.
+line per trial and a summary, writes bench/chaos.json and (--readme) README's Reliability table.
 Exit 1 if any trial failed.
 """
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--s3-fault-rate", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=14)
     ap.add_argument("--out", default=str(jobs.REPO / "bench" / "chaos.json"))
-    ap.add_argument("--readme", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--readme", action=argparse.BooleanOptionalAction, default=False)
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="stockpot-chaos-"))

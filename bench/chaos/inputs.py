@@ -55,7 +55,8 @@ def target_file(run_dir: Path, target: str) -> Path:
     if target == "config.yaml":
         return run_dir / "config.yaml"
     info = catalog.scan(Store(str(run_dir))).latest()
-    check(info is not None and info.step == HALF, f"no checkpoint at step {HALF}")
+    if info is None or info.step != HALF:
+        raise jobs.TrialFailed(f"no checkpoint at step {HALF}")
     ckpt = run_dir / info.data_rel
     if target == "MANIFEST.json":
         return run_dir / info.rel / MANIFEST_NAME

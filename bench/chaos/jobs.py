@@ -31,6 +31,9 @@ BASE = [
     "configs/demo.yaml", f"trainer.max_steps={MAX_STEPS}", "trainer.log_every=1",
     "trainer.eval_every=12", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=3",
     "task.n_train=2048", "task.n_eval=256", "task.hidden=256",
+    # The LR horizon fixed, not max_steps as of the first start: a run stopped early by a
+    # shorter max_steps (the corruption base) then computes what the 24-step run does.
+    f"scheduler.decay_steps={MAX_STEPS}",
 ]  # fmt: skip
 RUN_TIMEOUT_S = 300.0
 

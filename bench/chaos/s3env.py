@@ -104,7 +104,8 @@ def s3_faults(trial: Trial, work: Path, refs, rng: random.Random, s3: S3Env) -> 
     """A run on S3 through the random-fault proxy, SIGKILLed once after a commit, resumed
     (faults still on) to the end: bit-identical to the uninterrupted run."""
     url = f"{s3.bucket()}/run"
-    proxy = RandomFaultProxy(s3._up(), s3.rate, rng.randrange(1 << 30)).start()
+    proxy = RandomFaultProxy(s3._up(), s3.rate, rng.randrange(1 << 30))
+    proxy.start()
     env = s3.env(proxy.endpoint_url)
     argv = argv_for(url, "trainer.parallel=ddp", "storage.s3.max_attempts=8")
     log = work / "run.log"

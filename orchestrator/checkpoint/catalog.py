@@ -131,3 +131,26 @@ def newest_good(
             "; ".join(problems[:3]),
         )
     return None
+
+
+def set_aside_newer(run: Store, chosen: CheckpointInfo | None) -> CheckpointInfo | None:
+    """Remove what lies above `chosen`, the newest checkpoint that verifies: the newer ones
+    failed verification (or do not parse), and the resumed run writes those steps again, which
+    a committed directory would refuse. Returns `chosen`; with nothing chosen, removes nothing."""
+    if chosen is None:
+        return None
+    found = scan(run)
+    doomed = [c.rel for c in found.committed if c.step > chosen.step]
+    doomed += [
+        rel
+        for rel, _ in found.corrupt
+        if (parse_step_dirname(rel.rsplit("/", 1)[-1]) or 0) > chosen.step
+    ]
+    for rel in doomed:
+        log.error(
+            "removing %s: it is newer than step %d, which this run resumes from and saves again",
+            run.path(rel),
+            chosen.step,
+        )
+        run.delete(rel, recursive=True)
+    return chosen

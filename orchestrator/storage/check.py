@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import errno
 import uuid
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from orchestrator.errors import ConfigError, StorageError
 from orchestrator.storage.retry import cause_chain, redact, server_answer
 
-if TYPE_CHECKING:
-    from orchestrator.storage.store import Store
+
+class _Root(Protocol):
+    """What the probe needs of a Store (not imported: Store.check_writable imports this)."""
+
+    url: str
+
+    def path(self, rel: str = "") -> str: ...
+    def read_bytes(self, rel: str) -> bytes: ...
+    def write_bytes(self, rel: str, data: bytes, *, create_only: bool = False) -> None: ...
+    def delete(self, rel: str, *, recursive: bool = False) -> None: ...
+
 
 PROBE_PREFIX = ".stockpot-write-check-"
 _CREDENTIALS = (
@@ -30,7 +39,7 @@ class StorageSetupError(ConfigError):
     leader_only = True  # every rank raises it alike; the leader's line is enough (worker.py)
 
 
-def check_writable(store: Store) -> None:
+def check_writable(store: _Root) -> None:
     """Write, read back and delete a probe under `store`; StorageSetupError naming the fix."""
     probe = f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}"
     data = b"stockpot write check\n"
