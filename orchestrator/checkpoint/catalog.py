@@ -133,24 +133,23 @@ def newest_good(
     return None
 
 
-def set_aside_newer(run: Store, chosen: CheckpointInfo | None) -> CheckpointInfo | None:
-    """Remove what lies above `chosen`, the newest checkpoint that verifies: the newer ones
-    failed verification (or do not parse), and the resumed run writes those steps again, which
-    a committed directory would refuse. Returns `chosen`; with nothing chosen, removes nothing."""
-    if chosen is None:
-        return None
-    found = scan(run)
-    doomed = [c.rel for c in found.committed if c.step > chosen.step]
-    doomed += [
-        rel
-        for rel, _ in found.corrupt
-        if (parse_step_dirname(rel.rsplit("/", 1)[-1]) or 0) > chosen.step
-    ]
-    for rel in doomed:
-        log.error(
-            "removing %s: it is newer than step %d, which this run resumes from and saves again",
-            run.path(rel),
-            chosen.step,
-        )
-        run.delete(rel, recursive=True)
-    return chosen
+def drop_if_bad(run: Store, rel: str, *, checksums: bool) -> bool:
+    """Remove the checkpoint at `rel` if its manifest does not parse or it fails verification
+    (the save about to write `rel` again, after a resume fell back past it); a checkpoint that
+    verifies is left alone (the save then refuses to overwrite it). True if removed."""
+    try:
+        raw = run.read_bytes(f"{rel}/{MANIFEST_NAME}")
+    except FileNotFoundError:
+        return False
+    try:
+        manifest = Manifest.from_json(raw, where=f"{rel}/{MANIFEST_NAME}")
+        problems = verify(run.child(rel), manifest, checksums=checksums)
+        if manifest.step != parse_step_dirname(rel.rsplit("/", 1)[-1]):
+            problems.append(f"{run.path(rel)}: manifest says step {manifest.step}")
+    except CheckpointCorrupt as exc:
+        problems = [str(exc)]
+    if not problems:
+        return False
+    log.error("removing %s before saving that step again: %s", run.path(rel), problems[0])
+    run.delete(rel, recursive=True)
+    return True

@@ -245,6 +245,8 @@ class Checkpointer:
         if not self._collected_garbage:
             self.collect_garbage()
             self._collected_garbage = True
+        # A bad checkpoint that the restore fell back past: this run writes its step again.
+        catalog.drop_if_bad(self.run, step_rel(step), checksums=self.verify_checksums)
         return self._commits.prepare(step_rel(step))
 
     def _commit(self, attempt: Attempt, snap: _Snapshot, gathered: Any) -> CheckpointInfo:
@@ -325,8 +327,7 @@ class Checkpointer:
         # A weights-only checkpoint (retention dropped its optimizer state) is never resumed.
         committed = [c for c in catalog.scan(self.run).committed if not c.manifest.weights_only]
         if step is None:
-            good = catalog.newest_good(self.run, committed, checksums=self.verify_checksums)
-            return catalog.set_aside_newer(self.run, good)  # the bad ones above it
+            return catalog.newest_good(self.run, committed, checksums=self.verify_checksums)
         chosen = [c for c in committed if c.step == step]
         if not chosen:
             raise CheckpointCorrupt(
