@@ -125,3 +125,24 @@ def test_chaos_trials_kill_and_bad_setup(tmp_path: Path, s3_server) -> None:
     result = json.loads(out.read_text())
     assert (result["trials"], result["failures"]) == (2, 0)
     assert result["kills"] == 1 and result["faults"] == 1
+
+
+def test_resume_past_a_damaged_checkpoint_saves_that_step_again(tmp_path: Path) -> None:
+    """The restore falls back past a damaged step 2 (leaving it to inspect); saving step 2
+    again replaces it instead of failing on an "already committed" directory."""
+    store = Store(str(tmp_path / "run"))
+    first = Checkpointer(store)
+    first.register("train", _Weights())
+    first.save(1)
+    first.save(2)
+    shard = next((tmp_path / "run" / CHECKPOINTS_DIR / "step-000000002").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    again = Checkpointer(store)
+    again.register("train", _Weights())
+    info = again.restore()
+    assert info is not None and info.step == 1
+    assert [c.step for c in catalog.scan(store).committed] == [1, 2]  # still there to look at
+    again.save(2)
+    scan = catalog.scan(store)
+    assert [c.step for c in scan.committed] == [1, 2]
+    assert catalog.verify(store.child(scan.committed[1].rel), scan.committed[1].manifest) == []
