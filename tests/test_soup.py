@@ -63,7 +63,7 @@ def test_uniform_equals_an_independent_float64_mean(run: Path, tmp_path: Path) -
     assert (
         record["files"]["model.safetensors"]["size"] == (out / "model.safetensors").stat().st_size
     )
-    assert record["related_check"]["cosines"]["step 100"] > 0.5
+    assert record["related_check"]["cosine"] > 0.5
     assert {"torch", "stockpot", "python"} <= set(record["versions"])
     assert record["memory"]["peak_rss_bytes"] > 0 and record["timings"]["total_s"] > 0
     assert not list(tmp_path.glob(".tmp-*"))  # committed by rename: no temp dir left
@@ -199,7 +199,10 @@ def test_independently_initialised_ingredients_are_refused(
 ) -> None:
     pair = [str(ckpt_dir(run, 100)), str(ckpt_dir(stranger, 100))]
     got = stockpot("soup", *pair, "--out", tmp_path / "u")
-    assert got.returncode == 2 and "look unrelated: the cosine of their weights" in got.stderr
+    assert (
+        got.returncode == 2
+        and "look unrelated: the mean cosine between their weights" in got.stderr
+    )
     assert "--allow-unrelated" in got.stderr and not (tmp_path / "u").exists()
     # greedy has the task: the midpoint check (run dirs carry config.yaml)
     got = stockpot("soup", run, stranger, "--recipe", "greedy", "--out", tmp_path / "g")

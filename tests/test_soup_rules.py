@@ -70,11 +70,11 @@ def test_rules_apply_in_order_and_say_what_each_kept() -> None:
 def test_bad_rules_are_one_line_errors() -> None:
     with pytest.raises(UsageError, match="--steps must be A:B"):
         parse_steps("10-20")
-    with pytest.raises(ConfigError, match="soup.steps must be A:B"):
+    with pytest.raises(ConfigError, match=r"soup\.steps must be A:B"):
         SoupConfig(steps="10")
-    with pytest.raises(ConfigError, match="soup.weights must be >= 0"):
+    with pytest.raises(ConfigError, match=r"soup\.weights must be >= 0"):
         SoupConfig(recipe="weighted", weights=(1.0, -1.0))
-    with pytest.raises(ConfigError, match="soup.last must be >= 1"):
+    with pytest.raises(ConfigError, match=r"soup\.last must be >= 1"):
         SoupConfig(last=0)
 
 

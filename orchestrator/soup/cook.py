@@ -14,18 +14,15 @@ only an uncommitted attempt (a temp dir locally, a nonce dir on S3), which reade
 from __future__ import annotations
 
 import logging
-import resource
-import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import CheckpointCorrupt, UsageError
-from orchestrator.soup import engine, evaluate, recipes, writer
+from orchestrator.soup import engine, evaluate, provenance, recipes, writer
 from orchestrator.soup.ingredients import Ingredient, resolve
-from orchestrator.soup.reader import Source, open_source, verify
+from orchestrator.soup.reader import Source, open_source
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BATCH_BYTES = 16 << 20  # output tensors handed to the file writer at a time
+BATCH_BYTES = 16 << 20  # at most this many output bytes handed to the file writer at a time
 UNRELATED_COSINE = 0.2  # below: the weights share no starting point (see engine.Similarity)
 EVAL_RECIPES = ("greedy", "learned")
 
@@ -104,34 +101,6 @@ def _verify_bytes(kitchen: Kitchen) -> int:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
-
-
-class Integrity:
-    """Every ingredient checked against its manifest in background threads, while the soup is
-    made: the wall time is the longer of the two rather than their sum, and nothing is
-    committed before `check()` says every ingredient is whole."""
-
-    def __init__(self, kitchen: Kitchen) -> None:
-        self.kitchen = kitchen
-        checksums = kitchen.cfg.verify == "checksums"
-        workers = min(kitchen.cfg.read_workers, len(kitchen.sources))
-        self.t0 = time.perf_counter()
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="soup-verify")
-        self.futures = [self.pool.submit(verify, s, checksums) for s in kitchen.sources]
-
-    def check(self) -> None:
-        """CheckpointCorrupt naming the first bad ingredient and its file."""
-        try:
-            found = [f.result() for f in self.futures]
-        finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-        for ing, problems in zip(self.kitchen.ingredients, found, strict=True):
-            if problems:
-                raise CheckpointCorrupt(
-                    f"ingredient {ing.label} ({ing.url}) is corrupt: {problems[0]}; "
-                    "refusing to soup"
-                )
-        self.kitchen.timings.setdefault("verify_s", time.perf_counter() - self.t0)
 
 
 def needs_judge(cfg: SoupConfig) -> bool:
@@ -247,8 +216,10 @@ def _cached_scores(kitchen: Kitchen) -> dict[str, dict[str, float]]:
 def cook(kitchen: Kitchen, progress: Callable[[int], object] | None = None) -> dict[str, Any]:
     """Make the soup and commit it; returns the record written to SOUP.json."""
     t_start = time.perf_counter()
-    rss0 = _rss_bytes()
-    integrity = Integrity(kitchen)
+    engine.keep_big_allocations_mapped()
+    engine.warm_up(kitchen.sources[0].specs)
+    rss0 = provenance.rss_bytes()
+    integrity = provenance.Integrity(kitchen)
     try:
         record = _cook_checked(kitchen, progress, integrity, t_start, rss0)
     except BaseException:
@@ -258,7 +229,7 @@ def cook(kitchen: Kitchen, progress: Callable[[int], object] | None = None) -> d
 
 
 def _cook_checked(kitchen: Kitchen, progress: Callable[[int], object] | None,
-                  integrity: Integrity, t_start: float, rss0: int) -> dict[str, Any]:  # fmt: skip
+                  integrity: provenance.Integrity, t_start: float, rss0: int) -> dict[str, Any]:  # fmt: skip
     from orchestrator.checkpoint.commit import commit_strategy
 
     if needs_judge(kitchen.cfg):
@@ -280,8 +251,8 @@ def _cook_checked(kitchen: Kitchen, progress: Callable[[int], object] | None,
     written, mixer_info = _write(kitchen, plan, parent, attempt.write_rel, progress)
     kitchen.timings["write_s"] = time.perf_counter() - t0
     if kitchen.cfg.recipe not in EVAL_RECIPES and not kitchen.cfg.allow_unrelated:
-        related = _check_cosines(kitchen, mixer_info["cosines"])
-    record = _record(kitchen, plan, written, mixer_info, related, attempt.data_dir)
+        related = _check_cosine(kitchen, mixer_info["cosine"])
+    record = provenance.record(kitchen, plan, written, mixer_info, related, attempt.data_dir)
     if kitchen.judge is not None:
         record["soup_scores"] = _score_written(kitchen, parent, attempt.write_rel, written)
     if kitchen.cfg.report:
@@ -295,7 +266,7 @@ def _cook_checked(kitchen: Kitchen, progress: Callable[[int], object] | None,
     integrity.check()
     kitchen.timings["total_s"] = time.perf_counter() - t_start
     record["timings"] = dict(kitchen.timings)
-    record["memory"] = {"peak_rss_bytes": _peak_rss_bytes(), "rss_at_start_bytes": rss0}
+    record["memory"] = {"peak_rss_bytes": provenance.peak_rss_bytes(), "rss_at_start_bytes": rss0}
     strategy.commit(attempt, writer.record_bytes(record))
     return record
 
@@ -326,22 +297,28 @@ def _write(kitchen: Kitchen, plan: Plan, parent: Any, write_rel: str,
     specs = kitchen.sources[0].specs
     shards = writer.plan_shards(specs, int(kitchen.cfg.shard_mb * 1_000_000))
     metadata = {"format": "pt", "stockpot_soup": kitchen.cfg.recipe}
+    # The writer holds one batch of finished tensors: as little as the read-ahead allows.
+    model = kitchen.sources[0].model_bytes
+    largest = max(spec.nbytes for spec in specs.values())
+    batch = max(largest, min(BATCH_BYTES, model // 64))
     names = [e.name for shard in shards for e in shard]
     if plan.state is not None:
         state = plan.state
         written = writer.write_files(parent, write_rel, shards, state.__getitem__, metadata,
-                                     batch_bytes=BATCH_BYTES, progress=progress)  # fmt: skip
-        return written, {"cosines": {}, "ties": {}, "bytes_read": 0}
+                                     batch_bytes=batch, progress=progress)  # fmt: skip
+        return written, {"cosine": None, "ties": {}, "bytes_read": 0}
     mixer = engine.Mixer(plan.sources, plan.weights, names, workers=kitchen.cfg.read_workers)
     t0 = time.perf_counter()
+    threads = engine.SingleThreaded()
     try:
         written = writer.write_files(parent, write_rel, shards, mixer.next, metadata,
-                                     batch_bytes=BATCH_BYTES, progress=progress)  # fmt: skip
+                                     batch_bytes=batch, progress=progress)  # fmt: skip
     finally:
         mixer.close()
+        threads.restore()
     seconds = time.perf_counter() - t0
     info = {
-        "cosines": mixer.similarity.cosines(),
+        "cosine": mixer.similarity.cosine(),
         "ties": mixer.ties,
         "bytes_read": mixer.stats.bytes_read,
         "pieces_read": mixer.stats.pieces,
@@ -352,17 +329,16 @@ def _write(kitchen: Kitchen, plan: Plan, parent: Any, write_rel: str,
     return written, info
 
 
-def _check_cosines(kitchen: Kitchen, cosines: dict[int, float]) -> dict[str, Any]:
-    labels = [i.label for i in kitchen.ingredients]
-    for i, cos in sorted(cosines.items()):
-        if cos < UNRELATED_COSINE:
-            raise UsageError(
-                f"{labels[0]} and {labels[i]} look unrelated: the cosine of their weights is "
-                f"{cos:.3f} (< {UNRELATED_COSINE}); soups need one shared starting point "
-                "(pass --allow-unrelated to soup them anyway); nothing was committed"
-            )
-    return {"method": "weight cosine to the first ingredient", "threshold": UNRELATED_COSINE,
-            "cosines": {labels[i]: c for i, c in sorted(cosines.items())}}  # fmt: skip
+def _check_cosine(kitchen: Kitchen, cosine: float | None) -> dict[str, Any]:
+    if cosine is not None and cosine < UNRELATED_COSINE:
+        labels = [i.label for i in kitchen.ingredients]
+        raise UsageError(
+            f"the ingredients ({', '.join(labels)}) look unrelated: the mean cosine between "
+            f"their weights is {cosine:.3f} (< {UNRELATED_COSINE}); soups need one shared "
+            "starting point (pass --allow-unrelated to soup them anyway); nothing was committed"
+        )
+    return {"method": "mean pairwise cosine of the weight matrices",
+            "threshold": UNRELATED_COSINE, "cosine": cosine}  # fmt: skip
 
 
 def _score_written(kitchen: Kitchen, parent: Any, write_rel: str,
@@ -379,52 +355,3 @@ def _score_written(kitchen: Kitchen, parent: Any, write_rel: str,
     if judge.has_test:
         scores.update(judge.score(state, split="test"))
     return scores
-
-
-def _record(kitchen: Kitchen, plan: Plan, written: writer.Written, info: dict[str, Any],
-            related: dict[str, Any], data_dir: str) -> dict[str, Any]:  # fmt: skip
-    from orchestrator.checkpoint.manifest import library_versions
-
-    cfg = kitchen.cfg
-    chosen = {id(s) for s in plan.sources}
-    ingredients = []
-    for k, (ing, src) in enumerate(zip(kitchen.ingredients, kitchen.sources, strict=True)):
-        entry = {
-            "path": ing.url, "kind": ing.kind, "step": ing.step, "run": ing.run,
-            "manifest_checksum": ing.manifest_checksum, "why": ing.why,
-            "metrics": dict(ing.metrics), "in_soup": id(src) in chosen,
-        }  # fmt: skip
-        if plan.ingredient_scores:
-            entry["scores"] = plan.ingredient_scores[k]
-        ingredients.append(entry)
-    files = {(f"{data_dir}/{n}" if data_dir else n): asdict(e) for n, e in written.files.items()}
-    params = {k: v for k, v in asdict(cfg).items() if k not in ("enabled",)}
-    return {
-        "recipe": cfg.recipe,
-        "params": params,
-        "details": plan.details,
-        "ingredients": ingredients,
-        "related_check": related,
-        "tied": {k: v for k, v in info.get("ties", {}).items()},
-        "reading": {k: v for k, v in info.items() if k not in ("cosines", "ties")},
-        "shards": written.shards,
-        "index": writer.INDEX if len(written.shards) > 1 else None,
-        "data_dir": data_dir,
-        "files": files,
-        "nbytes": written.nbytes,
-        "versions": library_versions(),
-        "created_at": time.time(),
-        "command": sys.argv,
-    }
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-    except OSError:
-        return 0
-
-
-def _peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

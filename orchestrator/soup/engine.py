@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -30,6 +30,68 @@ from orchestrator.soup.reader import Piece, Source, TensorSpec, same_layout
 
 MIN_AHEAD = 1 << 20
 MAX_AHEAD = 256 << 20
+
+
+def keep_big_allocations_mapped() -> None:
+    """Pin glibc's mmap threshold at its default 128 kB (process-wide; a no-op elsewhere).
+
+    glibc raises the threshold after each large free (up to 32 MB), after which MB-sized
+    pieces and accumulators come from malloc heaps and arenas that are not given back: a soup
+    then holds tens of MB more than its working set. Fixed, every tensor-sized buffer is its
+    own mapping, returned to the system when freed.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(128 * 1024))
+    except OSError:
+        pass
+
+
+_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+
+
+class SingleThreaded:
+    """torch's intra-op threads set to 1 until `restore()`. The mix is a stream of MB-sized
+    adds: OpenMP's parallel regions save little there and, on a busy shared node, each one
+    waits for every thread to be scheduled (measured: 10x slower under load)."""
+
+    def __init__(self) -> None:
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.before)
+
+
+def warm_up(specs: Mapping[str, TensorSpec]) -> None:
+    """Run each kernel the mix uses once, on small tensors of the dtypes present.
+
+    The first call of a torch kernel faults its code pages in (~15-20 MB of libtorch for the
+    type-promoting add alone): a constant of the interpreter, not of the soup. Doing it before
+    the start RSS is taken keeps the memory figures about the soup's data.
+    """
+    import io
+
+    for dtype in {spec.dtype for spec in specs.values()}:
+        x = torch.zeros(1 << 16, dtype=dtype)
+        buf = io.BytesIO()
+        torch.save(x, buf)
+        x = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+        xxhash.xxh3_64(x.view(torch.uint8).numpy())
+        if dtype.is_floating_point:
+            acc = torch.zeros(
+                1 << 16, dtype=torch.float64 if dtype.itemsize >= 4 else torch.float32
+            )
+            acc.add_(x)
+            acc.add_(x, alpha=0.5)
+            acc.div_(2)
+            float(torch.dot(x.float(), x.float()))
+            acc.to(dtype)
 
 
 def check_layout(sources: Sequence[Source]) -> dict[str, TensorSpec]:
@@ -76,25 +138,31 @@ class Stats:
 
 
 class Similarity:
-    """Cosine between the first ingredient's weight matrices and each other's, all matrices
-    together. Fine-tunes of one model stay close to it (cosine near 1); independently
-    initialised models are near-orthogonal (near 0), and their soup collapses."""
+    """How alike the ingredients' weight matrices are, with no copy of any of them: the mean
+    pairwise cosine c implied by the norm of their weighted mean m = sum_i w_i x_i. With
+    (weighted) mean squared norm n2 = sum_i w_i |x_i|^2 and s = sum_i w_i^2,
+    |m|^2 = n2 (s + c (1 - s)) for equal norms, so c = (|m|^2 / n2 - s) / (1 - s).
+    Fine-tunes of one model: c near 1; independently initialised models are near-orthogonal,
+    c near 0, and their soup collapses."""
 
-    def __init__(self, n: int) -> None:
-        self.dot, self.norm_a, self.norm_b = [0.0] * n, [0.0] * n, [0.0] * n
+    def __init__(self, weights: Sequence[float]) -> None:
+        self.weights = list(weights)
+        self.norms = 0.0  # sum_i w_i |x_i|^2 over every matrix
+        self.mean_norm = 0.0  # |m|^2 over every matrix
 
-    def add(self, i: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        x, y = a.reshape(-1).float(), b.reshape(-1).float()
-        self.dot[i] += float(torch.dot(x, y))
-        self.norm_a[i] += float(torch.dot(x, x))
-        self.norm_b[i] += float(torch.dot(y, y))
+    def add_piece(self, i: int, piece: torch.Tensor) -> None:
+        x = piece.reshape(-1).float()
+        self.norms += self.weights[i] * float(torch.dot(x, x))
 
-    def cosines(self) -> dict[int, float]:
-        return {
-            i: self.dot[i] / ((self.norm_a[i] * self.norm_b[i]) ** 0.5 or 1.0)
-            for i in range(1, len(self.dot))
-            if self.norm_a[i] > 0
-        }
+    def add_mean(self, mean: torch.Tensor) -> None:
+        x = mean.reshape(-1)
+        self.mean_norm += float(torch.dot(x, x))
+
+    def cosine(self) -> float | None:
+        s = sum(w * w for w in self.weights)
+        if self.norms <= 0 or s >= 1:
+            return None
+        return (self.mean_norm / self.norms - s) / (1 - s)
 
 
 _Job = tuple[int, str, Piece]  # (ingredient index, tensor name, piece)
@@ -157,7 +225,7 @@ class Mixer:
         self.uniform = len(set(self.weights)) == 1
         self.names = list(names)
         self.stats = Stats()
-        self.similarity = Similarity(len(self.sources))
+        self.similarity = Similarity(self.weights)
         self.ties: dict[str, str] = {}  # later name -> the earlier name it equals everywhere
         self._signatures: dict[tuple[object, ...], str] = {}
         self._tie_candidates = _tie_candidates(self.specs)
@@ -197,10 +265,7 @@ class Mixer:
             acc = torch.zeros(spec.shape, dtype=acc_dtype)
         else:
             acc = torch.empty(spec.shape, dtype=spec.dtype)
-        # Matrices of the first ingredient are kept while the others stream past, for the
-        # model-free relatedness measure (one extra tensor of memory).
         compare = spec.averaged and len(spec.shape) >= 2 and len(contributors) > 1
-        first = torch.empty(spec.shape, dtype=spec.dtype) if compare else None
         hashes: list[str] = []
         for i in contributors:
             h = xxhash.xxh3_64() if name in self._tie_candidates else None
@@ -209,11 +274,8 @@ class Mixer:
                 assert got == name, (got, name)
                 where = tuple(slice(a, a + n) for a, n in zip(piece.at, piece.shape, strict=True))
                 self._add(acc[where], tensor, spec, i)
-                if first is not None:
-                    if i == contributors[0]:
-                        first[where] = tensor
-                    else:
-                        self.similarity.add(i, first[where], tensor)
+                if compare:
+                    self.similarity.add_piece(i, tensor)
                 if h is not None:
                     h.update(repr(piece.at).encode())
                     h.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
@@ -224,6 +286,8 @@ class Mixer:
             return acc
         if self.uniform:
             acc.div_(len(self.weights))
+        if compare:
+            self.similarity.add_mean(acc)
         return acc.to(spec.dtype)
 
     def _add(self, region: torch.Tensor, tensor: torch.Tensor, spec: TensorSpec, i: int) -> None:

@@ -30,7 +30,7 @@ from orchestrator.soup.ingredients import Ingredient
 if TYPE_CHECKING:
     from orchestrator.storage import S3Options, Store
 
-VERIFY_BLOCK = 1 << 20  # bytes hashed at a time: verification memory stays tiny
+VERIFY_BLOCK = 256 << 10  # bytes hashed at a time: verification memory stays tiny
 
 # safetensors dtype code -> torch dtype
 _ST_DTYPES = {

@@ -1,0 +1,105 @@
+"""What a soup records about itself: the integrity of its ingredients (checked while the soup
+is made, before anything is committed), SOUP.json's body, and the memory figures.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.errors import CheckpointCorrupt
+from orchestrator.soup import writer
+from orchestrator.soup.reader import verify
+
+if TYPE_CHECKING:
+    from orchestrator.soup.cook import Kitchen, Plan
+
+
+class Integrity:
+    """Every ingredient checked against its manifest in background threads, while the soup is
+    made: the wall time is the longer of the two rather than their sum, and nothing is
+    committed before `check()` says every ingredient is whole."""
+
+    def __init__(self, kitchen: Kitchen) -> None:
+        self.kitchen = kitchen
+        checksums = kitchen.cfg.verify == "checksums"
+        workers = min(kitchen.cfg.read_workers, len(kitchen.sources))
+        self.t0 = time.perf_counter()
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="soup-verify")
+        self.futures = [self.pool.submit(verify, s, checksums) for s in kitchen.sources]
+
+    def check(self) -> None:
+        """CheckpointCorrupt naming the first bad ingredient and its file."""
+        try:
+            found = [f.result() for f in self.futures]
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        for ing, problems in zip(self.kitchen.ingredients, found, strict=True):
+            if problems:
+                raise CheckpointCorrupt(
+                    f"ingredient {ing.label} ({ing.url}) is corrupt: {problems[0]}; "
+                    "refusing to soup"
+                )
+        self.kitchen.timings.setdefault("verify_s", time.perf_counter() - self.t0)
+
+
+def record(kitchen: Kitchen, plan: Plan, written: writer.Written, info: dict[str, Any],
+            related: dict[str, Any], data_dir: str) -> dict[str, Any]:  # fmt: skip
+    from orchestrator.checkpoint.manifest import library_versions
+
+    cfg = kitchen.cfg
+    chosen = {id(s) for s in plan.sources}
+    ingredients = []
+    for k, (ing, src) in enumerate(zip(kitchen.ingredients, kitchen.sources, strict=True)):
+        entry = {
+            "path": ing.url, "kind": ing.kind, "step": ing.step, "run": ing.run,
+            "manifest_checksum": ing.manifest_checksum, "why": ing.why,
+            "metrics": dict(ing.metrics), "in_soup": id(src) in chosen,
+        }  # fmt: skip
+        if plan.ingredient_scores:
+            entry["scores"] = plan.ingredient_scores[k]
+        ingredients.append(entry)
+    files = {(f"{data_dir}/{n}" if data_dir else n): asdict(e) for n, e in written.files.items()}
+    params = {k: v for k, v in asdict(cfg).items() if k not in ("enabled",)}
+    return {
+        "recipe": cfg.recipe,
+        "params": params,
+        "details": plan.details,
+        "ingredients": ingredients,
+        "related_check": related,
+        "tied": {k: v for k, v in info.get("ties", {}).items()},
+        "reading": {k: v for k, v in info.items() if k not in ("cosine", "ties")},
+        "shards": written.shards,
+        "index": writer.INDEX if len(written.shards) > 1 else None,
+        "data_dir": data_dir,
+        "files": files,
+        "nbytes": written.nbytes,
+        "versions": library_versions(),
+        "created_at": time.time(),
+        "command": sys.argv,
+    }
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's RSS high-water mark. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
+    fork and exec, so a soup started by a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -1,0 +1,94 @@
+"""Soups of real multi-rank checkpoints: `stockpot run` on 2 gloo ranks, DDP and FSDP, and the
+same run read back from the real S3 server (moto_server)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.cli import main
+from orchestrator.soup.ingredients import Ingredient
+from orchestrator.soup.reader import open_source
+from orchestrator.storage import S3Options, Store
+from tests.fixtures.s3 import S3Server
+from tests.soup_fixtures import (
+    assert_close_to_rounding,
+    ckpt_dir,
+    dcp_model,
+    f64_mean,
+    soup_tensors,
+    stockpot,
+)
+
+STEPS = (10, 20, 30)
+
+
+def _train(root: Path, parallel: str) -> Path:
+    run = root / parallel
+    got = stockpot(
+        "run", "configs/demo.yaml", f"run.dir={run}", f"trainer.parallel={parallel}",
+        "trainer.max_steps=30", "checkpoint.every_steps=10", "checkpoint.keep_last=5",
+        "trainer.eval_every=10", "trainer.log_every=10", "task.n_train=2000", "task.n_eval=500",
+        timeout=600,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dist")
+    return {p: _train(root, p) for p in ("ddp", "fsdp")}
+
+
+def test_fsdp_pieces_are_stitched_like_dcp_does(runs: dict[str, Path], tmp_path: Path) -> None:
+    ckpt = ckpt_dir(runs["fsdp"], 30)
+    source = open_source(Ingredient(str(ckpt), "dcp", "test"))
+    assert max(len(p) for p in source.pieces.values()) == 2  # really sharded over 2 ranks
+    outs = {}
+    for parallel, run in runs.items():
+        outs[parallel] = tmp_path / parallel
+        assert main(["soup", str(run), "--out", str(outs[parallel])]) == 0
+        want = f64_mean([dcp_model(ckpt_dir(run, s)) for s in STEPS])
+        assert_close_to_rounding(soup_tensors(outs[parallel]), want)
+    ddp, fsdp = soup_tensors(outs["ddp"]), soup_tensors(outs["fsdp"])
+    assert ddp.keys() == fsdp.keys()
+    for name in ddp:  # the same training under DDP and FSDP: the same soup, to float noise
+        assert torch.allclose(ddp[name], fsdp[name], rtol=1e-4, atol=1e-5), name
+
+
+def test_ddp_and_fsdp_checkpoints_mix(runs: dict[str, Path], tmp_path: Path) -> None:
+    pair = [ckpt_dir(runs["ddp"], 30), ckpt_dir(runs["fsdp"], 30)]
+    out = tmp_path / "mixed"
+    assert main(["soup", *map(str, pair), "--out", str(out)]) == 0
+    assert_close_to_rounding(soup_tensors(out), f64_mean([dcp_model(p) for p in pair]))
+
+
+def _upload(local: Path, store: Store) -> None:
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        store.write_bytes(path.relative_to(local).as_posix(), path.read_bytes())
+
+
+@pytest.mark.s3
+def test_s3_input_gives_bit_identical_output(
+    runs: dict[str, Path], s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    s3 = S3Options(endpoint_url=s3_server.endpoint_url)
+    url = f"{s3_bucket}/fsdp"
+    _upload(runs["fsdp"], Store(url, s3))
+    endpoint = f"storage.s3.endpoint_url={s3_server.endpoint_url}"
+    local, from_s3 = tmp_path / "local", tmp_path / "from-s3"
+    assert main(["soup", str(runs["fsdp"]), "--out", str(local)]) == 0
+    assert main(["soup", url, "--out", str(from_s3), endpoint, "--workers", "8"]) == 0
+    want = (local / "model.safetensors").read_bytes()
+    assert (from_s3 / "model.safetensors").read_bytes() == want
+    # ... and written to S3: committed by a create-only SOUP.json, files in its data_dir
+    assert main(["soup", url, "--name", "u", endpoint]) == 0
+    out = Store(f"{url}/soups/u", s3)
+    record = json.loads(out.read_bytes("SOUP.json"))
+    assert record["data_dir"] and record["ingredients"][0]["path"].startswith("s3://")
+    assert out.read_bytes(f"{record['data_dir']}/model.safetensors") == want
+    assert main(["soup", url, "--name", "u", endpoint]) == 1  # never committed twice
