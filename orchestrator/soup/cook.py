@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import CheckpointCorrupt, UsageError
 from orchestrator.soup import engine, evaluate, provenance, recipes, writer
-from orchestrator.soup.ingredients import Ingredient, resolve
-from orchestrator.soup.reader import Source, open_source
+from orchestrator.soup.ingredients import resolve
+from orchestrator.soup.kitchen import Kitchen, Plan
+from orchestrator.soup.reader import open_source
 
 if TYPE_CHECKING:
     import torch
@@ -35,19 +36,6 @@ log = logging.getLogger(__name__)
 BATCH_BYTES = 16 << 20  # at most this many output bytes handed to the file writer at a time
 UNRELATED_COSINE = 0.2  # below: the weights share no starting point (see engine.Similarity)
 EVAL_RECIPES = ("greedy", "learned")
-
-
-@dataclass
-class Kitchen:
-    """What a soup is made from, after the pre-flight checks."""
-
-    cfg: SoupConfig
-    s3: S3Options | None
-    ingredients: list[Ingredient]
-    sources: list[Source]
-    out: str
-    timings: dict[str, float] = field(default_factory=dict)
-    judge: evaluate.Judge | None = None
 
 
 def prepare(sources: Sequence[str], cfg: SoupConfig, s3: S3Options | None, out: str) -> Kitchen:
@@ -119,17 +107,6 @@ def build_judge(kitchen: Kitchen) -> evaluate.Judge:
 
 
 # --- the recipes -------------------------------------------------------------------------------
-
-
-@dataclass
-class Plan:
-    """What to write: a streamed weighted mean of `sources`, or a state already in memory."""
-
-    sources: list[Source]
-    weights: list[float] | None = None
-    state: dict[str, torch.Tensor] | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-    ingredient_scores: list[dict[str, float]] = field(default_factory=list)
 
 
 def choose(kitchen: Kitchen) -> Plan:

@@ -16,7 +16,7 @@ from orchestrator.soup import writer
 from orchestrator.soup.reader import verify
 
 if TYPE_CHECKING:
-    from orchestrator.soup.cook import Kitchen, Plan
+    from orchestrator.soup.kitchen import Kitchen, Plan
 
 
 class Integrity:

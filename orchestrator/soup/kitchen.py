@@ -1,0 +1,41 @@
+"""The two records a soup is made of: the `Kitchen` (ingredients, opened and checked) and the
+`Plan` (what the recipe decided to write). Plain data, shared by cook and provenance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from orchestrator.config import SoupConfig
+    from orchestrator.soup.evaluate import Judge
+    from orchestrator.soup.ingredients import Ingredient
+    from orchestrator.soup.reader import Source
+    from orchestrator.storage import S3Options
+
+
+@dataclass
+class Kitchen:
+    """What a soup is made from, after the pre-flight checks."""
+
+    cfg: SoupConfig
+    s3: S3Options | None
+    ingredients: list[Ingredient]
+    sources: list[Source]
+    out: str
+    timings: dict[str, float] = field(default_factory=dict)
+    judge: Judge | None = None
+
+
+@dataclass
+class Plan:
+    """What to write: a streamed weighted mean of `sources`, or a state already in memory."""
+
+    sources: list[Source]
+    weights: list[float] | None = None
+    state: dict[str, torch.Tensor] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    ingredient_scores: list[dict[str, float]] = field(default_factory=list)
