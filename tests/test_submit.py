@@ -208,14 +208,23 @@ def test_no_sweep_is_one_element() -> None:
 # --- the job objects ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("limit_min", "threshold_s"), [(60, 2880.0), (120, 5760.0), (100, 4800.0), (10, 0.0)]
-)
-def test_submitit_timeout_heuristic(limit_min: int, threshold_s: float) -> None:
-    # min(0.8 x limit, limit - 10 min): with a 10 min limit every signal is a time-out.
-    assert job.timeout_threshold_s(limit_min) == threshold_s
-    assert job.counts_as_timeout(threshold_s, limit_min)
-    assert not job.counts_as_timeout(threshold_s - 1, limit_min)
+@pytest.mark.parametrize("limit_min", [10, 15, 60, 100, 120, 240])
+def test_timeout_rule_is_submitits_own(limit_min: int) -> None:
+    """stockpot calls a stop a time-out exactly when submitit's own signal handler does
+    (`SignalHandler.has_timed_out`, which decides whether submitit requeues): compared at run
+    times half a second either side of every 12 s mark from 0 to the limit."""
+    import time
+
+    from submitit.core.job_environment import SignalHandler
+    from submitit.core.utils import DelayedSubmission
+
+    delayed = DelayedSubmission(print)
+    delayed.set_timeout(limit_min, max_num_timeout=3)
+    handler = SignalHandler(None, None, delayed)  # type: ignore[arg-type]  # only the clock is used
+    marks = range(0, 60 * limit_min + 1, 12)
+    for elapsed in (max(0.0, mark + side) for mark in marks for side in (-0.5, 0.5)):
+        handler._start_time = time.time() - elapsed  # the job started `elapsed` s ago
+        assert job.counts_as_timeout(elapsed, limit_min) == handler.has_timed_out(), elapsed
 
 
 def test_training_job_pickles_plain_data_only() -> None:
