@@ -4,7 +4,7 @@
   SlurmExecutor; `local` -> submitit's LocalExecutor (tasks as processes here).
 - A `sweep:` -> ONE array job, an element per point of the product, each in its own run.dir.
 - `soup.enabled: true` -> also a chained job, `afterok` on the training job (on the whole
-  array for a sweep), that exports each run's final checkpoint (launch.job.ExportJob).
+  array for a sweep), that makes the config's soup (launch.soup_job.SoupJob).
 - Every submission is appended to `<run.dir>/jobs.json` (and to each sweep element's; the
   record is launch/jobs.py's), which `stockpot status` reads to show the jobs and their state.
 
@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from launch.jobs import JOBS_NAME, append_jobs
+from launch.soup_job import soup_out
 from orchestrator.config import Config, expand_sweep
 from orchestrator.storage import Store
 
@@ -43,7 +44,7 @@ def log_folder(cfg: Config) -> str:
     return os.path.abspath(os.path.expanduser(cfg.launcher.log_dir))
 
 
-def export_config(cfg: Config) -> Config:
+def export_config(cfg: Config) -> Config:  # the soup job's too
     """The chained job's resources: one task on one node (it reads checkpoints, no ranks)."""
     launcher = dataclasses.replace(
         cfg.launcher, nodes=1, tasks_per_node=1, gpus_per_node=0, exclusive=False
@@ -67,7 +68,7 @@ def dry_run_text(cfg: Config, elements: Sequence[Config]) -> str:
         text = sbatch_text(
             export_config(cfg),
             folder,
-            job_name=f"{cfg.run.name}-export",
+            job_name=f"{cfg.run.name}-soup",
             dependency="afterok:JOBID",
         )
         lines.append(text.rstrip("\n"))
@@ -77,7 +78,8 @@ def dry_run_text(cfg: Config, elements: Sequence[Config]) -> str:
 def submit(cfg: Config, elements: Sequence[Config]) -> list[dict[str, Any]]:
     """Submit the training job (an array for a sweep) and the chained job; record them."""
     from launch.executor import make_executor
-    from launch.job import ExportJob, TrainingJob
+    from launch.job import TrainingJob
+    from launch.soup_job import SoupJob
 
     folder = log_folder(cfg)
     executor = make_executor(cfg, folder, job_name=cfg.run.name)
@@ -90,12 +92,12 @@ def submit(cfg: Config, elements: Sequence[Config]) -> list[dict[str, Any]]:
     if cfg.soup.enabled and cfg.launcher.kind == "slurm":
         dependency = f"afterok:{jobs[0].job_id.split('_')[0]}"  # an array: all its elements
         chained = make_executor(
-            export_config(cfg), folder, job_name=f"{cfg.run.name}-export", dependency=dependency
-        ).submit(ExportJob([element.to_dict() for element in elements]))
-        records.append(_record(chained.job_id, "export", cfg, cfg.run.dir, None, dependency))
+            export_config(cfg), folder, job_name=f"{cfg.run.name}-soup", dependency=dependency
+        ).submit(SoupJob(cfg.to_dict(), [element.run.dir for element in elements]))
+        records.append(_record(chained.job_id, "soup", cfg, cfg.run.dir, None, dependency))
     elif cfg.soup.enabled:
         print("stockpot: launcher.kind=local cannot chain a job (Slurm dependencies only); "
-              "run `stockpot export` once training finishes", file=sys.stderr)  # fmt: skip
+              "run `stockpot soup --config CONFIG` once training finishes", file=sys.stderr)  # fmt: skip
     _write_records(cfg, elements, records)
     return records
 
@@ -130,9 +132,9 @@ def summary(cfg: Config, records: Sequence[dict[str, Any]]) -> str:
     lines = []
     launcher = cfg.launcher
     for r in records:
-        if r["kind"] == "export":
-            lines.append(f"submitted chained job {r['job_id']} ({r['dependency']}): exports each "
-                         "run's final checkpoint to <run.dir>/export/model.safetensors")  # fmt: skip
+        if r["kind"] == "soup":
+            lines.append(f"submitted chained job {r['job_id']} ({r['dependency']}): a "
+                         f"{cfg.soup.recipe} soup to {soup_out(cfg)}")  # fmt: skip
             continue
         what = "" if r["array_index"] is None else f" [array element {r['array_index']}]"
         lines.append(

@@ -26,7 +26,7 @@ from orchestrator.checkpoint.layout import MANIFEST_NAME, is_optimizer_file
 from orchestrator.checkpoint.retention import Candidate, RetentionPolicy, plan
 from orchestrator.errors import CheckpointCorrupt
 from orchestrator.state import ModelAndOptimizer
-from orchestrator.storage import Store
+from orchestrator.storage import S3Options, Store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ _DROPPER = """
 import os, sys, time
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.retention import drop_optimizer
-from orchestrator.storage import Store
+from orchestrator.storage import S3Options, Store
 
 class Stalling(Store):
     # A real store that announces the phase it reached, then stalls there to be killed.
@@ -181,3 +181,106 @@ def test_sigkill_while_dropping_optimizer_state_leaves_manifests_naming_existing
     left = sorted(p.name for p in (run / "checkpoints/step-000000001").iterdir())
     assert ("__0_optim.distcp" in left) is (phase == "manifest")
     _names_only_existing(run)
+
+
+# --- the chained soup job on the real Slurm cluster ------------------------------------------
+
+STOCKPOT = str(Path(sys.executable).parent / "stockpot")
+SMALL = ["task.n_train=2048", "task.n_eval=512", "trainer.log_every=10", "trainer.eval_every=10"]
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+WAIT_S = 900  # a loaded 2-core machine: torch imports alone take ~50 s per job
+
+
+def _squeue_state(job_id: str) -> str | None:
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"],
+                         capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    states = sorted(set(out.stdout.split()))
+    return ",".join(states) if out.returncode == 0 and states else None
+
+
+def _wait_states(job_ids: list[str], on_running=None) -> dict[str, str]:
+    """Each job's end state (polled together so none ends unseen); `on_running(job_id)` once
+    when a job is first seen RUNNING."""
+    ended: dict[str, str] = {}
+    seen_running: set[str] = set()
+    deadline = time.monotonic() + WAIT_S
+    while len(ended) < len(job_ids):
+        assert time.monotonic() < deadline, f"jobs {job_ids} did not end: {ended}"
+        for job_id in job_ids:
+            now = _squeue_state(job_id) if job_id not in ended else None
+            if now == "RUNNING" and job_id not in seen_running and on_running is not None:
+                seen_running.add(job_id)
+                on_running(job_id)
+            if now in TERMINAL:
+                ended[job_id] = now
+        time.sleep(0.5)
+    return ended
+
+
+def _submit(tmp_path: Path, name: str, *overrides: str, env: dict[str, str]) -> list[dict]:
+    out = subprocess.run(
+        [STOCKPOT, "submit", "configs/demo-slurm.yaml", *SMALL, "launcher.tasks_per_node=1",
+         "trainer.max_steps=20", "checkpoint.every_steps=10", "soup.enabled=true",
+         f"run.name={name}", f"launcher.log_dir={tmp_path / name / 'logs'}", *overrides],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "submitted chained job" in out.stdout, out.stdout
+    return [line for line in out.stdout.splitlines() if "submitted" in line]
+
+
+def _pretrain(tmp_path: Path) -> Path:
+    pre = tmp_path / "pretrained"
+    done = subprocess.run(
+        [STOCKPOT, "run", "configs/demo.yaml", *SMALL, "trainer.max_steps=20", f"run.dir={pre}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return pre
+
+
+@pytest.mark.slurm
+def test_chained_soup_job_on_slurm_reads_s3_from_the_config(
+    slurm_cluster, s3_server, s3_bucket, tmp_path: Path
+) -> None:
+    """An array of 3 fine-tunes (one pretrained start, a sweep over lr) on S3, then the soup job
+    (afterok on the array) writes SOUP.json; storage.s3.endpoint_url is only in the config. The
+    soup job is requeued once while it runs: it starts over and commits once. A sweep with a
+    failing element never runs its soup job."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    pre = _pretrain(tmp_path)
+    url = f"{s3_bucket}/sweep"
+    t0 = time.time()
+    _submit(tmp_path, "soupsweep", f"run.dir={url}", f"storage.s3.endpoint_url={s3_server.endpoint_url}",
+            f"model.init_from={pre}", "sweep.optim.lr=[0.02,0.05,0.1]", env=env)  # fmt: skip
+    _submit(tmp_path, "soupfail", f"run.dir={tmp_path / 'fail'}", "sweep.task.hidden=[16,-1]",
+            env=env)  # fmt: skip
+    store = Store(url, S3Options(endpoint_url=s3_server.endpoint_url))
+    jobs = json.loads(store.read_bytes("jobs.json"))
+    failing = json.loads((tmp_path / "fail" / "jobs.json").read_text())
+    soup_id = jobs[3]["job_id"]
+    assert [j["kind"] for j in jobs] == ["train"] * 3 + ["soup"]
+    assert jobs[3]["dependency"] == f"afterok:{jobs[0]['job_id'].split('_')[0]}"
+    requeued: list[float] = []
+
+    def requeue_the_soup_once(job_id: str) -> None:
+        if job_id == soup_id:
+            requeued.append(time.time() - t0)
+            subprocess.run(["scontrol", "requeue", job_id], timeout=30, check=False)
+
+    ids = [j["job_id"] for j in jobs] + [j["job_id"] for j in failing]
+    states = _wait_states(ids, on_running=requeue_the_soup_once)
+    total = time.time() - t0
+    assert [states[j["job_id"]] for j in jobs] == ["COMPLETED"] * 4
+    assert [states[j["job_id"]] for j in failing] == ["COMPLETED", "FAILED", "CANCELLED"]
+    assert not list((tmp_path / "fail").rglob("SOUP.json"))
+
+    record = json.loads(store.read_bytes("soups/soup/SOUP.json"))
+    assert len(record["ingredients"]) == 3 and all(i["in_soup"] for i in record["ingredients"])
+    runs = sorted(i["run"] for i in record["ingredients"])
+    assert runs == sorted(j["run_dir"] for j in jobs[:3])
+    assert requeued, "the soup job was never seen running"
+    log = (tmp_path / "soupsweep" / "logs" / f"{soup_id}_0_log.err").read_text()
+    print(f"\nchained soup on Slurm: {total:.0f} s from submit to the soup's end; soup job "
+          f"requeued at {requeued[0]:.0f} s; {log.count('committed uniform soup')} commit(s)")  # fmt: skip
+    assert log.count("committed uniform soup") == 1
