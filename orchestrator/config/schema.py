@@ -326,7 +326,7 @@ class SoupConfig:
     # `learned` only: one coefficient per ingredient and tensor instead of per ingredient.
     per_layer: bool = False
     # `learned` only: passes over the held-out set to fit the coefficients.
-    learned_epochs: int = 3
+    learned_epochs: int = 10
     # `learned` only: AdamW's learning rate for the coefficients.
     learned_lr: float = 0.05
     # `learned` holds every ingredient's tensors at once: refuse when that exceeds this many
