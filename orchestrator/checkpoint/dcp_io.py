@@ -96,6 +96,7 @@ class _HashingFileSystem(FileSystem):
         def full() -> None:
             self.no_space = self.no_space or os.fspath(path)
 
+        hasher: Hasher | None = None
         try:
             with super().create_stream(path, mode) as stream:
                 if "w" not in mode:
@@ -103,10 +104,14 @@ class _HashingFileSystem(FileSystem):
                     return
                 hasher = Hasher()
                 yield _HashingStream(stream, hasher, full)
-        except OSError as exc:  # a buffered write can fail at close
-            if exc.errno == errno.ENOSPC:
+        except Exception as exc:  # a buffered write can fail at close too
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 full()
-            raise
+            if self.no_space is None or hasher is None:  # (None: failed before the yield)
+                raise
+            # Out of space: the save fails as DiskFull (save_shards), so this file is left
+            # unrecorded and unraised, where a DCP writer thread would print a traceback.
+            return
         self.records[self._name(path)] = hasher.entry()
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
@@ -214,13 +219,15 @@ def save_shards(
     except CheckpointException:
         _raise_if_disk_full(writer.fs.no_space, store, rel, group)
         raise
+    _raise_if_disk_full(writer.fs.no_space, store, rel, group)
     return writer.fs.records
 
 
 def _raise_if_disk_full(mine: str | None, store: Store, rel: str, group: Any) -> None:
-    """DiskFull on every rank if any rank's write hit ENOSPC. DCP raised its exception on every
-    rank (it gathers each rank's outcome), so this exchange is safe; the leader removes the
-    attempt's files, so the next run has the space back that this one took."""
+    """DiskFull on every rank if any rank's write hit ENOSPC (a file it skipped, see
+    create_stream). DCP returned or raised on every rank alike (it gathers each rank's outcome),
+    so this exchange is safe; the leader removes the attempt's files, so the next run has the
+    space back that this one took."""
     full = next((p for p in dist.all_gather_objects(mine, group) if p), None)
     if full is None:
         return
