@@ -39,6 +39,7 @@ from orchestrator.errors import CheckpointCorrupt, CheckpointError
 from orchestrator.storage import Store
 
 METADATA_NAME = ".metadata"
+WRITE_THREADS = 2  # per rank; write_data makes two files, so more would sit idle
 
 
 class DiskFull(CheckpointError):
@@ -127,7 +128,12 @@ class _HashingFileSystem(FileSystem):
 class _Writer(FsspecWriter):
     def __init__(self, store: Store, rel: str) -> None:
         # Without fsync (S3), DCP's sync_files would fall back to os.sync() of the whole machine.
-        super().__init__(store.path(rel), sync_files=store.fsyncs, **store.storage_options())
+        # Two writer threads: this rank's model file and optimizer file (write_data) go out in
+        # parallel; DCP's torch.save per tensor is CPU-bound. make bench: ~1.25x on 2 ranks.
+        super().__init__(
+            store.path(rel), sync_files=store.fsyncs, thread_count=WRITE_THREADS,
+            **store.storage_options(),
+        )  # fmt: skip
         hashing = _HashingFileSystem(os.fspath(self.path))
         hashing.fs = self.fs.fs
         self.fs: _HashingFileSystem = hashing  # type: ignore[assignment]
@@ -143,7 +149,12 @@ class _Writer(FsspecWriter):
         for name, bucket in ((f"0{DEFAULT_SUFFIX}", rest), (f"{OPTIM_KEY}{DEFAULT_SUFFIX}", optim)):
             if bucket or name.startswith("0"):
                 files.put((self.fs.concat_path(self.path, prefix + name), prefix + name, bucket))
-        return self._write_data(planner, files)
+        done = self._write_data(planner, files)
+        # DCP's extra writer threads drop their exceptions (the thread dies, its results are
+        # missing): fail this rank's write instead of committing a checkpoint without them.
+        if len(done.value()) != len(plan.items):
+            raise OSError(f"a DCP writer thread failed under {self.path} (see its traceback above)")
+        return done
 
 
 class _SafeMetadataUnpickler(pickle.Unpickler):
