@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from orchestrator.errors import NotBuiltYet, StockpotError
+from orchestrator.errors import StockpotError
 
 EXIT_INTERRUPTED = 130
 
@@ -102,13 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_parser(sub)
     scaffold.add_parser(sub)
     return parser
-
-
-def _not_built(name: str) -> Handler:
-    def handler(args: argparse.Namespace) -> int:
-        raise NotBuiltYet(f"'stockpot {name}' is not built yet")
-
-    return handler
 
 
 def _inspect(name: str) -> Handler:

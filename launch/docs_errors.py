@@ -24,7 +24,6 @@ KINDS: dict[str, tuple[int, str]] = {
         "--print-config` shows what the config resolves to. Every key: [config.md](config.md).",
     ),
     "UsageError": (2, "Point the command at what it names (a run dir, a checkpoint, a file)."),
-    "NotBuiltYet": (2, "The subcommand is announced but not available in this version."),
     "CheckpointCorrupt": (
         3,
         "`stockpot verify RUN` names the bad file. Delete that checkpoint's directory (it is "

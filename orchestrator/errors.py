@@ -20,12 +20,6 @@ def require(ok: bool, message: str, error: type[StockpotError] = ConfigError) ->
         raise error(message)
 
 
-class NotBuiltYet(StockpotError):
-    """A CLI subcommand that the product will have but does not yet."""
-
-    exit_code = 2
-
-
 class UsageError(StockpotError):
     """A command was pointed at the wrong thing (no run dir, bad output name, ...)."""
 
