@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stockpot-installed
 
-.PHONY: venv demo test lint bench chaos services clean
+.PHONY: venv demo soup-demo test lint bench chaos services clean
 
 venv: $(STAMP)
 
@@ -21,9 +21,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-# Trains configs/demo.yaml on 2 local ranks, interrupts it with SIGUSR2 midway, resumes it.
+# Trains configs/demo.yaml on 2 local ranks, interrupts it with SIGUSR2 midway, resumes it,
+# then makes a checkpoint soup of the run (best single checkpoint vs soup on the test split).
 demo: venv
 	$(BIN)/python -m launch.demo configs/demo.yaml
+
+# Pretrains once, fine-tunes 8 ingredients from it (seeds x lrs), soups them (uniform, greedy,
+# learned); prints best single vs soups on the test split; README=1 rewrites README's table.
+soup-demo: venv
+	$(BIN)/python -m launch.soup_demo configs/soup-demo.yaml $(if $(README),--readme)
 
 # Starts the real services the tests need (Slurm here; the S3 server is started by the tests),
 # then runs the whole suite. Under CI=true (.ci/run sets it) the Slurm and S3 tests must run,

@@ -7,6 +7,9 @@
    sends before a time limit: the ranks agree at the next step boundary, save, and exit 75.
 3. `stockpot run CONFIG` again resumes from the newest committed checkpoint and finishes.
 4. A summary: steps, restarts, checkpoints, final held-out accuracy (read from the run dir).
+5. A checkpoint soup of the run: the uniform mean of the second half's checkpoints that improved
+   on any tracked metric (`improved_any`, kept as weights only by checkpoint.keep_weights_every_steps),
+   best single checkpoint (by validation) vs the soup on the test split.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def main(argv: list[str]) -> int:
             print(f"demo: the resumed run failed with exit {code}", file=sys.stderr)
             return code
     _summary(cfg, run_dir)
+    _checkpoint_soup(cfg, run_dir)
     return 0
 
 
@@ -102,6 +106,35 @@ def _summary(cfg: Config, run_dir: Path) -> None:
     if (run_dir / "tb").is_dir():  # logging.tensorboard: one event file per life of the run
         print(f"tensorboard    tensorboard --logdir {run_dir / 'tb'}   (restarts: events/resumes)")
     print(f"curves         stockpot plot {run_dir} --out curves.png")
+    full = [c.manifest.total_bytes for c in scan.committed if not c.manifest.weights_only]
+    kept = sum(c.manifest.total_bytes for c in scan.committed)
+    if full:  # what keeping these checkpoints whole would take: the newest full one's size each
+        thin = sum(c.manifest.weights_only for c in scan.committed)
+        print(f"storage        {kept / 1e3:.0f} kB kept ({thin} weights-only) vs "
+              f"{full[-1] * len(scan.committed) / 1e3:.0f} kB if all were full")  # fmt: skip
+
+
+def _checkpoint_soup(cfg: Config, run_dir: Path) -> None:
+    """The BirdCLEF-style checkpoint soup: the checkpoints of the run's second half that improved
+    on any tracked metric; selection on the validation split, the test split only reported."""
+    from orchestrator.config import SoupConfig
+    from orchestrator.soup import cook
+
+    rule = ("eval/loss", "eval/accuracy")
+    soup = SoupConfig(improved_any=rule, steps=f"{cfg.trainer.max_steps // 2}:",
+                      metric="eval/accuracy", report=True, name="checkpoints")  # fmt: skip
+    kitchen = cook.prepare([str(run_dir)], soup, None, out=str(run_dir / "soups" / soup.name))
+    record = cook.cook(kitchen)  # report=True: the soup is scored on validation and test
+    steps = [i["step"] for i in record["ingredients"]]
+    # A uniform soup scores no ingredient: score them here, choose the best by validation.
+    scores = cook.score_ingredients(kitchen)
+    best = {"scores": max(scores, key=lambda s: s["eval/accuracy"])}
+    print(f"\n=== checkpoint soup (uniform over steps {steps}: second half, improved_any "
+          f"{', '.join(rule)}) ===")  # fmt: skip
+    for name, got in (("best single", best["scores"]), ("soup", record["soup_scores"])):
+        print(f"{name:<12}   validation acc {got['eval/accuracy']:.4f}   "
+              f"test acc {got['test/accuracy']:.4f}")  # fmt: skip
+    print(f"written        {kitchen.out} (SOUP.json: inputs, checksums, scores)")
 
 
 if __name__ == "__main__":
