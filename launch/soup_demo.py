@@ -38,6 +38,7 @@ PRETRAIN = [
     "model.init_from=null",
 ]
 RECIPES = ("uniform", "greedy", "learned")
+SCORED = "greedy"  # its SOUP.json scores every ingredient (a uniform soup scores none)
 README_BEGIN = "<!-- soup-demo:begin (written by `make soup-demo README=1`; do not edit) -->"
 README_END = "<!-- soup-demo:end -->"
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +109,7 @@ def best_single(record: dict[str, Any], metric: str) -> dict[str, Any]:
 
 
 def results_table(records: dict[str, dict[str, Any]]) -> str:
-    first = records[RECIPES[0]]
+    first = records[SCORED]
     metric = "eval/accuracy"
     best = best_single(first, metric)
     rows = [("best single (by validation)", best["scores"])]
@@ -136,7 +137,7 @@ def plot(records: dict[str, dict[str, Any]]) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 3.5), dpi=100)
-    ings = records[RECIPES[0]]["ingredients"]
+    ings = records[SCORED]["ingredients"]
     labels = [i["run"].rsplit("/", 1)[-1].split("-", 1)[-1] for i in ings]
     ax.scatter(range(len(ings)), [i["scores"]["test/accuracy"] for i in ings], color="C0",
                label="fine-tunes (ingredients)")  # fmt: skip
