@@ -35,7 +35,9 @@ from orchestrator.metrics import read_metrics
 from orchestrator.storage import Store
 from tests.ckpt_helpers import assert_same, final_state
 
-pytestmark = pytest.mark.slurm
+# The scenarios share one node and queue behind each other: their module fixture may take
+# longer than the suite's per-test limit on a slow machine; each wait stays bounded by WAIT_S.
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1500)]
 
 REPO = Path(__file__).resolve().parents[1]
 STOCKPOT = str(Path(sys.executable).parent / "stockpot")
@@ -47,7 +49,7 @@ TRAIN = [
     "launcher.tasks_per_node=2", "launcher.timeout_min=60",
 ]  # fmt: skip
 SMALL = ["trainer.max_steps=20", "launcher.tasks_per_node=1"]  # array elements: 1 rank each
-WAIT_S = 420  # the longest any single wait may take (jobs queue: the node fits one at a time)
+WAIT_S = 900  # the longest any single wait may take (jobs queue: the node fits one at a time)
 TERMINAL = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
     "DEADLINE",
