@@ -277,7 +277,7 @@ def _write(kitchen: Kitchen, plan: Plan, parent: Any, write_rel: str,
     # The writer holds one batch of finished tensors: as little as the read-ahead allows.
     model = kitchen.sources[0].model_bytes
     largest = max(spec.nbytes for spec in specs.values())
-    batch = max(largest, min(BATCH_BYTES, model // 64))
+    batch = max(largest, min(BATCH_BYTES, model // 128))
     names = [e.name for shard in shards for e in shard]
     if plan.state is not None:
         state = plan.state

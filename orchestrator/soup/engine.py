@@ -28,7 +28,7 @@ import xxhash
 from orchestrator.errors import UsageError
 from orchestrator.soup.reader import Piece, Source, TensorSpec, same_layout
 
-MIN_AHEAD = 1 << 20
+MIN_AHEAD = 512 << 10
 MAX_AHEAD = 256 << 20
 
 
@@ -119,8 +119,8 @@ def normalised(weights: Sequence[float] | None, n: int) -> list[float]:
 
 
 def default_ahead(model_bytes: int, largest_piece: int) -> int:
-    """Read-ahead budget: ~1/64 of one model, within [1 MB, 256 MB], never below one piece."""
-    return max(largest_piece, min(MAX_AHEAD, max(MIN_AHEAD, model_bytes // 64)))
+    """Read-ahead budget: ~1/128 of one model, within [0.5 MB, 256 MB], never below one piece."""
+    return max(largest_piece, min(MAX_AHEAD, max(MIN_AHEAD, model_bytes // 128)))
 
 
 @dataclass
