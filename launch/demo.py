@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from orchestrator.config import Config, load
 from orchestrator.env import EXIT_STOPPED as STOPPED
+from orchestrator.errors import UsageError
 
 
 def main(argv: list[str]) -> int:
@@ -123,14 +125,20 @@ def _checkpoint_soup(cfg: Config, run_dir: Path) -> None:
     rule = ("eval/loss", "eval/accuracy")
     soup = SoupConfig(improved_any=rule, steps=f"{cfg.trainer.max_steps // 2}:",
                       metric="eval/accuracy", report=True, name="checkpoints")  # fmt: skip
-    kitchen = cook.prepare([str(run_dir)], soup, None, out=str(run_dir / "soups" / soup.name))
+    out = str(run_dir / "soups" / soup.name)
+    try:
+        kitchen = cook.prepare([str(run_dir)], soup, None, out=out)
+    except UsageError as e:  # a short or overridden run: too few checkpoints improved
+        print(f"\ndemo: {e}; souping every checkpoint of the second half instead")
+        rule, soup = (), dataclasses.replace(soup, improved_any=())
+        kitchen = cook.prepare([str(run_dir)], soup, None, out=out)
     record = cook.cook(kitchen)  # report=True: the soup is scored on validation and test
     steps = [i["step"] for i in record["ingredients"]]
     # A uniform soup scores no ingredient: score them here, choose the best by validation.
     scores = cook.score_ingredients(kitchen)
     best = {"scores": max(scores, key=lambda s: s["eval/accuracy"])}
-    print(f"\n=== checkpoint soup (uniform over steps {steps}: second half, improved_any "
-          f"{', '.join(rule)}) ===")  # fmt: skip
+    how = f", improved_any {', '.join(rule)}" if rule else ""
+    print(f"\n=== checkpoint soup (uniform over steps {steps}: second half{how}) ===")
     for name, got in (("best single", best["scores"]), ("soup", record["soup_scores"])):
         print(f"{name:<12}   validation acc {got['eval/accuracy']:.4f}   "
               f"test acc {got['test/accuracy']:.4f}")  # fmt: skip

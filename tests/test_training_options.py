@@ -104,7 +104,7 @@ def test_grad_clip_bounds_every_update_by_the_global_norm(tmp_path: Path, parall
         [*BASE, f"run.dir={run_dir}", f"trainer.max_steps={steps}", f"trainer.parallel={parallel}",
          f"trainer.grad_clip={clip}", "optim.name=sgd", f"optim.lr={lr}", "optim.weight_decay=0",
          "scheduler.name=constant", "scheduler.warmup_steps=0", "checkpoint.every_steps=1",
-         "checkpoint.keep_last=null"],
+         "checkpoint.keep_last=null", "checkpoint.keep_weights_every_steps=null"],
         log=log,
     )  # fmt: skip
     assert code == 0, log.read_text()[-3000:]
