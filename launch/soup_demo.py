@@ -18,7 +18,6 @@ Every step is a real `stockpot run` (one process per run) or the soup engine in 
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import shutil
 import subprocess
@@ -133,6 +132,8 @@ def plot(records: dict[str, dict[str, Any]]) -> bytes:
     """Each ingredient's test accuracy (points) and each soup's (lines)."""
     import matplotlib
 
+    from orchestrator.soup.report import png_bytes
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -147,12 +148,7 @@ def plot(records: dict[str, dict[str, Any]]) -> bytes:
     ax.set_xticks(range(len(ings)), labels, rotation=30, ha="right", fontsize=6)
     ax.set_ylabel("test accuracy (20k samples)")
     ax.set_title("soup-demo: ingredients vs soups on the test split")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def write_readme(table: str, png: bytes) -> None:

@@ -20,7 +20,7 @@ from orchestrator.checkpoint.schedule import SaveSchedule
 from orchestrator.config import Config, computation_view, config_hash, diff_views, to_yaml
 from orchestrator.data import ResumableSampler
 from orchestrator.env import EXIT_STOPPED, DistEnv, backend_for, device_for
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, StorageError
 from orchestrator.logs import LEADER_ONLY
 from orchestrator.loop import Outcome, TrainingRun, train
 from orchestrator.metrics import MetricsLog
@@ -95,8 +95,7 @@ def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> TrainingRun
     task = build_task(cfg.task.target, dict(cfg.task.params))
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = task.build_model()
-    fresh = not catalog.scan(store).committed
-    if fresh and cfg.model.init_from:
+    if cfg.model.init_from and _fresh(store):
         init_from(model, cfg.model.init_from, store)
     model = parallel.wrap(
         model,
@@ -158,6 +157,13 @@ def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> TrainingRun
         metrics=metrics,
         stop=stop,
     )
+
+
+def _fresh(store: Store) -> bool:
+    """True if the run has no committed checkpoint yet. The leader scans and tells the others:
+    one listing of the run dir, not one per rank (on S3 each is a request)."""
+    decision = dist.leader_decides(lambda: not catalog.scan(store).committed)
+    return decision.or_raise(StorageError, f"{store.path()}: ")
 
 
 def _seed_rank(seed: int, rank: int) -> None:

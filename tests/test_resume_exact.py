@@ -62,7 +62,7 @@ def _uninterrupted(cache: dict[str, Path], key: str, root: Path, *overrides: str
         ("ddp-async", ("trainer.parallel=ddp", "checkpoint.async_save=true")),
     ],
 )
-def test_killed_three_times_ends_bit_identical(
+def test_killed_twice_ends_bit_identical(
     name: str,
     overrides: tuple[str, ...],
     tmp_path: Path,
@@ -75,8 +75,8 @@ def test_killed_three_times_ends_bit_identical(
     run_dir = tmp_path / "run"
     log = tmp_path / "run.log"
     argv = [*BASE, f"run.dir={run_dir}", *overrides]
-    at = runs.kill_at_random_steps(argv, run_dir, 3, random.Random(name), every=EVERY, log=log)
-    assert len(at) == 3 and at[-1] < MAX_STEPS
+    at = runs.kill_at_random_steps(argv, run_dir, 2, random.Random(name), every=EVERY, log=log)
+    assert len(at) == 2 and at[-1] < MAX_STEPS
     print(f"{name}: SIGKILLed with the newest commit at steps {at}, resumed each time")
     # Resumed from each kill's newest commit, not restarted from scratch (which would end
     # bit-identical too: training is deterministic).

@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1500)]
 
 REPO = Path(__file__).resolve().parents[1]
 STOCKPOT = str(Path(sys.executable).parent / "stockpot")
-MAX_STEPS = 200  # ~3 s of training at 2 ranks: room to interrupt after the first commit
+MAX_STEPS = 100  # ~10 s of training at 2 ranks: room to interrupt after the first commit
 TRIGGER_STEP = 10  # interrupt once this step is committed
 TRAIN = [
     "configs/demo-slurm.yaml", f"trainer.max_steps={MAX_STEPS}", "trainer.log_every=5",

@@ -33,6 +33,8 @@ class RandomFaultProxy(FaultProxy):
         self._pick = threading.Lock()
 
     def _decide(self, method: str, path: str) -> _Rule | None:
+        with self._lock:  # counted as the parent counts them: the report's request figure
+            self.requests.append((method, path))
         with self._pick:
             hit = self.enabled and self.rng.random() < self.rate
             kind = self.rng.choice(FAULT_KINDS) if hit else ""

@@ -98,8 +98,11 @@ def load_info(store: Store) -> CheckpointInfo:
     return CheckpointInfo(manifest.step, "", manifest)
 
 
-def verify(ckpt: Store, manifest: Manifest, *, checksums: bool = True) -> list[str]:
-    """Problems of the checkpoint at `ckpt` against its manifest, each naming a file; [] if whole."""
+def verify(
+    ckpt: Store, manifest: Manifest, *, checksums: bool = True, chunk: int = 8 << 20
+) -> list[str]:
+    """Problems of the checkpoint at `ckpt` against its manifest, each naming a file; [] if whole.
+    `chunk`: the read size while hashing."""
     present = ckpt.walk_files()
     problems = []
     for name, entry in sorted(manifest.files.items()):
@@ -109,7 +112,7 @@ def verify(ckpt: Store, manifest: Manifest, *, checksums: bool = True) -> list[s
             problems.append(f"{ckpt.path(name)}: size {present[name]} != {entry.size} in manifest")
         elif checksums:
             with ckpt.open_read(name) as stream:
-                got = hash_stream(stream)
+                got = hash_stream(stream, chunk=chunk)
             if got.checksum != entry.checksum:
                 problems.append(
                     f"{ckpt.path(name)}: checksum mismatch ({manifest.checksum_algorithm})"

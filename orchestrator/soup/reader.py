@@ -180,22 +180,9 @@ def verify(source: Source, checksums: bool) -> list[str]:
     if source.safetensors:
         return []
     from orchestrator.checkpoint import catalog
-    from orchestrator.checkpoint.manifest import hash_stream
 
-    store = source.store
-    manifest = catalog.load_info(store).manifest
-    present = store.walk_files()
-    problems = []
-    for name, entry in sorted(manifest.files.items()):
-        if name not in present:
-            problems.append(f"{store.path(name)}: missing")
-        elif present[name] != entry.size:
-            problems.append(f"{store.path(name)}: size {present[name]} != {entry.size} in manifest")
-        elif checksums:
-            with store.open_read(name) as stream:
-                if hash_stream(stream, chunk=VERIFY_BLOCK).checksum != entry.checksum:
-                    problems.append(f"{store.path(name)}: checksum mismatch")
-    return problems
+    manifest = catalog.load_info(source.store).manifest
+    return catalog.verify(source.store, manifest, checksums=checksums, chunk=VERIFY_BLOCK)
 
 
 def same_layout(a: Mapping[str, TensorSpec], b: Mapping[str, TensorSpec]) -> str | None:

@@ -68,7 +68,14 @@ def plot(record: Mapping[str, Any], metric: str) -> bytes:
     ax.set_xlabel("step" if any(i.get("step") is not None for i in ings) else "ingredient")
     ax.set_ylabel(metric.split("/", 1)[1])
     ax.set_title(f"{record['recipe']} soup of {len(ings)} ingredients")
-    ax.legend(fontsize=7)
+    return png_bytes(fig)
+
+
+def png_bytes(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes (legend small, layout tight), closing it."""
+    import matplotlib.pyplot as plt
+
+    fig.axes[0].legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
