@@ -122,7 +122,7 @@ def _checkpoint_soup(cfg: Config, run_dir: Path) -> None:
     from orchestrator.config import SoupConfig
     from orchestrator.soup import cook
 
-    rule = ("eval/loss", "eval/accuracy")
+    rule: tuple[str, ...] = ("eval/loss", "eval/accuracy")
     soup = SoupConfig(improved_any=rule, steps=f"{cfg.trainer.max_steps // 2}:",
                       metric="eval/accuracy", report=True, name="checkpoints")  # fmt: skip
     out = str(run_dir / "soups" / soup.name)
