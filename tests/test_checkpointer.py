@@ -213,6 +213,39 @@ def test_retention_keeps_newest_and_best(tmp_path: Path) -> None:
     assert catalog.scan(Store(str(tmp_path))).best("eval/loss").step == 2
 
 
+class CountingStore(Store):
+    """A real Store that counts the manifests read through it (one GET each on S3)."""
+
+    manifest_reads = 0
+
+    def read_bytes(self, rel: str) -> bytes:
+        if rel.endswith(MANIFEST_NAME):
+            CountingStore.manifest_reads += 1
+        return super().read_bytes(rel)
+
+
+def test_each_save_reads_only_its_own_manifest_however_many_are_kept(tmp_path: Path) -> None:
+    """Retention plans after every commit over every kept checkpoint: their manifests are read
+    once per Checkpointer, not once per save (20 kept would be 20 GETs a save on S3). A thinned
+    manifest is read again, so its new weights_only flag is seen and it is thinned only once."""
+    model, optim = _model()
+    policy = RetentionPolicy(keep_last=2, keep_weights_every_steps=1)
+    ckpt = _checkpointer(CountingStore(str(tmp_path)), model, optim, policy=policy)
+    reads = []
+    for step in range(1, 11):
+        before = CountingStore.manifest_reads
+        ckpt.save(step)
+        reads.append(CountingStore.manifest_reads - before)
+    # The probe for a bad leftover at the new step, the new one, and the one the previous save
+    # thinned (read again once); without the cache, save N read all N.
+    assert max(reads) <= 3, reads
+    found = catalog.scan(Store(str(tmp_path))).committed
+    assert [c.step for c in found] == list(range(1, 11))
+    assert [c.manifest.weights_only for c in found] == [True] * 8 + [False] * 2
+    for info in found:
+        assert catalog.verify(Store(str(tmp_path)).child(info.rel), info.manifest) == []
+
+
 def test_garbage_from_an_interrupted_session_is_collected_at_the_next_save(tmp_path: Path) -> None:
     model, optim = _model()
     _checkpointer(Store(str(tmp_path)), model, optim).save(5)

@@ -60,14 +60,26 @@ def _finite(value: float | None) -> bool:
     return value is not None and value == value and abs(value) != float("inf")
 
 
-def scan(run: Store) -> Scan:
-    """Classify every entry of `<run>/checkpoints/`."""
+def scan(run: Store, cache: dict[str, CheckpointInfo] | None = None) -> Scan:
+    """Classify every entry of `<run>/checkpoints/`.
+
+    `cache` (rel -> info): committed checkpoints already read are taken from it instead of
+    reading their manifest again (one GET each on S3), and it is updated to what this scan
+    found. Only for a caller that owns the run dir: a committed manifest changes only when its
+    owner thins it (retention.drop_optimizer), who then drops its entry."""
     result = Scan()
-    for name in run.list(CHECKPOINTS_DIR):
+    names = run.list(CHECKPOINTS_DIR)
+    if cache is not None:
+        for gone in set(cache) - {f"{CHECKPOINTS_DIR}/{name}" for name in names}:
+            del cache[gone]
+    for name in names:
         rel = f"{CHECKPOINTS_DIR}/{name}"
         step = parse_step_dirname(name)
         if step is None:
             result.leftovers.append(rel)
+            continue
+        if cache is not None and rel in cache:
+            result.committed.append(cache[rel])
             continue
         try:
             raw = run.read_bytes(f"{rel}/{MANIFEST_NAME}")
@@ -82,6 +94,8 @@ def scan(run: Store) -> Scan:
             result.corrupt.append((rel, str(exc)))
             continue
         result.committed.append(CheckpointInfo(step, rel, manifest))
+        if cache is not None:
+            cache[rel] = result.committed[-1]
     result.committed.sort(key=lambda c: c.step)
     return result
 

@@ -100,6 +100,8 @@ class Checkpointer:
         self._on_commit = on_commit  # (step, timings), on the leader, after each commit
         self.async_save = async_save
         self.verify_checksums = verify_checksums
+        # Committed manifests already read (retention's scans): each save reads only its own.
+        self._manifests: dict[str, CheckpointInfo] = {}
         self.parallel, self.config_hash = parallel, config_hash
         self._clock = clock
         self._entries: dict[str, tuple[Stateful, bool]] = {}
@@ -246,7 +248,8 @@ class Checkpointer:
             self.collect_garbage()
             self._collected_garbage = True
         # A bad checkpoint that the restore fell back past: this run writes its step again.
-        catalog.drop_if_bad(self.run, step_rel(step), checksums=self.verify_checksums)
+        if catalog.drop_if_bad(self.run, step_rel(step), checksums=self.verify_checksums):
+            self._manifests.pop(step_rel(step), None)
         return self._commits.prepare(step_rel(step))
 
     def _commit(self, attempt: Attempt, snap: _Snapshot, gathered: Any) -> CheckpointInfo:
@@ -277,9 +280,9 @@ class Checkpointer:
         return CheckpointInfo(snap.step, attempt.final_rel, manifest)
 
     def _apply_retention(self) -> None:
-        in_flight = self._in_flight_step
-        protected = () if in_flight is None else (in_flight,)
-        apply_retention(self.run, self.policy, protected=protected, log=log)
+        protected = () if self._in_flight_step is None else (self._in_flight_step,)
+        cache = self._manifests
+        apply_retention(self.run, self.policy, protected=protected, log=log, manifests=cache)
 
     def collect_garbage(self) -> list[str]:
         """Remove what interrupted saves left (see commit.py); uncommitted step dirs count as

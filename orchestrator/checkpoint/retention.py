@@ -202,14 +202,20 @@ def _try_delete(store: DeletingStore, rel: str, recursive: bool, log: logging.Lo
 
 
 def apply_retention(
-    run: Store, policy: RetentionPolicy, *, protected: Collection[int] = (), log: logging.Logger
+    run: Store,
+    policy: RetentionPolicy,
+    *,
+    protected: Collection[int] = (),
+    log: logging.Logger,
+    manifests: dict[str, CheckpointInfo] | None = None,
 ) -> RetentionPlan:
     """Plan over the committed checkpoints of `run`, thin, then delete (the leader, after a
-    commit). Never raises: retention must never fail a save; the next save plans again."""
+    commit). Never raises: retention must never fail a save; the next save plans again.
+    `manifests`: the caller's catalog.scan cache, so each save reads only the new manifest."""
     from orchestrator.checkpoint import catalog
 
     try:
-        committed = catalog.scan(run).committed
+        committed = catalog.scan(run, manifests).committed
         todo = plan(
             [Candidate(c.step, c.metrics, c.manifest.weights_only) for c in committed],
             policy,
@@ -217,6 +223,8 @@ def apply_retention(
         )
         for info in committed:
             if info.step in todo.drop_optimizer:
+                if manifests is not None:
+                    manifests.pop(info.rel, None)  # rewritten: read it again next time
                 drop_optimizer(run, info, log=log)
         delete_checkpoints(run, todo.delete, log=log)
         return todo
