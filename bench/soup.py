@@ -18,7 +18,8 @@ CONFIG = "bench/charlm.yaml"
 def _make_run(run_dir: Path, d_model: int, n_layers: int, n: int) -> None:
     run_cli(["run", CONFIG, f"run.dir={run_dir}", f"task.d_model={d_model}",
              f"task.n_layers={n_layers}", f"trainer.max_steps={n}", "trainer.batch_size=2",
-             "checkpoint.every_steps=1", "checkpoint.keep_last=null"])  # fmt: skip
+             "checkpoint.every_steps=1", "checkpoint.keep_last=null",
+             "checkpoint.keep_weights_every_steps=null"])  # fmt: skip
 
 
 def _soup(run_dir: Path, out: Path) -> dict:
