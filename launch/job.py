@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.config import Config, from_dict
 from orchestrator.env import DistEnv
 from orchestrator.errors import StockpotError, UsageError
+from orchestrator.logs import LEADER_ONLY
 
 if TYPE_CHECKING:
     from orchestrator.loop import Outcome
@@ -141,17 +142,17 @@ class TrainingJob:
         if not outcome.finished:
             timed_out = counts_as_timeout(elapsed, cfg.launcher.timeout_min)
             kind = "time-out" if timed_out else "preemption"
-            if env.is_leader:
-                log.warning(
-                    "stopped by %s after %.1f min of the %d min limit: submitit counts it as a "
-                    "%s (time-outs from %.1f min on, at most launcher.max_requeues=%d of them)",
-                    outcome.signal or "a signal on another rank",
-                    elapsed / 60,
-                    cfg.launcher.timeout_min,
-                    kind,
-                    timeout_threshold_s(cfg.launcher.timeout_min) / 60,
-                    cfg.launcher.max_requeues,
-                )
+            log.warning(
+                "stopped by %s after %.1f min of the %d min limit: submitit counts it as a "
+                "%s (time-outs from %.1f min on, at most launcher.max_requeues=%d of them)",
+                outcome.signal or "a signal on another rank",
+                elapsed / 60,
+                cfg.launcher.timeout_min,
+                kind,
+                timeout_threshold_s(cfg.launcher.timeout_min) / 60,
+                cfg.launcher.max_requeues,
+                extra=LEADER_ONLY,
+            )
         if env.is_leader:
             _warn_slow_save(cfg, outcome)
         return {
@@ -185,16 +186,16 @@ class TrainingJob:
 
 
 def _log_start(cfg: Config, env: DistEnv) -> None:
-    if env.is_leader:
-        log.info(
-            "job %s on %s: %d rank(s), restart %d (launcher.max_requeues %d), run.dir %s",
-            env.job_id or "-",
-            socket.gethostname(),
-            env.world_size,
-            env.restart_count,
-            cfg.launcher.max_requeues,
-            cfg.run.dir,
-        )
+    log.info(
+        "job %s on %s: %d rank(s), restart %d (launcher.max_requeues %d), run.dir %s",
+        env.job_id or "-",
+        socket.gethostname(),
+        env.world_size,
+        env.restart_count,
+        cfg.launcher.max_requeues,
+        cfg.run.dir,
+        extra=LEADER_ONLY,
+    )
 
 
 def _forget_previous_result() -> None:

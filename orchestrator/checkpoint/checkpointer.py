@@ -44,6 +44,7 @@ from orchestrator.checkpoint.retention import RetentionPolicy, apply_retention, 
 from orchestrator.checkpoint.schedule import SaveSchedule
 from orchestrator.dist import one_line
 from orchestrator.errors import CheckpointCorrupt, CheckpointError, StockpotError
+from orchestrator.logs import LEADER_ONLY
 from orchestrator.storage import Store
 
 log = logging.getLogger(__name__)
@@ -323,7 +324,7 @@ class Checkpointer:
                 self._entries[name][0].load_state_dict(state)
         self._restore_rank_state(info)
         self._saved_step, self._saved_time = info.step, self._clock()
-        log.info("restored %s (step %d)", self.run.path(info.rel), info.step)
+        log.info("restored %s (step %d)", self.run.path(info.rel), info.step, extra=LEADER_ONLY)
         return info
 
     def _choose(self, step: int | None) -> CheckpointInfo | None:
