@@ -178,7 +178,12 @@ def leader_decides(decide: Callable[[], T], group: Group = None) -> Decision[T]:
 
 
 # What gloo says when a peer died, left, or stopped answering for longer than the group's timeout.
-_PEER_LOST = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")
+_PEER_LOST = (
+    "Timed out waiting",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Application timeout caused pair closure",  # DDP's backward allreduce, past the timeout
+)
 
 
 def lost_peer(exc: BaseException) -> str | None:

@@ -146,3 +146,33 @@ def test_resume_past_a_damaged_checkpoint_saves_that_step_again(tmp_path: Path) 
     scan = catalog.scan(store)
     assert [c.step for c in scan.committed] == [1, 2]
     assert catalog.verify(store.child(scan.committed[1].rel), scan.committed[1].manifest) == []
+
+
+@pytest.mark.parametrize(
+    "gloo",
+    [
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:538] Connection closed by peer [::1]:29500",
+        "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 15000ms",
+        # What DDP's backward allreduce raised in a `make chaos` hang trial (SIGSTOPped peer).
+        "Application timeout caused pair closure",
+    ],
+)
+def test_what_gloo_says_of_a_lost_peer_reads_as_one_line(gloo: str) -> None:
+    """The messages gloo raises when the other rank died or hung become one line naming it;
+    any other RuntimeError stays a traceback (worker.main_with re-raises it)."""
+    import socket
+
+    from orchestrator import dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init("gloo", 0, 1, "127.0.0.1", port, timeout_s=30)
+    try:
+        line = dist.lost_peer(RuntimeError(gloo))
+        other = dist.lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    finally:
+        dist.teardown()
+    assert line is not None and line.startswith("rank 0: a collective failed: another rank")
+    assert "collective_timeout_s" in line and "\n" not in line
+    assert other is None
