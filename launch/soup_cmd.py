@@ -80,7 +80,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="score table and <out>/soup.png")
     p.add_argument("--out-checkpoint", metavar="RUN_DIR",
                    help="also write the soup as a committed checkpoint of RUN_DIR")  # fmt: skip
-    p.add_argument("--verify", choices=["checksums", "sizes"], help="ingredient check")
+    p.add_argument(
+        "--verify",
+        choices=["checksums", "sizes"],
+        help="check what is read against the manifests: checksums (default) or sizes",
+    )
     p.add_argument("--shard-mb", type=float, help="largest output file (MB) before sharding")
     p.add_argument("--workers", type=int, help="parallel reads")
     p.add_argument("--dry-run", action="store_true",

@@ -116,7 +116,7 @@ def test_default_out_dir_dry_run_and_no_second_commit(run: Path, capsys) -> None
     assert main(["soup", str(run), "--steps", "50:", "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert f"{run}/soups/soup (3 ingredients)" in text and "steps 50: kept 3 of 4" in text
-    assert "the soup reads" in text and "verification reads" in text
+    assert "the soup reads" in text and "hashed as it reads them" in text
     assert not (run / "soups").exists()
     assert main(["soup", str(run), "--name", "once", "--last", "2"]) == 0
     assert (run / "soups/once/SOUP.json").exists()

@@ -1,7 +1,8 @@
 """Memory of the streaming soup, measured in a subprocess: peak RSS above the interpreter's
 RSS at the start of the soup stays under 0.1x one checkpoint's model bytes, and is flat in N
 (8 ingredients vs 2). The ingredients are real committed DCP checkpoints of a 64 MB model
-(128 tensors of 512 kB), written by the real Checkpointer."""
+(96 tensors of 512 kB and one of 16 MB, a quarter of the model: it must be read in ranges to
+stay under the bound), written by the real Checkpointer."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from orchestrator.soup.writer import _ModelOnly
 from orchestrator.storage import Store
 from tests.soup_fixtures import REPO
 
-TENSORS, SHAPE = 128, (128, 1024)  # 128 x 512 kB of float32
-MODEL_BYTES = TENSORS * SHAPE[0] * SHAPE[1] * 4
+TENSORS, SHAPE, BIG = 96, (128, 1024), (4096, 1024)  # 96 x 512 kB and 16 MB of float32
+MODEL_BYTES = (TENSORS * SHAPE[0] * SHAPE[1] + BIG[0] * BIG[1]) * 4
 
 _CHILD = """
 import json, sys
@@ -38,13 +39,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     root = tmp_path_factory.mktemp("memory")
     gen = torch.Generator().manual_seed(0)
     base = {f"layer{i}.weight": torch.randn(SHAPE, generator=gen) for i in range(TENSORS)}
+    base["embed.weight"] = torch.randn(BIG, generator=gen)
     made = {}
     for n in (2, 8):
         run = root / f"n{n}"
         ckpt, holder = Checkpointer(Store(str(run))), _ModelOnly({})
         ckpt.register("train", holder)
         for step in range(1, n + 1):  # fine-tunes of one base: small steps away from it
-            state = {k: v + 0.01 * torch.randn(SHAPE, generator=gen) for k, v in base.items()}
+            state = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
             state["steps"] = torch.tensor(step)
             holder.tensors = state
             ckpt.save(step)

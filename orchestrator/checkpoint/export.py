@@ -80,14 +80,18 @@ Loader = Callable[[list[TensorEntry]], Mapping[str, Any]]  # batch -> {entry.key
 
 
 def safetensors_header(
-    entries: Iterable[TensorEntry], metadata: Mapping[str, str]
+    entries: Iterable[TensorEntry],
+    metadata: Mapping[str, str],
+    order: Mapping[str, int] | None = None,
 ) -> tuple[bytes, list[TensorEntry]]:
     """The safetensors header (JSON, space-padded to 8 bytes) and the order the data must follow.
 
-    Like the reference writer: largest item size first, then by name, so with an 8-aligned
-    header every tensor starts aligned to its own item size.
+    Like the reference writer: largest item size first, so with an 8-aligned header every
+    tensor starts aligned to its own item size; then by `order[name]` where given (a soup
+    follows its ingredients' storage order), then by name.
     """
-    ordered = sorted(entries, key=lambda e: (-e.itemsize, e.name))
+    rank = order or {}
+    ordered = sorted(entries, key=lambda e: (-e.itemsize, rank.get(e.name, -1), e.name))
     body: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     for e in ordered:
@@ -141,6 +145,37 @@ def write_safetensors(
             f.write(raw_bytes(loaded.pop(e.key), e))
             if progress is not None:
                 progress(e.nbytes)
+    return sum(e.nbytes for e in ordered)
+
+
+def write_safetensors_parts(
+    f: Sink,
+    entries: Iterable[TensorEntry],
+    parts: Callable[[TensorEntry], Iterable[Any]],
+    metadata: Mapping[str, str],
+    *,
+    order: Mapping[str, int] | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> int:
+    """Write one safetensors file to `f`, each tensor from `parts(entry)`: consecutive flat
+    pieces of it in row-major order, each written before the next is asked for (so a producer
+    may reuse its buffers). Returns the bytes of tensor data written."""
+    import torch
+
+    if sys.byteorder != "little":
+        raise StockpotError("writing safetensors needs a little-endian machine")
+    header, ordered = safetensors_header(entries, metadata, order)
+    f.write(header)
+    for e in ordered:
+        written = 0
+        for part in parts(e):
+            flat = part.detach().contiguous().reshape(-1).view(torch.uint8)
+            f.write(memoryview(flat.numpy()))
+            written += flat.numel()
+            if progress is not None:
+                progress(flat.numel())
+        if written != e.nbytes:
+            raise CheckpointCorrupt(f"{e.key}: {written} bytes made, {e.nbytes} declared")
     return sum(e.nbytes for e in ordered)
 
 

@@ -62,8 +62,8 @@ class SoupConfig:
     report: bool = False
     # Also write the soup as a committed stockpot checkpoint under this run dir (model only).
     out_checkpoint: str | None = None
-    # Check each ingredient before reading it: `checksums` (every file, as `stockpot verify`)
-    # or `sizes` (cheap, catches truncation only).
+    # Check every file the soup reads against its ingredient's manifest before committing:
+    # `checksums` (hashed as it is read, no second pass) or `sizes` (catches truncation only).
     verify: Literal["checksums", "sizes"] = "checksums"
     # Largest output .safetensors file in MB; a larger soup is sharded with an index, as
     # Hugging Face does.

@@ -2,7 +2,7 @@
 
     resolve the sources into ingredients (selection rules)       ingredients.py
     open each one's tensor index; same keys, shapes, dtypes       reader.py, engine.check_layout
-    verify each against its manifest (checksums or sizes)         reader.verify
+    verify what it reads against its manifest, as it reads it     checks.py, provenance.Integrity
     recipe: uniform / weighted need no model; greedy / learned    engine.py, recipes.py
             score with the run's task (evaluate.py)
     stream the output (sharded safetensors), then SOUP.json last  writer.py, checkpoint/commit.py
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import CheckpointCorrupt, UsageError
 from orchestrator.soup import engine, evaluate, provenance, recipes, writer
+from orchestrator.soup import plan as read_plan
 from orchestrator.soup.ingredients import resolve
 from orchestrator.soup.kitchen import Kitchen, Plan
 from orchestrator.soup.reader import open_source
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BATCH_BYTES = 16 << 20  # at most this many output bytes handed to the file writer at a time
 UNRELATED_COSINE = 0.2  # below: the weights share no starting point (see engine.Similarity)
 EVAL_RECIPES = ("greedy", "learned")
 
@@ -61,7 +61,7 @@ def dry_run(kitchen: Kitchen) -> list[str]:
     mixer_bytes = _planned_bytes(kitchen)
     lines.append(f"model tensors: {_mb(model)} per ingredient; the soup reads {_mb(mixer_bytes)}")
     if cfg.verify == "checksums":
-        lines.append(f"verification reads {_mb(_verify_bytes(kitchen))} (every file, hashed)")
+        lines.append("verification: checksums of the files the soup reads, hashed as it reads them")
     if cfg.recipe in EVAL_RECIPES:
         lines.append(f"{cfg.recipe} also reads each ingredient whole (~{_mb(model)} each)")
     return lines
@@ -75,16 +75,6 @@ def _planned_bytes(kitchen: Kitchen) -> int:
         return mixer.bytes_planned()
     finally:
         mixer.close()
-
-
-def _verify_bytes(kitchen: Kitchen) -> int:
-    from orchestrator.checkpoint import catalog
-
-    return sum(
-        catalog.load_info(s.store).manifest.total_bytes
-        for s in kitchen.sources
-        if not s.safetensors
-    )
 
 
 def _mb(n: int) -> str:
@@ -225,7 +215,7 @@ def _cook_checked(kitchen: Kitchen, progress: Callable[[int], object] | None,
     strategy = commit_strategy(parent, writer.RECORD)
     attempt = strategy.prepare(name)
     t0 = time.perf_counter()
-    written, mixer_info = _write(kitchen, plan, parent, attempt.write_rel, progress)
+    written, mixer_info = _write(kitchen, plan, parent, attempt.write_rel, progress, integrity)
     kitchen.timings["write_s"] = time.perf_counter() - t0
     if kitchen.cfg.recipe not in EVAL_RECIPES and not kitchen.cfg.allow_unrelated:
         related = _check_cosine(kitchen, mixer_info["cosine"])
@@ -270,26 +260,26 @@ def _in_memory(plan: Plan) -> dict[str, torch.Tensor]:
 
 
 def _write(kitchen: Kitchen, plan: Plan, parent: Any, write_rel: str,
-           progress: Callable[[int], object] | None) -> tuple[writer.Written, dict[str, Any]]:  # fmt: skip
+           progress: Callable[[int], object] | None,
+           integrity: provenance.Integrity) -> tuple[writer.Written, dict[str, Any]]:  # fmt: skip
     specs = kitchen.sources[0].specs
-    shards = writer.plan_shards(specs, int(kitchen.cfg.shard_mb * 1_000_000))
+    order = read_plan.storage_order(plan.sources[0])
+    shards = writer.plan_shards(specs, int(kitchen.cfg.shard_mb * 1_000_000), order)
     metadata = {"format": "pt", "stockpot_soup": kitchen.cfg.recipe}
-    # The writer holds one batch of finished tensors: as little as the read-ahead allows.
-    model = kitchen.sources[0].model_bytes
-    largest = max(spec.nbytes for spec in specs.values())
-    batch = max(largest, min(BATCH_BYTES, model // 128))
     names = [e.name for shard in shards for e in shard]
     if plan.state is not None:
         state = plan.state
-        written = writer.write_files(parent, write_rel, shards, state.__getitem__, metadata,
-                                     batch_bytes=batch, progress=progress)  # fmt: skip
+        written = writer.write_files(parent, write_rel, shards, lambda name: [state[name]],
+                                     metadata, order=order, progress=progress)  # fmt: skip
         return written, {"cosine": None, "ties": {}, "bytes_read": 0}
-    mixer = engine.Mixer(plan.sources, plan.weights, names, workers=kitchen.cfg.read_workers)
+    mixer = engine.Mixer(plan.sources, plan.weights, names, workers=kitchen.cfg.read_workers,
+                         checksums=kitchen.cfg.verify == "checksums")  # fmt: skip
     t0 = time.perf_counter()
     threads = engine.SingleThreaded()
     try:
-        written = writer.write_files(parent, write_rel, shards, mixer.next, metadata,
-                                     batch_bytes=batch, progress=progress)  # fmt: skip
+        written = writer.write_files(parent, write_rel, shards, mixer.chunks, metadata,
+                                     order=order, progress=progress)  # fmt: skip
+        integrity.streamed.update(mixer.checks.finish())
     finally:
         mixer.close()
         threads.restore()
@@ -300,6 +290,7 @@ def _write(kitchen: Kitchen, plan: Plan, parent: Any, write_rel: str,
         "bytes_read": mixer.stats.bytes_read,
         "pieces_read": mixer.stats.pieces,
         "read_workers": kitchen.cfg.read_workers,
+        "chunk_bytes": mixer.chunk,
         "mix_s": seconds,
         "mix_mb_per_s": mixer.stats.bytes_read / 1e6 / max(seconds, 1e-9),
     }

@@ -1,13 +1,16 @@
-"""The streaming mixer: a weighted mean of N ingredients, one tensor at a time.
+"""The streaming mixer: a weighted mean of N ingredients, one segment of one tensor at a time.
 
-For each output tensor, in the order the writer asks for them, the pieces of that tensor are
-read from every ingredient (a bounded window of parallel reads ahead of the consumer) and
-added into one accumulator, float64 for float32/float64 inputs and float32 for 16-bit ones,
-which is cast to the input dtype once at the end. Memory is the accumulator, the output
-tensor and the read-ahead window: independent of N and of the model's total size.
+For each output tensor, in the order the writer asks for them, each segment of it (plan.py:
+at most `chunk` bytes, or a whole small piece) is read from every ingredient (a bounded window
+of parallel reads ahead of the consumer, window.py) and added into one accumulator, float64
+for float32/float64 inputs and float32 for 16-bit ones, cast to the input dtype once at the
+end and handed to the writer before the next segment is read. Memory is the accumulator, one
+output segment and the read-ahead window: independent of N, of the model's size and of its
+largest tensor. The bytes read are hashed on the way (checks.py), so verifying the
+ingredients costs no second read.
 
 Integer and bool tensors (`num_batches_tracked`, masks, index buffers) are not averaged: they
-are copied from the first ingredient, and only its pieces are read. Ties: two names whose
+are copied from the first ingredient (the others' bytes are only hashed). Ties: two names whose
 tensors are bitwise equal in every ingredient (GPT-2's `lm_head.weight` and
 `transformer.wte.weight`) get bitwise equal outputs (identical inputs, identical arithmetic)
 and are reported in `ties`, so the writer can say so and a model that ties them re-ties them.
@@ -15,18 +18,21 @@ and are reported in `ties`, so the writer can say so and a model that ties them 
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import deque
+import math
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import numpy as np
 import torch
 import xxhash
 
 from orchestrator.errors import UsageError
-from orchestrator.soup.reader import Piece, Source, TensorSpec, same_layout
+from orchestrator.soup import plan
+from orchestrator.soup.checks import StreamCheck
+from orchestrator.soup.plan import Read, Segment
+from orchestrator.soup.reader import HEAD_BYTES, Source, TensorSpec, same_layout
+from orchestrator.soup.window import Stats, Window
 
 MIN_AHEAD = 512 << 10
 MAX_AHEAD = 256 << 20
@@ -123,20 +129,6 @@ def default_ahead(model_bytes: int, largest_piece: int) -> int:
     return max(largest_piece, min(MAX_AHEAD, max(MIN_AHEAD, model_bytes // 128)))
 
 
-@dataclass
-class Stats:
-    bytes_read: int = 0
-    pieces: int = 0
-    read_s: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, nbytes: int, seconds: float) -> None:
-        with self._lock:
-            self.bytes_read += nbytes
-            self.pieces += 1
-            self.read_s += seconds
-
-
 class Similarity:
     """How alike the ingredients' weight matrices are, with no copy of any of them: the mean
     pairwise cosine c implied by the norm of their weighted mean m = sum_i w_i x_i. With
@@ -151,7 +143,7 @@ class Similarity:
         self.mean_norm = 0.0  # |m|^2 over every matrix
 
     def add_piece(self, i: int, piece: torch.Tensor) -> None:
-        x = piece.reshape(-1).float()
+        x = piece.reshape(-1)
         self.norms += self.weights[i] * float(torch.dot(x, x))
 
     def add_mean(self, mean: torch.Tensor) -> None:
@@ -165,60 +157,14 @@ class Similarity:
         return (self.mean_norm / self.norms - s) / (1 - s)
 
 
-_Job = tuple[int, str, Piece]  # (ingredient index, tensor name, piece)
-
-
-class _Window:
-    """Reads `jobs` in order with up to `workers` in flight and at most `ahead` bytes
-    requested but not yet consumed (one job always allowed, however big)."""
-
-    def __init__(self, sources: Sequence[Source], specs: dict[str, TensorSpec],
-                 jobs: Iterator[_Job], workers: int, ahead: int, stats: Stats) -> None:  # fmt: skip
-        self.sources, self.specs, self.jobs = sources, specs, jobs
-        self.ahead, self.stats = ahead, stats
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="soup-read")
-        self.inflight: deque[tuple[_Job, Future[torch.Tensor]]] = deque()
-        self.inflight_bytes = 0
-        self.workers = workers
-        self._next: _Job | None = next(self.jobs, None)
-
-    def _read(self, job: _Job) -> torch.Tensor:
-        i, name, piece = job
-        t0 = time.perf_counter()
-        tensor = self.sources[i].read(piece, self.specs[name])
-        self.stats.add(piece.length, time.perf_counter() - t0)
-        return tensor
-
-    def _fill(self) -> None:
-        while self._next is not None and len(self.inflight) < self.workers:
-            size = self._next[2].length
-            if self.inflight and self.inflight_bytes + size > self.ahead:
-                return
-            job, self._next = self._next, next(self.jobs, None)
-            self.inflight.append((job, self.pool.submit(self._read, job)))
-            self.inflight_bytes += size
-
-    def take(self) -> tuple[_Job, torch.Tensor]:
-        self._fill()
-        if not self.inflight:
-            raise RuntimeError("soup reader: asked for more pieces than planned")
-        job, future = self.inflight.popleft()
-        tensor = future.result()
-        self.inflight_bytes -= job[2].length
-        self._fill()
-        return job, tensor
-
-    def close(self) -> None:
-        for _, future in self.inflight:
-            future.cancel()
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 class Mixer:
-    """Weighted mean of `sources`' tensors, produced in the order of `names`."""
+    """Weighted mean of `sources`' tensors, produced in the order of `names`, segment by
+    segment (`chunks`) or whole (`next`). With `checksums`, the files it reads are hashed on
+    the way (`checks.finish()` after the last tensor)."""
 
     def __init__(self, sources: Sequence[Source], weights: Sequence[float] | None,
-                 names: Sequence[str], *, workers: int = 4, ahead: int | None = None) -> None:  # fmt: skip
+                 names: Sequence[str], *, workers: int = 4, ahead: int | None = None,
+                 chunk: int | None = None, checksums: bool = False) -> None:  # fmt: skip
         self.sources = list(sources)
         self.specs = check_layout(self.sources)
         self.weights = normalised(weights, len(self.sources))
@@ -229,74 +175,145 @@ class Mixer:
         self.ties: dict[str, str] = {}  # later name -> the earlier name it equals everywhere
         self._signatures: dict[tuple[object, ...], str] = {}
         self._tie_candidates = _tie_candidates(self.specs)
-        largest = max(p.length for s in self.sources for ps in s.pieces.values() for p in ps)
-        budget = ahead or default_ahead(self.sources[0].model_bytes, largest)
-        self._window = _Window(self.sources, self.specs, self._jobs(), workers, budget, self.stats)
-        self._position = 0
+        model = self.sources[0].model_bytes
+        self.chunk = chunk or plan.chunk_bytes(model)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="soup-read")
+        offsets = plan.head_offsets(self.sources, self.specs, self._contributors, self.chunk,
+                                    self._pool)  # fmt: skip
+        self.segments = plan.build(self.sources, self.specs, self.names, self._contributors,
+                                   self._hashed, self.chunk, offsets)  # fmt: skip
+        reads = [r for seg in self.segments for r in seg.reads]
+        self.checks = StreamCheck(self.sources, reads, checksums)
+        largest = max((r.length for r in reads), default=0)
+        budget = ahead or default_ahead(model, largest)
+        slot = self.chunk + 2 * HEAD_BYTES  # a chunk and the zip records around it
+        self._window = Window(self.sources, iter(reads), self._pool, workers, budget, slot,
+                               self.stats)  # fmt: skip
+        self._position = self._segment = 0
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def _contributors(self, spec: TensorSpec) -> list[int]:
         if not spec.averaged:
             return [0]
         return [i for i, w in enumerate(self.weights) if w > 0]
 
-    def _jobs(self) -> Iterator[_Job]:
-        for name in self.names:
-            for i in self._contributors(self.specs[name]):
-                for piece in self.sources[i].pieces[name]:
-                    yield i, name, piece
+    def _hashed(self, spec: TensorSpec) -> list[int]:
+        """Ingredients read only to check their files: the others of a copied (int) tensor."""
+        return [] if spec.averaged else [i for i, w in enumerate(self.weights) if w > 0 and i]
 
     def bytes_planned(self) -> int:
-        return sum(
-            p.length
-            for name in self.names
-            for i in self._contributors(self.specs[name])
-            for p in self.sources[i].pieces[name]
-        )
+        return sum(r.length for seg in self.segments for r in seg.reads)
 
     def next(self, name: str) -> torch.Tensor:
-        """The soup's tensor `name`; names must be asked for in the planned order."""
+        """The soup's whole tensor `name` (a new tensor)."""
+        spec = self.specs[name]
+        out = torch.empty(math.prod(spec.shape), dtype=spec.dtype)
+        at = 0
+        for part in self.chunks(name):
+            out[at : at + part.numel()] = part
+            at += part.numel()
+        return out.reshape(spec.shape)
+
+    def chunks(self, name: str) -> Iterator[torch.Tensor]:
+        """The soup's tensor `name` as consecutive flat parts, in row-major order. Each part is
+        valid until the next is asked for (buffers are reused); names must come in order."""
         if self._position >= len(self.names) or self.names[self._position] != name:
             raise RuntimeError(f"soup: {name} asked out of order")
         self._position += 1
         spec = self.specs[name]
-        contributors = self._contributors(spec)
+        hashes = {i: xxhash.xxh3_64() for i in self._contributors(spec)} \
+            if name in self._tie_candidates else None  # fmt: skip
+        while self._segment < len(self.segments) and self.segments[self._segment].name == name:
+            seg = self.segments[self._segment]
+            self._segment += 1
+            yield self._whole(seg, spec, hashes) if seg.whole else self._mix(seg, spec, hashes)
+        if hashes is not None:
+            self._note_tie(name, spec, [h.hexdigest() for h in hashes.values()])
+
+    def _take(self, seg: Segment, spec: TensorSpec) -> Iterator[tuple[Read, torch.Tensor | None]]:
+        """Each read of `seg`, checked, with its tensor (flat for streamed segments)."""
+        for want in seg.reads:
+            r, data = self._window.take()
+            assert r is want, (r, want)
+            self.checks.feed(r, data)
+            if r.mode == "hash":
+                yield r, None
+            elif r.mode == "range":
+                yield r, torch.frombuffer(data, dtype=spec.dtype, count=seg.count, offset=r.skip)
+            else:
+                yield r, self.sources[r.source].decode(r.piece, spec, data)
+            self._window.release(data)  # the consumer is done with this read's tensor
+
+    def _buffer(self, role: str, dtype: torch.dtype, n: int) -> torch.Tensor:
+        have = self._buffers.get((role, dtype))
+        if have is None or have.numel() < n:
+            have = self._buffers[(role, dtype)] = torch.empty(n, dtype=dtype)
+        return have[:n]
+
+    def _mix(self, seg: Segment, spec: TensorSpec, hashes: dict[int, Any] | None) -> torch.Tensor:
+        acc_dtype = torch.float64 if spec.dtype.itemsize >= 4 else torch.float32
+        acc = self._buffer("acc", acc_dtype, seg.count)
+        compare = len(spec.shape) >= 2 and len(seg.reads) > 1
+        for k, (r, x) in enumerate(self._take(seg, spec)):
+            assert x is not None
+            x = x.reshape(-1)
+            if hashes is not None:
+                hashes[r.source].update(x.view(torch.uint8).numpy())
+            if self.uniform and spec.dtype in _NUMPY_ADDS:
+                # numpy adds a float32 array into a float64 one in one pass, without a copy
+                a, xn = acc.numpy(), x.numpy()
+                np.copyto(a, xn) if k == 0 else np.add(a, xn, out=a)
+                if compare:
+                    self.similarity.norms += self.weights[r.source] * float(np.dot(xn, xn))
+                continue
+            # cast into a float buffer, then add alike dtypes: torch's mixed-dtype add_ is ~8x
+            # slower (it allocates a converted copy of every operand)
+            scratch = acc if k == 0 else self._buffer("scratch", acc_dtype, seg.count)
+            scratch.copy_(x)
+            if compare:
+                self.similarity.add_piece(r.source, scratch)
+            if k == 0:
+                if not self.uniform:
+                    acc.mul_(self.weights[r.source])
+            else:
+                acc.add_(scratch, alpha=1.0 if self.uniform else self.weights[r.source])
+        if self.uniform:
+            acc.div_(len(self.weights))
+        if compare:
+            self.similarity.add_mean(acc)
+        out = self._buffer("out", spec.dtype, seg.count)
+        out.copy_(acc)
+        return out
+
+    def _whole(self, seg: Segment, spec: TensorSpec, hashes: dict[int, Any] | None) -> torch.Tensor:
+        """A tensor made from whole pieces: mixed layouts, or a copied (int) tensor."""
         if spec.averaged:
             acc_dtype = torch.float64 if spec.dtype.itemsize >= 4 else torch.float32
             acc = torch.zeros(spec.shape, dtype=acc_dtype)
         else:
             acc = torch.empty(spec.shape, dtype=spec.dtype)
-        compare = spec.averaged and len(spec.shape) >= 2 and len(contributors) > 1
-        hashes: list[str] = []
-        for i in contributors:
-            h = xxhash.xxh3_64() if name in self._tie_candidates else None
-            for piece in self.sources[i].pieces[name]:
-                (_, got, _), tensor = self._window.take()
-                assert got == name, (got, name)
-                where = tuple(slice(a, a + n) for a, n in zip(piece.at, piece.shape, strict=True))
-                self._add(acc[where], tensor, spec, i)
-                if compare:
-                    self.similarity.add_piece(i, tensor)
-                if h is not None:
-                    h.update(repr(piece.at).encode())
-                    h.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-            if h is not None:
-                hashes.append(h.hexdigest())
-        self._note_tie(name, spec, hashes)
+        compare = spec.averaged and len(spec.shape) >= 2 and len(self._contributors(spec)) > 1
+        for r, tensor in self._take(seg, spec):
+            if tensor is None:
+                continue
+            piece = r.piece
+            if hashes is not None:
+                hashes[r.source].update(repr(piece.at).encode())
+                hashes[r.source].update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            where = tuple(slice(a, a + n) for a, n in zip(piece.at, piece.shape, strict=True))
+            if not spec.averaged:
+                acc[where].copy_(tensor)
+                continue
+            if compare:
+                self.similarity.add_piece(r.source, tensor.to(acc_dtype))
+            acc[where].add_(tensor, alpha=1.0 if self.uniform else self.weights[r.source])
         if not spec.averaged:
-            return acc
+            return acc.reshape(-1)
         if self.uniform:
             acc.div_(len(self.weights))
         if compare:
             self.similarity.add_mean(acc)
-        return acc.to(spec.dtype)
-
-    def _add(self, region: torch.Tensor, tensor: torch.Tensor, spec: TensorSpec, i: int) -> None:
-        if not spec.averaged:
-            region.copy_(tensor)
-        elif self.uniform:
-            region.add_(tensor)
-        else:
-            region.add_(tensor, alpha=self.weights[i])
+        return acc.to(spec.dtype).reshape(-1)
 
     def _note_tie(self, name: str, spec: TensorSpec, hashes: list[str]) -> None:
         if not hashes:
@@ -308,6 +325,10 @@ class Mixer:
 
     def close(self) -> None:
         self._window.close()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+_NUMPY_ADDS = (torch.float32, torch.float64, torch.float16)
 
 
 def _tie_candidates(specs: dict[str, TensorSpec]) -> set[str]:

@@ -17,37 +17,42 @@ from orchestrator.soup.reader import verify
 
 if TYPE_CHECKING:
     from orchestrator.soup.kitchen import Kitchen, Plan
+    from orchestrator.soup.reader import Source
 
 
 class Integrity:
-    """Every ingredient checked against its manifest in background threads, while the soup is
-    made: the wall time is the longer of the two rather than their sum, and nothing is
-    committed before `check()` says every ingredient is whole."""
+    """Every file a soup reads, checked against its ingredient's manifest before the commit.
+
+    The mixer hashes the files it reads in storage order as it reads them (`streamed`, see
+    checks.py); `check()` then compares sizes, and reads and hashes only the rest (`.metadata`,
+    files read out of order, ingredients of recipes that load states whole), in parallel."""
 
     def __init__(self, kitchen: Kitchen) -> None:
         self.kitchen = kitchen
-        checksums = kitchen.cfg.verify == "checksums"
-        # Half the soup's readers: each verifying thread holds its own read buffers, and the
-        # check only has to finish before the commit, not before the mix (N=8 at 4 threads
-        # peaked at 0.10 of a 64 MB model above start; at 2, 0.085).
-        workers = min(max(1, kitchen.cfg.read_workers // 2), len(kitchen.sources))
-        self.t0 = time.perf_counter()
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="soup-verify")
-        self.futures = [self.pool.submit(verify, s, checksums) for s in kitchen.sources]
+        self.checksums = kitchen.cfg.verify == "checksums"
+        self.streamed: dict[tuple[int, str], str | None] = {}  # (id(source), file) -> problem
+
+    def _problems(self, source: Source) -> list[str]:
+        done = {f: p for (sid, f), p in self.streamed.items() if sid == id(source)}
+        rest = [f for f in source.model_files() if f not in done]
+        found = verify(source, False, sorted(done)) if done else []
+        found += [p for p in done.values() if p is not None]
+        return found + (verify(source, self.checksums, rest) if rest else [])
 
     def check(self) -> None:
         """CheckpointCorrupt naming the first bad ingredient and its file."""
-        try:
-            found = [f.result() for f in self.futures]
-        finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        t0 = time.perf_counter()
+        sources = self.kitchen.sources
+        workers = min(max(1, self.kitchen.cfg.read_workers), len(sources))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="soup-verify") as pool:
+            found = list(pool.map(self._problems, sources))
         for ing, problems in zip(self.kitchen.ingredients, found, strict=True):
             if problems:
                 raise CheckpointCorrupt(
                     f"ingredient {ing.label} ({ing.url}) is corrupt: {problems[0]}; "
                     "refusing to soup"
                 )
-        self.kitchen.timings.setdefault("verify_s", time.perf_counter() - self.t0)
+        self.kitchen.timings.setdefault("verify_s", time.perf_counter() - t0)
 
 
 def record(kitchen: Kitchen, plan: Plan, written: writer.Written, info: dict[str, Any],

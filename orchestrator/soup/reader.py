@@ -8,17 +8,20 @@ of them; placing pieces at their offsets is the resharding DCP's own loader does
 process group and without ever holding the whole checkpoint. Optimizer entries are never
 touched. A `.safetensors` file is the same with one piece per tensor, located by its header.
 
-Reads go through `Store` (local or s3://): one ranged GET per piece, so several threads can
-read in parallel without sharing a file handle.
+Reads go through `Store.read_range` (local or s3://): one ranged read per request, so several
+threads can read in parallel without sharing a file handle. A big piece is read in byte ranges
+(`plain_data_offset` says where its tensor bytes start), so no read needs a whole tensor.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import struct
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,7 +31,11 @@ from orchestrator.errors import CheckpointCorrupt, UsageError
 from orchestrator.soup.ingredients import Ingredient
 
 if TYPE_CHECKING:
+    from orchestrator.checkpoint.manifest import Manifest
     from orchestrator.storage import S3Options, Store
+
+# Pieces read from S3 arrive as immutable bytes: they are only ever read, never written to.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 VERIFY_BLOCK = 256 << 10  # bytes hashed at a time: verification memory stays tiny
 
@@ -73,18 +80,33 @@ class Source:
         self.specs: dict[str, TensorSpec] = {}
         self.pieces: dict[str, list[Piece]] = {}
         self.safetensors = ingredient.kind == "safetensors"
+        self.data_dir = ""  # a DCP checkpoint's data directory under the store
+        self.manifest: Manifest | None = None  # a DCP checkpoint's commit record
 
     @property
     def model_bytes(self) -> int:
         return sum(spec.nbytes for spec in self.specs.values())
 
     def read(self, piece: Piece, spec: TensorSpec) -> torch.Tensor:
-        """One stored piece as a tensor of `piece.shape`."""
-        raw = self._read_range(piece)
+        """One stored piece as a tensor of `piece.shape` (read whole)."""
+        raw = self.read_range(piece.file, piece.offset, piece.offset + piece.length)
+        return self.decode(piece, spec, raw)
+
+    def decode(self, piece: Piece, spec: TensorSpec, raw: memoryview) -> torch.Tensor:
+        """The tensor in a whole stored piece's bytes: a view of them when the piece is plain
+        (see `plain_data_offset`), else `torch.load(weights_only=True)`."""
         if self.safetensors:
             if not raw:
                 return torch.empty(piece.shape, dtype=spec.dtype)
-            return torch.frombuffer(bytearray(raw), dtype=spec.dtype).reshape(piece.shape)
+            return torch.frombuffer(raw, dtype=spec.dtype).reshape(piece.shape)
+        at = plain_data_offset(bytes(raw[:HEAD_BYTES]), spec, piece)
+        count = math.prod(piece.shape)
+        if at is not None and count == 0:
+            return torch.empty(piece.shape, dtype=spec.dtype)
+        if at is not None:
+            return torch.frombuffer(raw, dtype=spec.dtype, count=count, offset=at).reshape(
+                piece.shape
+            )
         try:
             tensor = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except Exception as exc:  # a torn or altered piece: name it, never trace back
@@ -96,13 +118,98 @@ class Source:
             raise CheckpointCorrupt(f"{self.ingredient.url}: {spec.name}: piece is not as declared")
         return tensor
 
-    def _read_range(self, piece: Piece) -> bytes:
-        fs = self.store.fsspec_filesystem()
-        end = piece.offset + piece.length
-        data: bytes = fs.cat_file(self.store.path(piece.file), start=piece.offset, end=end)
-        if len(data) != piece.length:
-            raise CheckpointCorrupt(f"{self.store.path(piece.file)}: truncated ({len(data)} bytes)")
-        return data
+    def read_range(self, file: str, start: int, end: int) -> memoryview:
+        """Bytes [start, end) of `file`: one ranged read (CheckpointCorrupt if the file ends)."""
+        into = memoryview(bytearray(max(0, end - start)))
+        self.read_into(file, start, into)
+        return into
+
+    def read_into(self, file: str, start: int, into: memoryview) -> None:
+        """Fill `into` from byte `start` of `file` (CheckpointCorrupt if the file ends first)."""
+        got = self.store.read_into(file, start, into)
+        if got != len(into):
+            raise CheckpointCorrupt(f"{self.store.path(file)}: truncated at byte {start + got}")
+
+    def model_files(self) -> list[str]:
+        """The files a soup reads: those holding model pieces, and DCP's `.metadata`."""
+        files = {p.file for pieces in self.pieces.values() for p in pieces}
+        if not self.safetensors:
+            files.add(f"{self.data_dir}/.metadata" if self.data_dir else ".metadata")
+        return sorted(files)
+
+
+# --- the stored piece's layout ------------------------------------------------------------------
+
+HEAD_BYTES = 4096  # a torch.save piece's zip records before its tensor data fit in this
+
+
+def plain_data_offset(head: bytes, spec: TensorSpec, piece: Piece) -> int | None:
+    """Where the raw bytes of a stored piece's tensor start within the piece, if the piece is
+    what DCP writes for a plain tensor: `torch.save` of one contiguous little-endian tensor of
+    the piece's shape and dtype, its storage holding exactly its elements. Then the piece can
+    be read in byte ranges and viewed in place. None otherwise (read whole, `torch.load`ed).
+
+    `head` is the piece's first bytes; the pickle is read by torch's weights_only unpickler
+    with storages on the meta device, so nothing but the layout is built."""
+    records = _zip_records(head)
+    pkl = next((at for name, at in records.items() if name.endswith("/data.pkl")), None)
+    data = next((at for name, at in records.items() if name.endswith("/data/0")), None)
+    if pkl is None or data is None or any(name.endswith("/data/1") for name in records):
+        return None
+    order = next((at for name, at in records.items() if name.endswith("/byteorder")), None)
+    if order is not None and head[order : order + 6] != b"little":
+        return None
+    try:
+        meta = _meta_tensor(_pickle_bytes(head, pkl))
+    except Exception:  # anything unusual: the whole-piece path handles (or names) it
+        return None
+    count = math.prod(piece.shape)
+    plain = (
+        isinstance(meta, torch.Tensor) and meta.dtype == spec.dtype
+        and tuple(meta.shape) == piece.shape and meta.is_contiguous()
+        and meta.storage_offset() == 0 and meta.untyped_storage().nbytes() == count * spec.dtype.itemsize
+        and data + count * spec.dtype.itemsize <= piece.length
+    )  # fmt: skip
+    return data if plain else None
+
+
+def _zip_records(head: bytes) -> dict[str, int]:
+    """Name -> offset of its data, for each zip local header found in `head`."""
+    found: dict[str, int] = {}
+    at = head.find(b"PK\x03\x04")
+    while at >= 0 and at + 30 <= len(head):
+        name_len, extra_len = struct.unpack_from("<HH", head, at + 26)
+        name = head[at + 30 : at + 30 + name_len].decode("utf-8", "replace")
+        found.setdefault(name, at + 30 + name_len + extra_len)
+        at = head.find(b"PK\x03\x04", at + 4)
+    return found
+
+
+def _pickle_bytes(head: bytes, start: int) -> bytes:
+    """The pickle of data.pkl: up to its STOP opcode, which ends the zip record's data."""
+    end = head.find(b".PK\x07\x08", start)  # STOP, then the record's data descriptor
+    return head[start : end + 1] if end >= 0 else head[start:]
+
+
+@functools.lru_cache(maxsize=4096)
+def _meta_tensor(pickled: bytes) -> object:
+    """The tensor a piece's pickle describes, on the meta device (cached: pieces of one shape
+    share one pickle, and the weights_only unpickler costs ~0.4 ms a call)."""
+    from torch import _weights_only_unpickler
+
+    unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(pickled), encoding="utf-8")
+
+    def persistent_load(saved_id: tuple[object, ...]) -> object:
+        _, storage_type, key, _, numel = saved_id
+        if key != "0":
+            raise ValueError("a second storage")
+        dtype = getattr(storage_type, "dtype", storage_type)
+        assert isinstance(dtype, torch.dtype) and isinstance(numel, int)
+        untyped = torch.UntypedStorage(numel * dtype.itemsize, device="meta")
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+    unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
+    return unpickler.load()
 
 
 def open_source(ingredient: Ingredient, s3: S3Options | None = None) -> Source:
@@ -145,7 +252,8 @@ def _index_dcp(source: Source) -> None:
     from orchestrator.checkpoint import catalog, dcp_io
     from orchestrator.checkpoint.weights import choose_prefix
 
-    data = catalog.load_info(source.store).manifest.data_dir
+    source.manifest = catalog.load_info(source.store).manifest
+    data = source.data_dir = source.manifest.data_dir
     md = dcp_io.read_metadata(source.store, data)
     prefix = choose_prefix(md.state_dict_metadata, "auto")
     for key, meta in md.state_dict_metadata.items():
@@ -173,16 +281,24 @@ def _index_dcp(source: Source) -> None:
             raise CheckpointCorrupt(f"{source.ingredient.url}: {name} has no stored data")
 
 
-def verify(source: Source, checksums: bool) -> list[str]:
-    """Problems of a DCP ingredient against its manifest ([] if whole), each naming a file.
-    Checksums read every file once, optimizer bytes included (hashed in 1 MB blocks, never
-    loaded); `checksums=False` compares sizes only."""
+def verify(source: Source, checksums: bool, files: Sequence[str] | None = None) -> list[str]:
+    """Problems of a DCP ingredient's `files` (default: every file the soup reads) against its
+    manifest ([] if whole), each naming a file. Checksums read each file once (hashed in small
+    blocks, never loaded); `checksums=False` compares sizes only. Optimizer files are never
+    read by a soup, so never checked here (`stockpot verify` checks every file)."""
     if source.safetensors:
         return []
+    from dataclasses import replace
+
     from orchestrator.checkpoint import catalog
 
-    manifest = catalog.load_info(source.store).manifest
-    return catalog.verify(source.store, manifest, checksums=checksums, chunk=VERIFY_BLOCK)
+    manifest = source.manifest or catalog.load_info(source.store).manifest
+    wanted = set(source.model_files() if files is None else files)
+    mine = replace(manifest, files={k: v for k, v in manifest.files.items() if k in wanted})
+    problems = [
+        f"{source.store.path(f)}: not in the manifest" for f in sorted(wanted - set(mine.files))
+    ]
+    return problems + catalog.verify(source.store, mine, checksums=checksums, chunk=VERIFY_BLOCK)
 
 
 def same_layout(a: Mapping[str, TensorSpec], b: Mapping[str, TensorSpec]) -> str | None:

@@ -14,11 +14,11 @@ committed soup back; `write_checkpoint` turns one into a committed stockpot chec
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.checkpoint.export import TensorEntry, safetensors_header, write_safetensors
+from orchestrator.checkpoint.export import TensorEntry, safetensors_header, write_safetensors_parts
 from orchestrator.checkpoint.manifest import FileEntry, Hasher
 from orchestrator.errors import CheckpointCorrupt, UsageError
 
@@ -66,8 +66,10 @@ def split_out(url: str, s3: S3Options | None) -> tuple[Store, str]:
     return Store(parent, s3), name
 
 
-def plan_shards(specs: Mapping[str, TensorSpec], shard_bytes: int) -> list[list[TensorEntry]]:
-    """The output tensors in file order, split into consecutive shards of <= shard_bytes."""
+def plan_shards(specs: Mapping[str, TensorSpec], shard_bytes: int,
+                order: Mapping[str, int] | None = None) -> list[list[TensorEntry]]:  # fmt: skip
+    """The output tensors in file order (see `safetensors_header`), split into consecutive
+    shards of <= shard_bytes."""
     from orchestrator.checkpoint.export import DTYPE_CODES
 
     entries = []
@@ -76,7 +78,7 @@ def plan_shards(specs: Mapping[str, TensorSpec], shard_bytes: int) -> list[list[
         if dtype not in DTYPE_CODES:
             raise UsageError(f"{name} has dtype {dtype}, which safetensors cannot hold")
         entries.append(TensorEntry(name, name, dtype, spec.shape, spec.dtype.itemsize))
-    _, ordered = safetensors_header(entries, {})
+    _, ordered = safetensors_header(entries, {}, order)
     shards: list[list[TensorEntry]] = [[]]
     size = 0
     for e in ordered:
@@ -98,26 +100,22 @@ def write_files(
     store: Store,
     write_rel: str,
     shards: Sequence[Sequence[TensorEntry]],
-    next_tensor: Callable[[str], torch.Tensor],
+    parts: Callable[[str], Iterable[torch.Tensor]],
     metadata: Mapping[str, str],
     *,
-    batch_bytes: int,
+    order: Mapping[str, int] | None = None,
     progress: Callable[[int], object] | None = None,
 ) -> Written:
-    """Stream every shard (tensors from `next_tensor`, in file order) and the index."""
+    """Stream every shard (each tensor as consecutive flat parts from `parts(name)`, in file
+    order) and the index."""
     names = shard_names(len(shards))
     files: dict[str, FileEntry] = {}
     weight_map: dict[str, str] = {}
     for fname, entries in zip(names, shards, strict=True):
         with store.open_write(f"{write_rel}/{fname}") as raw:
             f = _HashingFile(raw)
-            write_safetensors(
-                f,
-                entries,
-                lambda batch: {e.key: next_tensor(e.name) for e in batch},
-                metadata,
-                batch_bytes=batch_bytes,
-                progress=progress,
+            write_safetensors_parts(
+                f, entries, lambda e: parts(e.name), metadata, order=order, progress=progress
             )
         files[fname] = f.hasher.entry()
         weight_map.update({e.name: fname for e in entries})

@@ -28,6 +28,11 @@ class Backend(Protocol):
 
     def read_bytes(self, path: str) -> bytes: ...
 
+    def read_into(self, path: str, start: int, into: memoryview) -> int:
+        """Fill `into` from byte `start` of a file; returns the bytes read (fewer only where the
+        file ends first)."""
+        ...
+
     def write_bytes(self, path: str, data: bytes, *, create_only: bool) -> None:
         """Atomic: readers see the old object or the new one; `create_only` never replaces."""
         ...

@@ -70,6 +70,20 @@ class LocalBackend:
         with open(path, "rb") as f:
             return f.read()
 
+    def read_into(self, path: str, start: int, into: memoryview) -> int:
+        """pread: no file position shared between threads."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = 0
+            while got < len(into):
+                n = os.preadv(fd, [into[got:]], start + got)
+                if n == 0:
+                    break
+                got += n
+            return got
+        finally:
+            os.close(fd)
+
     def write_bytes(self, path: str, data: bytes, *, create_only: bool) -> None:
         with _atomic_file(path, create_only=create_only) as f:
             f.write(data)

@@ -107,6 +107,17 @@ class S3Backend:
         data: bytes = self._retry("read", path, lambda: self._fs().cat_file(_key(path)))
         return data
 
+    def read_into(self, path: str, start: int, into: memoryview) -> int:
+        """One ranged GET, copied into `into`."""
+
+        def fetch() -> bytes:
+            got: bytes = self._fs().cat_file(_key(path), start=start, end=start + len(into))
+            return got
+
+        data = self._retry("read", path, fetch)
+        into[: len(data)] = data
+        return len(data)
+
     def write_bytes(self, path: str, data: bytes, *, create_only: bool) -> None:
         """One PUT: S3 shows a new object only once it is complete, so this is atomic."""
         self._retry("write", path, lambda: self._put(path, data, create_only))
