@@ -80,6 +80,7 @@ def retention_policy(cfg: Config) -> RetentionPolicy:
         keep_best=c.keep_best,
         keep_every_steps=c.keep_every_steps,
         keep_weights_every_steps=c.keep_weights_every_steps,
+        keep_weights_improved=c.keep_weights_improved,
     )
 
 

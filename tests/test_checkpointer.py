@@ -246,6 +246,25 @@ def test_each_save_reads_only_its_own_manifest_however_many_are_kept(tmp_path: P
         assert catalog.verify(Store(str(tmp_path)).child(info.rel), info.manifest) == []
 
 
+def test_keep_weights_improved_keeps_the_weights_of_improving_checkpoints(tmp_path: Path) -> None:
+    """`checkpoint.keep_weights_improved` on real saves: each checkpoint that improved eval/loss
+    keeps its weights (its optimizer files deleted, its manifest still naming only files that
+    exist); the others go; resume still picks the newest full one."""
+    model, optim = _model()
+    policy = RetentionPolicy(keep_last=1, keep_weights_improved=("eval/loss",))
+    ckpt = _checkpointer(Store(str(tmp_path)), model, optim, policy=policy)
+    for step, loss in [(1, 0.9), (2, 0.95), (3, 0.8), (4, 0.85), (5, 0.99)]:
+        _train(model, optim)
+        ckpt.save(step, {"eval/loss": loss})
+    ckpt.close()
+    found = catalog.scan(Store(str(tmp_path))).committed
+    assert [(c.step, c.manifest.weights_only) for c in found] == [(1, True), (3, True), (5, False)]
+    for info in found:
+        assert catalog.verify(Store(str(tmp_path)).child(info.rel), info.manifest) == []
+    _, _, info = _fresh_restore(str(tmp_path))
+    assert info is not None and info.step == 5
+
+
 def test_garbage_from_an_interrupted_session_is_collected_at_the_next_save(tmp_path: Path) -> None:
     model, optim = _model()
     _checkpointer(Store(str(tmp_path)), model, optim).save(5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Collection
@@ -17,6 +18,7 @@ from orchestrator.checkpoint.retention import (
     KeepBest,
     RetentionPolicy,
     delete_checkpoints,
+    plan,
     plan_retention,
 )
 from orchestrator.errors import ConfigError, StorageError
@@ -255,6 +257,30 @@ def test_keep_every_steps_and_keep_if() -> None:
     committed = cands(*((s, None) for s in range(100, 1100, 100)))
     policy = RetentionPolicy(keep_every_steps=500, keep_if=lambda c: c.step == 300)
     assert plan_retention(committed, policy) == [100, 200, 400, 600, 700, 800, 900]
+
+
+def test_keep_weights_improved_thins_the_improving_checkpoints_and_deletes_the_rest() -> None:
+    """The checkpoint-soup rule: the weights of each checkpoint that beat every earlier one on
+    eval/loss (down) or eval/accuracy (up); a checkpoint with neither metric never counts."""
+    rows = [(10, 0.9, 0.50), (20, 0.8, 0.49), (30, 0.85, 0.55), (40, 0.86, 0.54),
+            (50, None, None), (60, 0.7, 0.60), (70, 0.75, 0.58)]  # fmt: skip
+    committed = [
+        Candidate(s, {} if loss is None else {"eval/loss": loss, "eval/accuracy": acc})
+        for s, loss, acc in rows
+    ]
+    policy = RetentionPolicy(keep_last=1, keep_weights_improved=("eval/loss", "eval/accuracy"))
+    got = plan(committed, policy)
+    assert got.drop_optimizer == [10, 20, 30, 60]  # 70 is the newest: kept whole
+    assert got.delete == [40, 50]
+    # weights already dropped are not thinned twice
+    thinned = [dataclasses.replace(c, weights_only=c.step == 20) for c in committed]
+    assert plan(thinned, policy).drop_optimizer == [10, 30, 60]
+
+
+@pytest.mark.parametrize("bad", [(), ("",), ("eval/loss", 3)])
+def test_keep_weights_improved_needs_metric_names(bad: tuple) -> None:
+    with pytest.raises(ValueError, match="keep_weights_improved must list metric names"):
+        RetentionPolicy(keep_weights_improved=bad)
 
 
 def test_step_dirname() -> None:

@@ -10,15 +10,8 @@ import pytest
 from orchestrator.checkpoint.manifest import Manifest
 from orchestrator.config import SoupConfig
 from orchestrator.errors import ConfigError, UsageError
-from orchestrator.soup.ingredients import (
-    Candidate,
-    improved_any,
-    metric_mode,
-    parse_steps,
-    resolve,
-    select,
-    top_k,
-)
+from orchestrator.metric_rules import improved_any, metric_mode
+from orchestrator.soup.ingredients import Candidate, parse_steps, resolve, select, top_k
 
 C = [
     Candidate(10, {"eval/loss": 2.0, "eval/acc": 0.50}),

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from orchestrator.checkpoint.layout import MANIFEST_NAME, is_optimizer_file, step_rel
 from orchestrator.errors import require
+from orchestrator.metric_rules import improved_any
 
 if TYPE_CHECKING:  # the config schema imports this module: keep storage out of its imports
     from orchestrator.checkpoint.catalog import CheckpointInfo
@@ -83,6 +84,8 @@ class RetentionPolicy:
     keep_every_steps: int | None = None  # keep milestones: every step with step % N == 0
     keep_if: Callable[[Candidate], bool] | None = None  # Python-API hook: True keeps it
     keep_weights_every_steps: int | None = None  # weights only of every step % N == 0
+    # weights only of each checkpoint that beat every earlier one on one of these metrics
+    keep_weights_improved: tuple[str, ...] | None = None
     keep_weights_if: Callable[[Candidate], bool] | None = None  # weights only where True
 
     def __post_init__(self) -> None:
@@ -91,6 +94,14 @@ class RetentionPolicy:
         for name in ("keep_every_steps", "keep_weights_every_steps"):
             if getattr(self, name) is not None:
                 _require_positive(name, getattr(self, name), "use null to turn it off")
+        improved = self.keep_weights_improved
+        if improved is not None and (
+            not improved or not all(m and isinstance(m, str) for m in improved)
+        ):
+            raise ValueError(
+                f"keep_weights_improved must list metric names, e.g. [eval/loss] (got {improved!r}); "
+                "use null to turn it off"
+            )
         for name in ("keep_if", "keep_weights_if"):
             hook = getattr(self, name)
             if hook is not None and not callable(hook):
@@ -104,7 +115,7 @@ class RetentionPolicy:
 
     @property
     def _weights_rules(self) -> tuple[object, ...]:
-        return (self.keep_weights_every_steps, self.keep_weights_if)
+        return (self.keep_weights_every_steps, self.keep_weights_improved, self.keep_weights_if)
 
 
 def _require_positive(name: str, value: object, fix: str) -> None:
@@ -138,6 +149,10 @@ def plan(
     weights: set[int] = set()
     if policy.keep_weights_every_steps is not None:
         weights.update(s for s in by_step if s % policy.keep_weights_every_steps == 0)
+    if policy.keep_weights_improved is not None:
+        weights.update(
+            c.step for c in improved_any(list(by_step.values()), policy.keep_weights_improved)
+        )
     if policy.keep_weights_if is not None:
         weights.update(s for s, c in by_step.items() if policy.keep_weights_if(c))
     thin = {s for s in weights - whole if not by_step[s].weights_only}

@@ -193,6 +193,10 @@ class CheckpointConfig:
     # Also keep the WEIGHTS (no optimizer state) of every checkpoint whose step is a multiple of
     # N, e.g. soup ingredients; full checkpoints follow the rules above; null disables.
     keep_weights_every_steps: int | None = None
+    # Also keep the WEIGHTS of every checkpoint that beat every earlier one on at least one of
+    # these metrics, e.g. [eval/loss, eval/accuracy]: the ingredients of `stockpot soup
+    # --improved-any` (BirdCLEF 2024's checkpoint soup); needs trainer.eval_every; null disables.
+    keep_weights_improved: tuple[str, ...] | None = None
     # Stage to host memory, then write and commit in the background (one save in flight).
     async_save: bool = False
     # On resume, verify checksums of the chosen checkpoint (sizes are always checked).
@@ -205,6 +209,13 @@ class CheckpointConfig:
         _positive_or_none(self.keep_last, "checkpoint.keep_last", "null to keep every checkpoint")
         _positive_or_none(self.keep_every_steps, "checkpoint.keep_every_steps")
         _positive_or_none(self.keep_weights_every_steps, "checkpoint.keep_weights_every_steps")
+        improved = self.keep_weights_improved
+        require(
+            improved is None
+            or (bool(improved) and all(isinstance(m, str) and m for m in improved)),
+            "checkpoint.keep_weights_improved must list metric names, e.g. [eval/loss, "
+            f"eval/accuracy] (got {improved!r}); null turns it off",
+        )
 
 
 # One type for `storage.s3.*` and the S3 backend, so the rules are checked once, on load.

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from orchestrator.errors import ConfigError, UsageError
-from orchestrator.soup.ingredients import metric_mode
+from orchestrator.metric_rules import metric_mode
 
 if TYPE_CHECKING:
     from torch import nn

@@ -17,12 +17,12 @@ committed checkpoint, a .safetensors file; local or s3://) into `Ingredient`s.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from orchestrator.errors import UsageError
+from orchestrator.metric_rules import finite, improved_any, metric_mode
 
 if TYPE_CHECKING:
     from orchestrator.checkpoint.catalog import CheckpointInfo
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from orchestrator.storage import S3Options, Store
 
 Kind = Literal["dcp", "safetensors"]
-_MIN_WORDS = ("loss", "error", "err", "perplexity", "ppl")
 
 
 @dataclass(frozen=True)
@@ -57,14 +56,6 @@ class Ingredient:
 # --- pure rules --------------------------------------------------------------------------------
 
 
-def metric_mode(metric: str, mode: str | None) -> str:
-    """`mode`, or the usual direction of `metric`: min for losses and error rates, else max."""
-    if mode is not None:
-        return mode
-    name = metric.rsplit("/", 1)[-1].lower()
-    return "min" if any(word in name for word in _MIN_WORDS) else "max"
-
-
 def parse_steps(text: str) -> tuple[int | None, int | None]:
     lo, sep, hi = text.partition(":")
     try:
@@ -75,34 +66,10 @@ def parse_steps(text: str) -> tuple[int | None, int | None]:
         raise UsageError(f"--steps must be A:B, e.g. 100:500 or 200: (got {text!r})") from None
 
 
-def _finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
-
-
-def improved_any(cands: Sequence[Candidate], metrics: Sequence[str]) -> list[Candidate]:
-    """In step order, the candidates that beat every earlier one on at least one metric."""
-    best: dict[str, float] = {}
-    kept = []
-    for cand in sorted(cands, key=lambda c: c.step):
-        improved = False
-        for metric in metrics:
-            value = cand.metrics.get(metric)
-            if not _finite(value):
-                continue
-            assert value is not None
-            sign = 1 if metric_mode(metric, None) == "min" else -1
-            if metric not in best or sign * value < sign * best[metric]:
-                best[metric] = value
-                improved = True
-        if improved:
-            kept.append(cand)
-    return kept
-
-
 def top_k(cands: Sequence[Candidate], k: int, metric: str, mode: str) -> list[Candidate]:
     """The k best by `metric` (ties: the newer wins), back in step order; unscored ones drop."""
     sign = 1 if mode == "min" else -1
-    scored = [c for c in cands if _finite(c.metrics.get(metric))]
+    scored = [c for c in cands if finite(c.metrics.get(metric))]
     ranked = sorted(scored, key=lambda c: (sign * c.metrics[metric], -c.step))[:k]
     return sorted(ranked, key=lambda c: c.step)
 
