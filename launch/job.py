@@ -1,4 +1,5 @@
-"""The picklable jobs submitit runs: `TrainingJob` (on every srun task) and the chained `ExportJob`.
+"""The picklable job submitit runs on every srun task: `TrainingJob` (the chained soup job is
+launch/soup_job.py).
 
 They hold plain data only (the config as `Config.to_dict()`), so no DictConfig, torch object or
 open file travels in submitit's pickle.
@@ -32,12 +33,12 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import Config, from_dict
 from orchestrator.env import DistEnv
-from orchestrator.errors import StockpotError, UsageError
+from orchestrator.errors import StockpotError
 from orchestrator.logs import LEADER_ONLY
 
 if TYPE_CHECKING:
@@ -48,7 +49,6 @@ log = logging.getLogger("stockpot.job")
 # submitit's rule: a signal this close to the limit is a time-out, earlier ones a preemption.
 TIMEOUT_FRACTION = 0.8
 TIMEOUT_MARGIN_S = 600.0
-EXPORT_NAME = "export/model.safetensors"
 
 
 def timeout_threshold_s(timeout_min: float) -> float:
@@ -227,37 +227,3 @@ def _last_save_s(cfg: Config) -> float | None:
 
     latest = catalog.scan(run_store(cfg)).latest()
     return sum(latest.manifest.timings.values()) if latest is not None else None
-
-
-class ExportJob:
-    """The chained job (afterok on the training job or the whole array). Until model soups land
-    it consolidates each run's newest committed checkpoint into <run.dir>/export/model.safetensors
-    (orchestrator/checkpoint/export.py, the code of `stockpot export`).
-
-    It holds each run's config as plain data (`Config.to_dict()`), so it opens every run dir
-    with that run's `storage.s3`, as the training job did."""
-
-    def __init__(self, configs: Sequence[Mapping[str, Any]]) -> None:
-        self.configs = [dict(cfg) for cfg in configs]
-
-    def __call__(self) -> list[str]:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-        return [export_latest(from_dict(cfg)) for cfg in self.configs]
-
-
-def export_latest(cfg: Config) -> str:
-    """Export the newest committed checkpoint of cfg.run.dir; returns the file written."""
-    from orchestrator.checkpoint import catalog
-    from orchestrator.checkpoint.export import export_checkpoint
-    from orchestrator.storage import Store
-
-    run = Store(cfg.run.dir, cfg.storage.s3)
-    latest = catalog.scan(run).latest()
-    if latest is None:
-        raise UsageError(f"{run.path()} has no committed checkpoint to export")
-    folder, name = EXPORT_NAME.rsplit("/", 1)
-    done = export_checkpoint(run.child(latest.rel), run.child(folder), name)
-    log.info(
-        "exported step %d of %s to %s (%d tensors)", done.step, run.path(), done.path, done.tensors
-    )
-    return done.path

@@ -108,12 +108,14 @@ def agree(flag: bool, group: Group = None) -> bool:
 
 class PendingAgreement:
     """`agree(flag)` posted now and answered later, so the reduction overlaps a training step
-    instead of stalling every rank at the step boundary."""
+    instead of stalling every rank at the step boundary. It also agrees on `every` (the
+    smallest of the ranks' proposals), so all ranks can schedule the next one alike."""
 
-    def __init__(self, flag: bool, group: Group = None) -> None:
-        self._flag = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    def __init__(self, flag: bool, group: Group = None, every: int = 1) -> None:
+        # MAX of [flag, -every]: any rank's flag, and the smallest proposal
+        self._t = torch.tensor([1 if flag else 0, -max(1, every)], dtype=torch.int64)
         self._work = (
-            dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=group, async_op=True)
+            dist.all_reduce(self._t, op=dist.ReduceOp.MAX, group=group, async_op=True)
             if is_initialized()
             else None
         )
@@ -121,7 +123,13 @@ class PendingAgreement:
     def result(self) -> bool:
         if self._work is not None:
             self._work.wait()
-        return bool(self._flag.item())
+            self._work = None
+        return bool(self._t[0].item())
+
+    @property
+    def every(self) -> int:
+        """The agreed proposal (call after `result`)."""
+        return max(1, -int(self._t[1].item()))
 
 
 def all_reduce_sum(values: list[float], group: Group = None) -> list[float]:

@@ -1,8 +1,9 @@
 """The training loop. Short on purpose: what to do at each step is decided by the components
 (sampler, checkpointer, stop flag, metrics log); the loop only calls them in order.
 
-Every rank runs the same sequence of collectives: the stop check (posted before each step,
-answered after it), metric reductions at log/eval steps, and the checkpointer's own collectives.
+Every rank runs the same sequence of collectives: the stop check (posted before a step,
+answered after it: every step when steps are slow, every few when they are fast, see
+`_StopChecks`), metric reductions at log/eval steps, and the checkpointer's own collectives.
 """
 
 from __future__ import annotations
@@ -60,10 +61,11 @@ class Outcome:
 def train(run: TrainingRun, trainer: TrainerConfig) -> Outcome:
     latest: dict[str, float] = {}  # newest mean loss and eval metrics: what manifests record
     window = _Window(run.progress.step)
+    checks = _StopChecks(run.progress.step)
     while run.progress.step < trainer.max_steps:
-        # Posted before the step, answered after it: a stop seen by any rank when this step
-        # began ends the run after it, on every rank, without a stall at each boundary.
-        stop = dist.PendingAgreement(run.stop.requested)
+        # Posted before the step, answered after it: a stop seen by any rank when a checked
+        # step began ends the run after it, on every rank, without a stall at each boundary.
+        checks.post(run.progress.step, run.stop.requested)
         loss, epoch_ended = _train_step(run, trainer)
         run.progress.step += 1
         step = run.progress.step
@@ -72,9 +74,47 @@ def train(run: TrainingRun, trainer: TrainerConfig) -> Outcome:
         if trainer.eval_every and step % trainer.eval_every == 0:
             latest.update(evaluate(run, trainer.batch_size))
         run.ckpt.maybe_save(step, latest, epoch_ended=epoch_ended, epoch=run.sampler.epoch)
-        if stop.result() and step < trainer.max_steps:  # at max_steps: finish normally instead
+        if checks.answer(step) and step < trainer.max_steps:  # at max_steps: finish normally
             return _stop(run, latest)
     return _finish(run, trainer, latest)
+
+
+class _StopChecks:
+    """Which steps the ranks agree on a stop at: every step while steps take longer than
+    CHECK_S, else every k-th, k chosen so about CHECK_S of training passes between checks (at
+    most MAX_EVERY steps). k is agreed with the stop flag itself (the smallest rank's proposal),
+    so every rank checks on the same steps. A collective costs a fast step ~0.1 ms of gloo; a
+    stop still happens at a step boundary, at most ~CHECK_S after a rank saw the signal."""
+
+    CHECK_S, MAX_EVERY = 0.1, 64
+
+    def __init__(self, step: int) -> None:
+        self.next = step  # the step before which the next check is posted
+        self.pending: dist.PendingAgreement | None = None
+        self.last_step, self.last_time = step, time.perf_counter()
+
+    def post(self, step: int, requested: bool) -> bool:
+        """Before the step after `step`: post the agreement if that step is checked."""
+        if step != self.next:
+            return False
+        now = time.perf_counter()
+        steps = step - self.last_step
+        propose = 1
+        if steps > 0:
+            per_step = (now - self.last_time) / steps
+            propose = max(1, min(self.MAX_EVERY, round(self.CHECK_S / max(per_step, 1e-9))))
+        self.last_step, self.last_time = step, now
+        self.pending = dist.PendingAgreement(requested, every=propose)
+        return True
+
+    def answer(self, step: int) -> bool:
+        """True if the ranks agreed to stop after `step` (only on checked steps)."""
+        if self.pending is None:
+            return False
+        stop, every = self.pending.result(), self.pending.every
+        self.pending = None
+        self.next = step - 1 + every
+        return stop
 
 
 def _train_step(run: TrainingRun, trainer: TrainerConfig) -> tuple[torch.Tensor, bool]:

@@ -21,7 +21,9 @@ from safetensors.torch import load, load_file
 from torch import nn
 
 from launch.cli import main
+from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.checkpointer import Checkpointer
+from orchestrator.checkpoint.export import export_checkpoint
 from orchestrator.checkpoint.weights import choose_prefix
 from orchestrator.state import ModelAndOptimizer, RNGState
 from orchestrator.storage import S3Options, Store
@@ -400,9 +402,10 @@ def test_status_verify_export_on_s3(
 def test_s3_endpoint_given_only_in_the_config(
     s3_server: S3Server, s3_bucket: str, tmp_path: Path
 ) -> None:
-    """`submit`'s jobs record, `status` and the chained job open the run dir with the config's
-    storage.s3, as `run` does: no AWS_ENDPOINT_URL anywhere (the s3_server fixture removes it)."""
-    from launch import job, submit
+    """`submit`'s jobs record, `status` and an export open the run dir with the config's
+    storage.s3, as `run` does: no AWS_ENDPOINT_URL anywhere (the s3_server fixture removes it).
+    The chained soup job's own test is in tests/test_soup_workflow.py."""
+    from launch import submit
     from orchestrator import config
 
     assert "AWS_ENDPOINT_URL" not in os.environ and "AWS_ENDPOINT_URL_S3" not in os.environ
@@ -421,8 +424,10 @@ def test_s3_endpoint_given_only_in_the_config(
     assert [c["step"] for c in report["checkpoints"]] == list(STEPS)
     assert [j["job_id"] for j in report["jobs"]] == ["7"]
 
-    (written,) = job.ExportJob([cfg.to_dict()])()
-    assert written == f"{url}/export/model.safetensors"
+    latest = catalog.scan(store).latest()
+    assert latest is not None
+    done = export_checkpoint(store.child(latest.rel), store.child("export"), "model.safetensors")
+    assert done.path == f"{url}/export/model.safetensors"
     assert_bit_equal(load(store.read_bytes("export/model.safetensors")), weights)
 
 

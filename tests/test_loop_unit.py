@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.checkpoint.schedule import SaveSchedule
-from orchestrator.loop import _duration
+from orchestrator.loop import _duration, _StopChecks
 from orchestrator.progress import Progress
 from orchestrator.storage import Store
 
@@ -89,3 +90,37 @@ def test_progress_round_trips_and_picks_best() -> None:
     assert q == p
     assert q.best("eval/loss")["step"] == 7 and q.best("eval/loss", "max")["step"] == 5
     assert q.best("eval/accuracy") is None
+
+
+def test_fast_steps_are_checked_every_few_and_a_stop_waits_for_the_next_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    t = [0.0]
+    monkeypatch.setattr("orchestrator.loop.time.perf_counter", lambda: t[0])
+    checks = _StopChecks(0)
+    checked = []
+    stopped = None
+    for step in range(200):
+        t[0] += 0.01  # 10 ms steps: CHECK_S / 10 ms = 10 steps between checks
+        posted = checks.post(step, requested=step >= 57)
+        if posted:
+            checked.append(step)
+        if checks.answer(step + 1):
+            stopped = step + 1
+            break
+    assert checked[:3] == [0, 1, 11]  # every step until the step time is known, then every 10
+    assert all(b - a == 10 for a, b in itertools.pairwise(checked[1:]))
+    assert stopped == 62  # the stop seen before step 57 ends the run after the next check
+
+
+def test_slow_steps_are_checked_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    t = [0.0]
+    monkeypatch.setattr("orchestrator.loop.time.perf_counter", lambda: t[0])
+    checks = _StopChecks(100)  # a resumed run
+    checked = []
+    for step in range(100, 110):
+        t[0] += 0.2
+        if checks.post(step, requested=False):
+            checked.append(step)
+        assert not checks.answer(step + 1)
+    assert checked == list(range(100, 110))
