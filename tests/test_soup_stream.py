@@ -121,3 +121,27 @@ def test_a_piece_that_is_not_plain_is_read_whole_and_loaded(ckpts: list[Path]) -
     assert torch.equal(got, transposed)
     with pytest.raises(CheckpointCorrupt, match="does not load"):
         source.decode(Piece("f", 0, 10, (0, 0), (3, 4)), spec, memoryview(b"PK\x03\x04junk"))
+
+
+def test_half_precision_ingredients_mix_in_float32_and_look_related(tmp_path: Path) -> None:
+    """fp16 and bf16 tensors (segments of 256 kB) are summed in float32 and cast once; their
+    squared norms, which overflow float16 (here ~50^2 x 262144), are summed in float32 too,
+    so fine-tunes of one model still look related."""
+    gen = torch.Generator().manual_seed(1)
+    base = 50 + torch.randn(512, 512, generator=gen)
+    run, holder = tmp_path / "half", _ModelOnly({})
+    ckpt = Checkpointer(Store(str(run)))
+    ckpt.register("train", holder)
+    states = []
+    for step in (1, 2, 3):
+        w = base + 0.1 * torch.randn(base.shape, generator=gen)
+        holder.tensors = {"h": w.half(), "b": w.bfloat16()}
+        states.append(holder.tensors)
+        ckpt.save(step)
+    ckpt.close()
+    got, mixer = _mix(sorted((run / "checkpoints").iterdir()))
+    for name, dtype in (("h", torch.float16), ("b", torch.bfloat16)):
+        want = (sum(s[name].float() for s in states) / 3).to(dtype)
+        assert got[name].dtype == dtype and torch.equal(got[name], want), name
+    cosine = mixer.similarity.cosine()
+    assert cosine is not None and cosine > 0.99, cosine

@@ -328,7 +328,8 @@ class Mixer:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-_NUMPY_ADDS = (torch.float32, torch.float64, torch.float16)
+# float16 stays on the torch path: numpy would sum its squares (the similarity) in float16
+_NUMPY_ADDS = (torch.float32, torch.float64)
 
 
 def _tie_candidates(specs: dict[str, TensorSpec]) -> set[str]:
