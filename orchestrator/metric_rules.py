@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeGuard, TypeVar
 
 _MIN_WORDS = ("loss", "error", "err", "perplexity", "ppl")
 
@@ -33,7 +33,8 @@ def metric_mode(metric: str, mode: str | None) -> str:
     return "min" if any(word in name for word in _MIN_WORDS) else "max"
 
 
-def finite(value: float | None) -> bool:
+def finite(value: float | None) -> TypeGuard[float]:
+    """A metric value that counts: present and neither NaN nor infinite."""
     return value is not None and math.isfinite(value)
 
 
@@ -46,7 +47,7 @@ def improved_any(cands: Sequence[S], metrics: Sequence[str]) -> list[S]:
         improved = False
         for metric in metrics:
             value = cand.metrics.get(metric)
-            if value is None or not math.isfinite(value):
+            if not finite(value):
                 continue
             sign = 1 if metric_mode(metric, None) == "min" else -1
             if metric not in best or sign * value < sign * best[metric]:

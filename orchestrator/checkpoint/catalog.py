@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, MANIFEST_NAME, parse_step_dirname
 from orchestrator.checkpoint.manifest import Manifest, hash_stream
 from orchestrator.errors import CheckpointCorrupt
+from orchestrator.metric_rules import finite
 from orchestrator.storage import Store
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Scan:
         return self.committed[-1] if self.committed else None
 
     def best(self, metric: str, mode: str = "min") -> CheckpointInfo | None:
-        scored = [c for c in self.committed if _finite(c.metrics.get(metric))]
+        scored = [c for c in self.committed if finite(c.metrics.get(metric))]
         if not scored:
             return None
         sign = 1 if mode == "min" else -1
@@ -54,10 +55,6 @@ class Scan:
 
     def select(self, predicate: Callable[[CheckpointInfo], bool]) -> list[CheckpointInfo]:
         return [c for c in self.committed if predicate(c)]
-
-
-def _finite(value: float | None) -> bool:
-    return value is not None and value == value and abs(value) != float("inf")
 
 
 def scan(run: Store, cache: dict[str, CheckpointInfo] | None = None) -> Scan:

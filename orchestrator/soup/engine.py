@@ -31,7 +31,13 @@ from orchestrator.errors import UsageError
 from orchestrator.soup import plan
 from orchestrator.soup.checks import StreamCheck
 from orchestrator.soup.plan import Read, Segment
-from orchestrator.soup.reader import HEAD_BYTES, Source, TensorSpec, same_layout
+from orchestrator.soup.reader import (
+    HEAD_BYTES,
+    Source,
+    TensorSpec,
+    accumulator_dtype,
+    same_layout,
+)
 from orchestrator.soup.window import Stats, Window
 
 MIN_AHEAD = 512 << 10
@@ -90,9 +96,7 @@ def warm_up(specs: Mapping[str, TensorSpec]) -> None:
         x = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
         xxhash.xxh3_64(x.view(torch.uint8).numpy())
         if dtype.is_floating_point:
-            acc = torch.zeros(
-                1 << 16, dtype=torch.float64 if dtype.itemsize >= 4 else torch.float32
-            )
+            acc = torch.zeros(1 << 16, dtype=accumulator_dtype(dtype))
             acc.add_(x)
             acc.add_(x, alpha=0.5)
             acc.div_(2)
@@ -144,7 +148,11 @@ class Similarity:
 
     def add_piece(self, i: int, piece: torch.Tensor) -> None:
         x = piece.reshape(-1)
-        self.norms += self.weights[i] * float(torch.dot(x, x))
+        self.add_squares(i, float(torch.dot(x, x)))
+
+    def add_squares(self, i: int, squares: float) -> None:
+        """Ingredient i's sum of squares over one piece of a matrix."""
+        self.norms += self.weights[i] * squares
 
     def add_mean(self, mean: torch.Tensor) -> None:
         x = mean.reshape(-1)
@@ -251,7 +259,7 @@ class Mixer:
         return have[:n]
 
     def _mix(self, seg: Segment, spec: TensorSpec, hashes: dict[int, Any] | None) -> torch.Tensor:
-        acc_dtype = torch.float64 if spec.dtype.itemsize >= 4 else torch.float32
+        acc_dtype = spec.accumulator
         acc = self._buffer("acc", acc_dtype, seg.count)
         compare = len(spec.shape) >= 2 and len(seg.reads) > 1
         for k, (r, x) in enumerate(self._take(seg, spec)):
@@ -264,7 +272,7 @@ class Mixer:
                 a, xn = acc.numpy(), x.numpy()
                 np.copyto(a, xn) if k == 0 else np.add(a, xn, out=a)
                 if compare:
-                    self.similarity.norms += self.weights[r.source] * float(np.dot(xn, xn))
+                    self.similarity.add_squares(r.source, float(np.dot(xn, xn)))
                 continue
             # cast into a float buffer, then add alike dtypes: torch's mixed-dtype add_ is ~8x
             # slower (it allocates a converted copy of every operand)
@@ -288,7 +296,7 @@ class Mixer:
     def _whole(self, seg: Segment, spec: TensorSpec, hashes: dict[int, Any] | None) -> torch.Tensor:
         """A tensor made from whole pieces: mixed layouts, or a copied (int) tensor."""
         if spec.averaged:
-            acc_dtype = torch.float64 if spec.dtype.itemsize >= 4 else torch.float32
+            acc_dtype = spec.accumulator
             acc = torch.zeros(spec.shape, dtype=acc_dtype)
         else:
             acc = torch.empty(spec.shape, dtype=spec.dtype)

@@ -17,6 +17,7 @@ import torch
 
 from orchestrator.errors import ConfigError, UsageError
 from orchestrator.metric_rules import metric_mode
+from orchestrator.soup.reader import accumulator_dtype
 
 if TYPE_CHECKING:
     from torch import nn
@@ -52,8 +53,7 @@ def mean_state(states: Sequence[State], weights: Sequence[float] | None = None) 
         if not first.dtype.is_floating_point:
             out[name] = first.clone()
             continue
-        acc_dtype = torch.float64 if first.dtype.itemsize >= 4 else torch.float32
-        acc = torch.zeros(first.shape, dtype=acc_dtype)
+        acc = torch.zeros(first.shape, dtype=accumulator_dtype(first.dtype))
         for i, state in enumerate(states):
             acc.add_(state[name]) if ws is None else acc.add_(state[name], alpha=ws[i])
         out[name] = (acc.div_(n) if ws is None else acc).to(first.dtype)

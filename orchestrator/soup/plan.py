@@ -76,6 +76,11 @@ def _rows(spec: TensorSpec, piece: Piece) -> bool:
     return piece.shape[1:] == spec.shape[1:] and all(a == 0 for a in piece.at[1:])
 
 
+def _whole(i: int, p: Piece, mode: Mode) -> Read:
+    """A read of ingredient i's whole stored piece `p`."""
+    return Read(i, p.file, p.offset, p.offset + p.length, p, mode)
+
+
 def _sorted(pieces: Sequence[Piece]) -> list[Piece]:
     return sorted(pieces, key=lambda p: p.at)
 
@@ -116,10 +121,10 @@ def build(sources: Sequence[Source], specs: Mapping[str, TensorSpec], names: Seq
         if spec.averaged and plain_rows and all(layout == layouts[0] for layout in layouts):
             segments.extend(_streamed(sources, spec, who, chunk, offsets))
             continue
-        reads = [Read(i, p.file, p.offset, p.offset + p.length, p, "piece")
-                 for i in who for p in _sorted(sources[i].pieces[name])]  # fmt: skip
-        reads += [Read(i, p.file, p.offset, p.offset + p.length, p, "hash")
-                  for i in hashed(spec) for p in _sorted(sources[i].pieces[name])]  # fmt: skip
+        reads = [_whole(i, p, "piece") for i in who for p in _sorted(sources[i].pieces[name])]
+        reads += [
+            _whole(i, p, "hash") for i in hashed(spec) for p in _sorted(sources[i].pieces[name])
+        ]
         segments.append(Segment(name, 0, math.prod(spec.shape), tuple(reads), whole=True))
     return segments
 
@@ -135,8 +140,7 @@ def _streamed(sources: Sequence[Source], spec: TensorSpec, who: Sequence[int], c
         first, count = (lead.at[0] * row if lead.at else 0), math.prod(lead.shape)
         data = [offsets.get((i, p.file, p.offset)) for i, p in zip(who, pieces, strict=True)]
         if max(p.length for p in pieces) <= chunk or any(d is None for d in data) or count == 0:
-            whole = tuple(Read(i, p.file, p.offset, p.offset + p.length, p, "piece")
-                          for i, p in zip(who, pieces, strict=True))  # fmt: skip
+            whole = tuple(_whole(i, p, "piece") for i, p in zip(who, pieces, strict=True))
             out.append(Segment(spec.name, first, count, whole))
             continue
         per = max(1, chunk // size)

@@ -8,8 +8,8 @@ of them; placing pieces at their offsets is the resharding DCP's own loader does
 process group and without ever holding the whole checkpoint. Optimizer entries are never
 touched. A `.safetensors` file is the same with one piece per tensor, located by its header.
 
-Reads go through `Store.read_range` (local or s3://): one ranged read per request, so several
-threads can read in parallel without sharing a file handle. A big piece is read in byte ranges
+Reads go through `Store.read_into` (local or s3://): one ranged read per request, into a
+buffer the caller owns, so several threads can read in parallel without sharing a file handle. A big piece is read in byte ranges
 (`plain_data_offset` says where its tensor bytes start), so no read needs a whole tensor.
 """
 
@@ -20,7 +20,6 @@ import io
 import json
 import math
 import struct
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -34,9 +33,6 @@ if TYPE_CHECKING:
     from orchestrator.checkpoint.manifest import Manifest
     from orchestrator.storage import S3Options, Store
 
-# Pieces read from S3 arrive as immutable bytes: they are only ever read, never written to.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-
 VERIFY_BLOCK = 256 << 10  # bytes hashed at a time: verification memory stays tiny
 
 # safetensors dtype code -> torch dtype
@@ -45,6 +41,11 @@ _ST_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float32/float64 inputs, float32 for 16-bit ones."""
+    return torch.float64 if dtype.itemsize >= 4 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,11 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def accumulator(self) -> torch.dtype:
+        """What a mean of this tensor is summed in: float64 for float32/64, float32 for 16-bit."""
+        return accumulator_dtype(self.dtype)
 
     @property
     def averaged(self) -> bool:

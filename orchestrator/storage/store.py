@@ -92,15 +92,10 @@ class Store:
     def read_bytes(self, rel: str) -> bytes:
         return self._backend.read_bytes(self.path(rel))
 
-    def read_range(self, rel: str, start: int, end: int) -> memoryview:
-        """Bytes [start, end) of a file, in one request (a ranged GET on S3); threads may read
-        one file at once. Shorter than asked only where the file ends first."""
-        buf = memoryview(bytearray(max(0, end - start)))
-        return buf[: self.read_into(rel, start, buf)]
-
     def read_into(self, rel: str, start: int, into: memoryview) -> int:
-        """`read_range` into a caller's buffer (reused buffers spare the page faults of fresh
-        ones); returns the bytes read."""
+        """Fill `into` from byte `start` of a file, in one request (a ranged GET on S3); threads
+        may read one file at once, and a caller may reuse its buffers (sparing the page faults
+        of fresh ones). Returns the bytes read: fewer only where the file ends first."""
         return self._backend.read_into(self.path(rel), start, into)
 
     def write_bytes(self, rel: str, data: bytes, *, create_only: bool = False) -> None:
