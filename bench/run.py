@@ -103,6 +103,7 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(work, ignore_errors=True)
     meta["seconds"] = round(time.time() - started, 1)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "results.json", rows, meta)
     (out / "results.md").write_text(report.table(rows) + "\n")
     png = report.chart(out / "results.png", details)

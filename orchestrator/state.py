@@ -7,6 +7,7 @@ modules save unwrapped names and load across world sizes. `RNGState` is per rank
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,16 @@ class ModelAndOptimizer:
         if self._ties:  # only then: checkpoints of untied models keep their old keys
             state[TIED_KEY] = [list(group) for group in self._ties]
         return state
+
+    def before_change(self, callback: Callable[[], None]) -> Any:
+        """Call `callback` before the tensors `state_dict()` returns next change, so a background
+        save can write them from live memory until then (checkpoint/snapshot.py). Parameters
+        and optimizer state change in `optimizer.step()` only; buffers are saved as copies
+        (`_buffers_from_leader`). A handle to `remove()`; None without an optimizer (nothing
+        says when a bare model changes)."""
+        if self.optimizer is None:
+            return None
+        return self.optimizer.register_step_pre_hook(lambda *_: callback())
 
     def _buffers_from_leader(self, model_sd: dict[str, Any]) -> None:
         """Replace the state dict's buffers by copies holding rank 0's values (the live

@@ -86,6 +86,22 @@ def test_async_two_rank_round_trip(run_url, tmp_path: Path) -> None:
     assert [c.step for c in catalog.scan(Store(run)).committed] == [2, 4]
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_async_save_written_while_training_goes_on_holds_its_step(
+    parallel: str, tmp_path: Path
+) -> None:
+    """Writes crawl, so each background save is still being written at the next optimizer
+    steps (which copy what is left, snapshot.py): checkpoint 2 is still the state after step 2."""
+    run = str(tmp_path / "run")
+    common = ("--parallel", parallel, "--width", "128")
+    _run(run, {}, tmp_path, 2, *common, "--steps", "6", "--save-every", "2", "--async-save",
+         "--slow-writes", "--dump", str(tmp_path / "at2.pt"), "--dump-at", "2")  # fmt: skip
+    _run(run, {}, tmp_path, 2, *common, "--steps", "0", "--restore", "--restore-step", "2",
+         "--dump", str(tmp_path / "restored.pt"))  # fmt: skip
+    assert_same(load_dump(tmp_path / "at2.pt"), load_dump(tmp_path / "restored.pt"))
+    assert [c.step for c in catalog.scan(Store(run)).committed] == [2, 4, 6]
+
+
 @pytest.mark.parametrize(
     ("saved_by", "loaded_by", "parallel"), [(2, 1, "fsdp"), (1, 2, "fsdp"), (2, 1, "ddp")]
 )

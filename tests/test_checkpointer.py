@@ -340,24 +340,6 @@ def test_tampered_dcp_metadata_cannot_run_code(tmp_path: Path) -> None:
     assert not (tmp_path / "pwned").exists()
 
 
-def test_async_saves_reuse_staging_buffers_and_stay_exact(tmp_path: Path) -> None:
-    model, optim = _model()
-    ckpt = _checkpointer(Store(str(tmp_path)), model, optim, async_save=True)
-    states, buffers = {}, set()
-    for step in (1, 2, 3):
-        _train(model, optim)
-        states[step] = {k: v.clone() for k, v in model.state_dict().items()}
-        ckpt.save(step)
-        buffers.add(ckpt._staging["train"]["model"]["0.weight"].data_ptr())
-        _train(model, optim)  # overlaps the background write
-    ckpt.close()
-    assert len(buffers) == 1, "the second and third saves staged into the first one's buffers"
-    for step in (1, 2, 3):
-        restored, _, info = _fresh_restore(str(tmp_path), step=step)
-        assert info.step == step
-        assert_same(states[step], restored.state_dict())
-
-
 @pytest.mark.parametrize("backend", ["local", "s3"])
 def test_commit_protocol_for_a_single_process_writer(
     backend: str, tmp_path: Path, request, monkeypatch

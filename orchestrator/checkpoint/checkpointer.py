@@ -18,13 +18,12 @@ protocol of `commit.py`), applies retention and collects garbage; each decision 
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -42,30 +41,14 @@ from orchestrator.checkpoint.layout import (
 from orchestrator.checkpoint.manifest import FileEntry, Manifest, hash_bytes
 from orchestrator.checkpoint.retention import RetentionPolicy, apply_retention, sweep_dropped
 from orchestrator.checkpoint.schedule import SaveSchedule
+from orchestrator.checkpoint.snapshot import Key, LazyCopy, live_tensors, stage
+from orchestrator.checkpoint.stateful import Handle, Hooks, Stateful
 from orchestrator.dist import one_line
 from orchestrator.errors import CheckpointCorrupt, CheckpointError, StockpotError
 from orchestrator.logs import LEADER_ONLY
 from orchestrator.storage import Store
 
 log = logging.getLogger(__name__)
-
-
-class Stateful(Protocol):
-    def state_dict(self) -> Any: ...
-    def load_state_dict(self, state: Any) -> None: ...
-
-
-class _Hooks:
-    """Adapts a pair of save/load functions to the Stateful protocol."""
-
-    def __init__(self, save: Callable[[], Any], load: Callable[[Any], None]) -> None:
-        self._save, self._load = save, load
-
-    def state_dict(self) -> Any:
-        return self._save()
-
-    def load_state_dict(self, state: Any) -> None:
-        self._load(state)
 
 
 @dataclass
@@ -75,6 +58,7 @@ class _Snapshot:
     shared: dict[str, Any]  # DCP state: sharded or replicated tensors and small objects
     per_rank: bytes | None  # this rank's JSON blob
     timings: dict[str, float] = field(default_factory=dict)
+    lazy: LazyCopy | None = None  # the live tensors in `shared`, copied before they change
 
 
 class Checkpointer:
@@ -113,6 +97,11 @@ class Checkpointer:
         self._in_flight: Future[CheckpointInfo] | None = None
         self._in_flight_step: int | None = None
         self._staging: Any = None  # host copy of the last async save, reused by the next
+        # Objects that say before their tensors change (`before_change`) are saved in the
+        # background without a copy up front (snapshot.LazyCopy); the rest are staged.
+        self._guards: dict[str, Handle] = {}
+        self._lazy: LazyCopy | None = None  # of the save in flight
+        self._pool: dict[Key, torch.Tensor] = {}  # LazyCopy's buffers, reused save to save
         self._collected_garbage = False
         # The step whose state was last saved or restored (a fresh start, step 0, needs no
         # save), and when: what the schedule and `save_final` go by.
@@ -141,7 +130,12 @@ class Checkpointer:
             )
         if name in self._entries or "." in name or not name:
             raise ValueError(f"checkpoint state name {name!r} is empty, has a dot, or is taken")
-        self._entries[name] = (obj if obj is not None else _Hooks(save, load), per_rank)  # type: ignore[arg-type]
+        self._entries[name] = (obj if obj is not None else Hooks(save, load), per_rank)  # type: ignore[arg-type]
+        guard = getattr(obj, "before_change", None)
+        if self.async_save and not per_rank and guard is not None:
+            handle = guard(self._freeze)
+            if handle is not None:
+                self._guards[name] = handle
 
     # -- saving ---------------------------------------------------------------------------
 
@@ -195,16 +189,33 @@ class Checkpointer:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
+            for handle in self._guards.values():
+                handle.remove()
+            self._guards.clear()
+
+    def _freeze(self) -> None:
+        """A guarded object is about to change its tensors: what the save in flight has not
+        written yet is copied now (on the training thread; the writer waits for nothing)."""
+        lazy = self._lazy
+        if lazy is not None:
+            lazy.freeze()
 
     def _snapshot(self, step: int, metrics: Mapping[str, float], *, detach: bool) -> _Snapshot:
         shared: dict[str, Any] = {}
         mine: dict[str, Any] = {}
         for name, (obj, per_rank) in self._entries.items():
             (mine if per_rank else shared)[name] = obj.state_dict()
-        if detach:  # live tensors keep training while the copy is written
-            shared = self._staging = _stage(shared, self._staging)
+        lazy = None
+        if detach:  # training goes on while the save is written: copies, now or lazily
+            eager = {k: v for k, v in shared.items() if k not in self._guards}
+            self._staging = stage(eager, self._staging)
+            found: list[torch.Tensor] = []
+            guarded = {k: live_tensors(v, found) for k, v in shared.items() if k in self._guards}
+            shared = {**self._staging, **guarded}
+            lazy = self._lazy = LazyCopy(found, self._pool) if found else None
         blob = rank_state.encode(mine) if mine else None
-        return _Snapshot(step, {k: float(v) for k, v in metrics.items()}, shared, blob)
+        metric_values = {k: float(v) for k, v in metrics.items()}
+        return _Snapshot(step, metric_values, shared, blob, lazy=lazy)
 
     def _write_guarded(self, snap: _Snapshot) -> CheckpointInfo:
         try:
@@ -221,7 +232,11 @@ class Checkpointer:
         t0 = time.perf_counter()
         attempt = dist.leader_decides(lambda: self._prepare(snap.step), group)
         where = attempt.or_raise(CheckpointError, f"step {snap.step} not saved: ")
-        records = dcp_io.save_shards(snap.shared, self.run, where.write_rel, group)
+        try:
+            records = dcp_io.save_shards(snap.shared, self.run, where.write_rel, group, snap.lazy)
+        finally:
+            if snap.lazy is not None:
+                snap.lazy.done()
         local = self._write_rank_state(where.write_rel, snap.per_rank)
         gathered = dist.gather_objects((records, local), dst=dist.LEADER, group=group)
         snap.timings["write_s"] = time.perf_counter() - t0
@@ -269,11 +284,15 @@ class Checkpointer:
         )
         self._commits.commit(attempt, manifest.to_json())
         timings["commit_s"] = time.perf_counter() - t0
+        copied = (
+            f", copied at the next step {snap.lazy.copied_bytes / 1e6:.1f} MB" if snap.lazy else ""
+        )
         log.info(
-            "committed %s (%.1f MB, %s)",
+            "committed %s (%.1f MB, %s%s)",
             self.run.path(attempt.final_rel),
             manifest.total_bytes / 1e6,
             ", ".join(f"{k} {v:.3f}" for k, v in timings.items()),
+            copied,
         )
         if self._on_commit is not None:
             self._on_commit(snap.step, timings)
@@ -375,26 +394,3 @@ def _gathered_files(attempt: Attempt, gathered: Any) -> dict[str, FileEntry]:
         for name, entry in [*records.items(), *local.items()]:
             files[attempt.final_name(name)] = entry
     return files
-
-
-def _stage(value: Any, buffer: Any) -> Any:
-    """A copy of `value` detached from training, written into the previous save's buffers when
-    they fit (same structure, shapes, dtypes): reusing them skips allocating and faulting in
-    the whole state again, which is most of the staging time. The previous save is finished
-    (at most one in flight), so its buffers are free."""
-    if isinstance(value, torch.Tensor):
-        fits = (
-            type(buffer) is type(value)
-            and buffer.shape == value.shape
-            and buffer.dtype == value.dtype
-            and buffer.device == value.device
-        )
-        return buffer.copy_(value.detach()) if fits else value.detach().clone()
-    if isinstance(value, dict):
-        fields = buffer if isinstance(buffer, dict) else {}
-        return {k: _stage(v, fields.get(k)) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        same = isinstance(buffer, list | tuple) and len(buffer) == len(value)
-        items = buffer if same else [None] * len(value)
-        return type(value)(_stage(v, b) for v, b in zip(value, items, strict=True))
-    return copy.deepcopy(value)

@@ -26,15 +26,17 @@ from torch.distributed.checkpoint._fsspec_filesystem import (
     FsspecWriter,
 )
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from orchestrator import dist
 from orchestrator.checkpoint.layout import OPTIM_KEY, is_optimizer_item
 from orchestrator.checkpoint.manifest import FileEntry, Hasher
+from orchestrator.checkpoint.snapshot import LazyCopy, tensor_key
 from orchestrator.errors import CheckpointCorrupt, CheckpointError
 from orchestrator.storage import Store
 
@@ -91,6 +93,7 @@ class _HashingFileSystem(FileSystem):
         self.root = root
         self.records: dict[str, FileEntry] = {}
         self.no_space: str | None = None  # the first file a write failed on with ENOSPC
+        self.on_closed: Callable[[], None] = lambda: None  # in the writer thread, per file
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
@@ -113,6 +116,9 @@ class _HashingFileSystem(FileSystem):
             # Out of space: the save fails as DiskFull (save_shards), so this file is left
             # unrecorded and unraised, where a DCP writer thread would print a traceback.
             return
+        finally:
+            if hasher is not None:
+                self.on_closed()
         self.records[self._name(path)] = hasher.entry()
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
@@ -142,6 +148,9 @@ class _Writer(FsspecWriter):
         """One file of this rank's optimizer state (`__<rank>_optim.distcp`) apart from the rest
         (`__<rank>_0.distcp`): retention can then drop a kept checkpoint's optimizer part by
         deleting files, never rewriting the model's (see layout.py)."""
+        if isinstance(planner, _LazyPlanner):
+            planner.expect(plan.items)
+            self.fs.on_closed = planner.lazy.release
         prefix = plan.storage_data.prefix
         optim = [item for item in plan.items if is_optimizer_item(item.index.fqn)]
         rest = [item for item in plan.items if not is_optimizer_item(item.index.fqn)]
@@ -155,6 +164,23 @@ class _Writer(FsspecWriter):
         if len(done.value()) != len(plan.items):
             raise OSError(f"a DCP writer thread failed under {self.path} (see its traceback above)")
         return done
+
+
+class _LazyPlanner(DefaultSavePlanner):
+    """DCP's planner, handing the writer each tensor through a LazyCopy (snapshot.py)."""
+
+    def __init__(self, lazy: LazyCopy) -> None:
+        super().__init__()
+        self.lazy = lazy
+
+    def expect(self, items: list[WriteItem]) -> None:
+        tensors = (super(_LazyPlanner, self).lookup_object(item.index) for item in items
+                   if item.type != WriteItemType.BYTE_IO)  # fmt: skip
+        self.lazy.expect(tensor_key(t) for t in tensors if isinstance(t, torch.Tensor))
+
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        found = super().lookup_object(index)
+        return self.lazy.take(found) if isinstance(found, torch.Tensor) else found
 
 
 class _SafeMetadataUnpickler(pickle.Unpickler):
@@ -215,15 +241,21 @@ def _quiet_single_process() -> Iterator[None]:
 
 
 def save_shards(
-    state: Mapping[str, Any], store: Store, rel: str, group: Any = None
+    state: Mapping[str, Any],
+    store: Store,
+    rel: str,
+    group: Any = None,
+    lazy: LazyCopy | None = None,
 ) -> dict[str, FileEntry]:
-    """Write this rank's shards of `state` under `rel`; (size, checksum) of each file it wrote."""
+    """Write this rank's shards of `state` under `rel`; (size, checksum) of each file it wrote.
+    With `lazy`, the live tensors among them are read through it (snapshot.py)."""
     writer = _Writer(store, rel)
     try:
         with _quiet_single_process():
             dcp.save(
                 dict(state),
                 storage_writer=writer,
+                planner=_LazyPlanner(lazy) if lazy is not None else None,
                 process_group=group,
                 no_dist=not dist.is_initialized(),
             )

@@ -197,7 +197,8 @@ class CheckpointConfig:
     # these metrics, e.g. [eval/loss, eval/accuracy]: the ingredients of `stockpot soup
     # --improved-any` (BirdCLEF 2024's checkpoint soup); needs trainer.eval_every; null disables.
     keep_weights_improved: tuple[str, ...] | None = None
-    # Stage to host memory, then write and commit in the background (one save in flight).
+    # Write and commit in the background (one save in flight). Parameters and optimizer state
+    # are written from live memory; what is unwritten at the next optimizer step is copied then.
     async_save: bool = False
     # On resume, verify checksums of the chosen checkpoint (sizes are always checked).
     verify_checksums: bool = True

@@ -62,6 +62,9 @@ def main() -> None:
     p.add_argument("--async-save", action="store_true")
     p.add_argument("--keep-last", type=int, default=None)
     p.add_argument("--restore", action="store_true", help="restore the latest before training")
+    p.add_argument("--restore-step", type=int, help="restore this step instead of the latest")
+    p.add_argument("--dump-at", type=int, help="with --dump: the state after this step instead")
+    p.add_argument("--slow-writes", action="store_true", help="checkpoint writes crawl (3 ms a write)")
     p.add_argument("--dump", help="rank 0 writes the full model+optimizer state here (torch.save)")
     args = p.parse_args()
     logging.basicConfig(
@@ -77,6 +80,8 @@ def main() -> None:
             os.environ["MASTER_ADDR"],
             int(os.environ["MASTER_PORT"]),
         )
+    if args.slow_writes:  # a background save is then still writing at the next steps
+        _slow_writes()
     model = wrap(build_model(args.width), args.parallel)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ckpt = Checkpointer(
@@ -89,7 +94,7 @@ def main() -> None:
     ckpt.register("train", ModelAndOptimizer(model, optim))
     ckpt.register("rng", RNGState(), per_rank=True)
     start = 0
-    if args.restore and (info := ckpt.restore()) is not None:
+    if args.restore and (info := ckpt.restore(args.restore_step)) is not None:
         start = info.step
     torch.manual_seed(99 + dist.rank() + start)
     for step in range(start + 1, start + args.steps + 1):
@@ -98,15 +103,35 @@ def main() -> None:
         optim.step()
         optim.zero_grad()
         ckpt.maybe_save(step, {"loss": loss.item()})
+        if step == args.dump_at:
+            _dump(full_state(model, optim), args.dump)
     if args.steps:
         ckpt.save_final(start + args.steps, {"loss": loss.item()})
     ckpt.close()
-    state = full_state(model, optim)
-    if args.dump and dist.rank() == 0:
-        torch.save(state, args.dump)
+    if args.dump_at is None:
+        _dump(full_state(model, optim), args.dump)
     dist.barrier()
     # Leave with the model alive: destroying DDP's Reducer can deadlock with gloo's thread.
     exit_now(0)
+
+
+def _dump(state: dict, path: str | None) -> None:
+    if path and dist.rank() == 0:
+        torch.save(state, path)
+
+
+def _slow_writes() -> None:
+    import time
+
+    from orchestrator.checkpoint import dcp_io
+
+    original = dcp_io._HashingStream.write
+
+    def write(stream, b):  # type: ignore[no-untyped-def]
+        time.sleep(0.003)
+        return original(stream, b)
+
+    dcp_io._HashingStream.write = write  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":
