@@ -69,14 +69,19 @@ def ranks(
 ) -> list[dict[str, Any]]:
     """Run `python -m module args` as nproc gloo ranks; the JSON lines rank 0 printed.
 
-    A failing rank raises with the tail of its stderr, so a broken bench says why."""
+    A failing rank raises with the tail of its stderr, so a broken bench says why. Each rank
+    gets its share of the CPUs (OMP_NUM_THREADS, as torchrun sets it; `stockpot run` does the
+    same by itself, orchestrator/env.py cpu_threads), so hand-written baselines are not slowed
+    by ranks fighting over cores."""
     port = str(free_port())
+    threads = str(max(1, len(os.sched_getaffinity(0)) // nproc))
     base = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PYTHONPATH": str(REPO),
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": port,
         "WORLD_SIZE": str(nproc),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or threads,
         **{k: v for k, v in os.environ.items() if k.startswith("AWS_")},
         **(env or {}),
     }

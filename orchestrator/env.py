@@ -131,6 +131,18 @@ def device_for(local_rank: int, requested: RequestedDevice, cuda_available: bool
 # ------------------------------------------------------------------------------- sources ----
 
 
+def cpu_threads(env: Mapping[str, str], usable_cpus: int, local_world_size: int) -> int | None:
+    """Intra-op threads for one rank, or None to leave torch's choice (OMP_NUM_THREADS is set:
+    the user decided). Slurm's --cpus-per-task is each task's share; otherwise the CPUs this
+    process may run on are split between the ranks on its node. Left alone, every rank starts
+    a thread per CPU, and 2 ranks on 2 cores ran a CharLM step 2.2x slower than with 1 each."""
+    if _get(env, "OMP_NUM_THREADS") is not None:
+        return None
+    if _get(env, "SLURM_CPUS_PER_TASK") is not None:
+        return _int(env, "SLURM_CPUS_PER_TASK", minimum=1)
+    return max(1, usable_cpus // max(1, local_world_size))
+
+
 def _from_torchrun(env: Mapping[str, str]) -> DistEnv:
     world = _int(env, "WORLD_SIZE", minimum=1)
     rank = _int(env, "RANK")

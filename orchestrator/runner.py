@@ -7,6 +7,7 @@ local spawner; the environment decides rank, world size and rendezvous (`env.Dis
 from __future__ import annotations
 
 import logging
+import os
 import random
 
 import numpy as np
@@ -19,7 +20,7 @@ from orchestrator.checkpoint.retention import RetentionPolicy
 from orchestrator.checkpoint.schedule import SaveSchedule
 from orchestrator.config import Config, computation_view, config_hash, diff_views, to_yaml
 from orchestrator.data import ResumableSampler
-from orchestrator.env import EXIT_STOPPED, DistEnv, backend_for, device_for
+from orchestrator.env import EXIT_STOPPED, DistEnv, backend_for, cpu_threads, device_for
 from orchestrator.errors import ConfigError, StorageError
 from orchestrator.logs import LEADER_ONLY
 from orchestrator.loop import Outcome, TrainingRun, train
@@ -44,6 +45,12 @@ _RETAINED: list[object] = []
 def run(cfg: Config, env: DistEnv) -> Outcome:
     """Train this rank. The process group is left up (see _RETAINED): leave with exit_now."""
     device = device_for(env.local_rank, cfg.trainer.device, torch.cuda.is_available())
+    threads = cpu_threads(os.environ, len(os.sched_getaffinity(0)), env.local_world_size)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    log.info("%d rank(s) on %s, %d CPU thread(s) per rank%s", env.world_size, device,
+             torch.get_num_threads(), "" if threads else " (OMP_NUM_THREADS)",
+             extra=LEADER_ONLY)  # fmt: skip
     if env.is_distributed:
         dist.init(
             backend_for(device),

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from orchestrator.env import (
     DistEnv,
     backend_for,
+    cpu_threads,
     derived_master_port,
     device_for,
     in_managed_job,
@@ -348,6 +349,26 @@ def test_device_errors() -> None:
     with pytest.raises(ValueError, match="device='tpu' is not one of"):
         device_for(0, "tpu", True)  # type: ignore[arg-type]
     assert backend_for("cuda") == "nccl"
+
+
+@pytest.mark.parametrize(
+    ("env", "cpus", "local_ranks", "threads"),
+    [
+        ({}, 2, 2, 1),  # 2 ranks on 2 cores: one each, not 2 each fighting
+        ({}, 16, 4, 4),
+        ({}, 3, 4, 1),  # never 0
+        ({"SLURM_CPUS_PER_TASK": "6"}, 64, 8, 6),  # Slurm's per-task share wins
+        ({"OMP_NUM_THREADS": "3"}, 16, 2, None),  # the user decided: torch reads it itself
+        ({"OMP_NUM_THREADS": ""}, 8, 2, 4),  # empty counts as unset
+    ],
+)
+def test_cpu_threads(env: dict[str, str], cpus: int, local_ranks: int, threads: int | None) -> None:
+    assert cpu_threads(env, cpus, local_ranks) == threads
+
+
+def test_cpu_threads_refuses_a_bad_slurm_value() -> None:
+    with pytest.raises(ValueError, match="SLURM_CPUS_PER_TASK"):
+        cpu_threads({"SLURM_CPUS_PER_TASK": "zero"}, 8, 1)
 
 
 # ------------------------------------------------------------------- real Slurm capture ----

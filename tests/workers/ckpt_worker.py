@@ -64,7 +64,9 @@ def main() -> None:
     p.add_argument("--restore", action="store_true", help="restore the latest before training")
     p.add_argument("--restore-step", type=int, help="restore this step instead of the latest")
     p.add_argument("--dump-at", type=int, help="with --dump: the state after this step instead")
-    p.add_argument("--slow-writes", action="store_true", help="checkpoint writes crawl (3 ms a write)")
+    p.add_argument(
+        "--slow-writes", action="store_true", help="checkpoint writes crawl (3 ms a write)"
+    )
     p.add_argument("--dump", help="rank 0 writes the full model+optimizer state here (torch.save)")
     args = p.parse_args()
     logging.basicConfig(
