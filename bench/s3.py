@@ -61,8 +61,10 @@ def make_bucket(endpoint: str) -> str:
     return name
 
 
-def _checkpointer(args: dict[str, Any], trainee: Trainee, keep: int) -> Checkpointer:
-    store = Store(f"s3://{args['bucket']}/run", S3Options(endpoint_url=args["endpoint"]))
+def _checkpointer(
+    args: dict[str, Any], trainee: Trainee, keep: int, prefix: str = "run"
+) -> Checkpointer:
+    store = Store(f"s3://{args['bucket']}/{prefix}", S3Options(endpoint_url=args["endpoint"]))
     ckpt = Checkpointer(store, policy=RetentionPolicy(keep_last=keep))
     ckpt.register("train", ModelAndOptimizer(trainee.model, trainee.optim))
     return ckpt
@@ -100,17 +102,19 @@ def _mark(args: dict[str, Any], name: str) -> None:
 
 
 def requests_phase(trainee: Trainee, args: dict[str, Any]) -> None:
-    """keep+2 saves (the last ones run retention), then a fresh Checkpointer restores."""
-    ckpt = _checkpointer(args, trainee, keep=args["keep"])
-    _mark(args, "start")
-    for step in range(1, args["keep"] + 3):
-        ckpt.save(step)
-        _mark(args, f"save-{step}")
-    ckpt.close()
-    fresh = _checkpointer(args, trainee, keep=args["keep"])
-    fresh.restore()
-    _mark(args, "restore")
-    fresh.close()
+    """Per number kept, in its own run: keep+2 saves (the last ones run retention), then a
+    fresh Checkpointer restores. One launch for every `keep`: the ranks start once."""
+    for keep in args["keeps"]:
+        ckpt = _checkpointer(args, trainee, keep=keep, prefix=f"run-{keep}")
+        _mark(args, f"{keep}-start")
+        for step in range(1, keep + 3):
+            ckpt.save(step)
+            _mark(args, f"{keep}-save-{step}")
+        ckpt.close()
+        fresh = _checkpointer(args, trainee, keep=keep, prefix=f"run-{keep}")
+        fresh.restore()
+        _mark(args, f"{keep}-restore")
+        fresh.close()
 
 
 # -- parent side -------------------------------------------------------------------------------
@@ -134,23 +138,26 @@ def _counts(reqs: list[tuple[str, str]]) -> tuple[int, int]:
     return len(reqs), sum(1 for m, p in reqs if m == "GET" and "MANIFEST" in p)
 
 
-def _requests(endpoint: str, work: Path, world: int, keep: int) -> dict[str, tuple[int, int]]:
+def _requests(
+    endpoint: str, work: Path, world: int, keeps: tuple[int, ...]
+) -> dict[tuple[int, int], dict[str, tuple[int, int]]]:
     proxy = FaultProxy(upstream=endpoint).start()
     try:
-        args = {"d_model": 32, "n_layers": 1, "keep": keep, "endpoint": proxy.endpoint_url,
+        args = {"d_model": 32, "n_layers": 1, "keeps": keeps, "endpoint": proxy.endpoint_url,
                 "bucket": make_bucket(endpoint), "work": str(work)}  # fmt: skip
         ranks("bench.worker", ["s3requests", json.dumps(args)], nproc=world, env=AWS_ENV)
         seg = _segments(list(proxy.requests))
     finally:
         proxy.stop()
-    return {"first": _counts(seg["save-1"]), "steady": _counts(seg[f"save-{keep + 2}"]),
-            "restore": _counts(seg["restore"])}  # fmt: skip
+    return {(world, k): {"first": _counts(seg[f"{k}-save-1"]),
+                         "steady": _counts(seg[f"{k}-save-{k + 2}"]),
+                         "restore": _counts(seg[f"{k}-restore"])} for k in keeps}  # fmt: skip
 
 
 def request_rows(endpoint: str, work: Path) -> list[Row]:
     """Saves should cost O(ranks) requests, not O(checkpoints kept); a resume should read each
     manifest once (the leader), not once per rank."""
-    got = {(w, k): _requests(endpoint, work, w, k) for w in (2, 4) for k in (2, 20)}
+    got = {**_requests(endpoint, work, 2, (2, 20)), **_requests(endpoint, work, 4, (2, 20))}
 
     def show(kind: str, i: int) -> str:
         return ", ".join(f"{w}r/{k}k {c[kind][i]}" for (w, k), c in got.items())

@@ -15,7 +15,6 @@ buffer the caller owns, so several threads can read in parallel without sharing 
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import math
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from orchestrator.checkpoint.pieces import HEAD_BYTES, tensor_layout
 from orchestrator.errors import CheckpointCorrupt, UsageError
 from orchestrator.soup.ingredients import Ingredient
 
@@ -146,76 +146,16 @@ class Source:
 
 # --- the stored piece's layout ------------------------------------------------------------------
 
-HEAD_BYTES = 4096  # a torch.save piece's zip records before its tensor data fit in this
-
 
 def plain_data_offset(head: bytes, spec: TensorSpec, piece: Piece) -> int | None:
     """Where the raw bytes of a stored piece's tensor start within the piece, if the piece is
-    what DCP writes for a plain tensor: `torch.save` of one contiguous little-endian tensor of
-    the piece's shape and dtype, its storage holding exactly its elements. Then the piece can
-    be read in byte ranges and viewed in place. None otherwise (read whole, `torch.load`ed).
-
-    `head` is the piece's first bytes; the pickle is read by torch's weights_only unpickler
-    with storages on the meta device, so nothing but the layout is built."""
-    records = _zip_records(head)
-    pkl = next((at for name, at in records.items() if name.endswith("/data.pkl")), None)
-    data = next((at for name, at in records.items() if name.endswith("/data/0")), None)
-    if pkl is None or data is None or any(name.endswith("/data/1") for name in records):
+    what DCP writes for a plain tensor of the piece's shape and dtype (`pieces.tensor_layout`).
+    Then the piece can be read in byte ranges and viewed in place. None otherwise (read whole,
+    `torch.load`ed). `head` is the piece's first bytes."""
+    layout = tensor_layout(head, piece.length)
+    if layout is None or layout.dtype != spec.dtype or layout.shape != piece.shape:
         return None
-    order = next((at for name, at in records.items() if name.endswith("/byteorder")), None)
-    if order is not None and head[order : order + 6] != b"little":
-        return None
-    try:
-        meta = _meta_tensor(_pickle_bytes(head, pkl))
-    except Exception:  # anything unusual: the whole-piece path handles (or names) it
-        return None
-    count = math.prod(piece.shape)
-    plain = (
-        isinstance(meta, torch.Tensor) and meta.dtype == spec.dtype
-        and tuple(meta.shape) == piece.shape and meta.is_contiguous()
-        and meta.storage_offset() == 0 and meta.untyped_storage().nbytes() == count * spec.dtype.itemsize
-        and data + count * spec.dtype.itemsize <= piece.length
-    )  # fmt: skip
-    return data if plain else None
-
-
-def _zip_records(head: bytes) -> dict[str, int]:
-    """Name -> offset of its data, for each zip local header found in `head`."""
-    found: dict[str, int] = {}
-    at = head.find(b"PK\x03\x04")
-    while at >= 0 and at + 30 <= len(head):
-        name_len, extra_len = struct.unpack_from("<HH", head, at + 26)
-        name = head[at + 30 : at + 30 + name_len].decode("utf-8", "replace")
-        found.setdefault(name, at + 30 + name_len + extra_len)
-        at = head.find(b"PK\x03\x04", at + 4)
-    return found
-
-
-def _pickle_bytes(head: bytes, start: int) -> bytes:
-    """The pickle of data.pkl: up to its STOP opcode, which ends the zip record's data."""
-    end = head.find(b".PK\x07\x08", start)  # STOP, then the record's data descriptor
-    return head[start : end + 1] if end >= 0 else head[start:]
-
-
-@functools.lru_cache(maxsize=4096)
-def _meta_tensor(pickled: bytes) -> object:
-    """The tensor a piece's pickle describes, on the meta device (cached: pieces of one shape
-    share one pickle, and the weights_only unpickler costs ~0.4 ms a call)."""
-    from torch import _weights_only_unpickler
-
-    unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(pickled), encoding="utf-8")
-
-    def persistent_load(saved_id: tuple[object, ...]) -> object:
-        _, storage_type, key, _, numel = saved_id
-        if key != "0":
-            raise ValueError("a second storage")
-        dtype = getattr(storage_type, "dtype", storage_type)
-        assert isinstance(dtype, torch.dtype) and isinstance(numel, int)
-        untyped = torch.UntypedStorage(numel * dtype.itemsize, device="meta")
-        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
-
-    unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
-    return unpickler.load()
+    return layout.data_offset
 
 
 def open_source(ingredient: Ingredient, s3: S3Options | None = None) -> Source:
