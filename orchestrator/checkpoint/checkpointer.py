@@ -296,8 +296,11 @@ class Checkpointer:
         )
         if self._on_commit is not None:
             self._on_commit(snap.step, timings)
+        info = self._manifests[attempt.final_rel] = CheckpointInfo(
+            snap.step, attempt.final_rel, manifest
+        )  # retention's scan need not read back what was just written
         self._apply_retention()
-        return CheckpointInfo(snap.step, attempt.final_rel, manifest)
+        return info
 
     def _apply_retention(self) -> None:
         protected = () if self._in_flight_step is None else (self._in_flight_step,)
