@@ -47,17 +47,18 @@ class Sizes:
     repeats: int  # interleaved repeats per figure (the median is reported)
     s3_layers: int  # the S3 state's CharLM depth at d_model=256 (moto is slow: keep it small)
     loop_steps: int  # steps per loop-overhead run on the demo
+    loop_charlm_steps: int  # the same on CharLM (~0.3 s a step on 2 cores)
     soup_layers: int  # the soup's CharLM depth at d_model=1024 (~48 MB of weights a layer)
 
     @staticmethod
     def quick() -> Sizes:
         return Sizes(d_model=512, n_layers=4, repeats=3, s3_layers=2, loop_steps=200,
-                     soup_layers=2)  # fmt: skip
+                     loop_charlm_steps=24, soup_layers=2)  # fmt: skip
 
     @staticmethod
     def full() -> Sizes:
         return Sizes(d_model=1024, n_layers=7, repeats=5, s3_layers=8, loop_steps=300,
-                     soup_layers=5)  # fmt: skip
+                     loop_charlm_steps=60, soup_layers=5)  # fmt: skip
 
 
 def median(values: Sequence[float]) -> float:

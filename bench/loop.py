@@ -34,8 +34,8 @@ def _bare_rate(config: str, overrides: list[str]) -> float:
 def measure(sizes: Sizes) -> list[Row]:
     rows = []
     for name, config, extra, goal in MODELS:
-        # CharLM steps are ~100x the demo's: a few dozen give a steady rate
-        steps = sizes.loop_steps if name == "demo" else max(30, sizes.loop_steps // 6)
+        # CharLM steps are ~50x the demo's: a few dozen give a steady rate
+        steps = sizes.loop_steps if name == "demo" else sizes.loop_charlm_steps
         overrides = [*extra, f"trainer.max_steps={steps}", f"trainer.log_every={steps // 10}",
                      "trainer.eval_every=null"]  # fmt: skip
         ratios, bare_rates = [], []
