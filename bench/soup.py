@@ -26,7 +26,6 @@ def _make_run(run_dir: Path, n_layers: int, n: int) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_cli(["run", CONFIG, f"run.dir={run_dir}", f"task.d_model={D_MODEL}",
              f"task.n_layers={n_layers}", f"trainer.max_steps={n}", "trainer.batch_size=2",
-             "optim.name=sgd", "optim.momentum=0",  # no optimizer state: saves only what soups read
              "checkpoint.every_steps=1", "checkpoint.keep_last=null",
              "checkpoint.keep_weights_every_steps=null"])  # fmt: skip
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from orchestrator import dist
-from orchestrator.checkpoint import catalog, dcp_io, rank_state
+from orchestrator.checkpoint import catalog, dcp_io, rank_state, snapshot
 from orchestrator.checkpoint.catalog import CheckpointInfo
 from orchestrator.checkpoint.commit import Attempt, commit_strategy
 from orchestrator.checkpoint.layout import (
@@ -93,7 +93,8 @@ class Checkpointer:
         self._commits = commit_strategy(run, MANIFEST_NAME)
         # Background saves talk on their own gloo group (collective: created by every rank).
         self._group = dist.new_gloo_group() if async_save else None
-        self._executor = ThreadPoolExecutor(1, "stockpot-ckpt") if async_save else None
+        writer = ThreadPoolExecutor(1, "stockpot-ckpt", initializer=snapshot.yield_to_training)
+        self._executor = writer if async_save else None
         self._in_flight: Future[CheckpointInfo] | None = None
         self._in_flight_step: int | None = None
         self._staging: Any = None  # host copy of the last async save, reused by the next

@@ -17,7 +17,9 @@ tensor the writer gets from DCP's planner (a DTensor's local shard, a detached a
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import threading
 from collections import Counter
 from collections.abc import Iterable
@@ -27,6 +29,17 @@ import torch
 from torch.distributed.tensor import DTensor
 
 Key = tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype]
+BACKGROUND_NICE = 10  # the background writer's nice value, relative to training's
+
+
+def yield_to_training() -> None:
+    """Run the calling thread (a background writer; the threads it starts inherit it) at a
+    lower priority: where training keeps every core busy, steps keep their pace and the save
+    takes the CPU time left over. make bench (2 ranks, 2 cores): step time during a save
+    1.58 -> 1.2 of a step without one; the background write takes longer (0.52 -> 0.44 of the
+    raw write's speed)."""
+    with contextlib.suppress(OSError):  # not permitted: it runs at training's level
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
 
 
 def tensor_key(t: torch.Tensor) -> Key:
