@@ -102,6 +102,26 @@ def test_async_save_written_while_training_goes_on_holds_its_step(
     assert [c.step for c in catalog.scan(Store(run)).committed] == [2, 4, 6]
 
 
+def test_a_bad_file_found_by_another_rank_falls_back_on_every_rank(tmp_path: Path) -> None:
+    """Ranks split the checksum pass of a restore (catalog.share): a flipped byte in a file
+    rank 1 checks makes every rank skip that checkpoint and load the previous one."""
+    run = str(tmp_path / "run")
+    _run(run, {}, tmp_path, 2, "--steps", "4", "--save-every", "2",
+         "--dump", str(tmp_path / "at2.pt"), "--dump-at", "2")  # fmt: skip
+    newest = catalog.scan(Store(run)).latest()
+    assert newest is not None and newest.step == 4
+    theirs = sorted(catalog.share(newest.manifest, 1, 2))
+    assert theirs and not set(theirs) & catalog.share(newest.manifest, 0, 2)
+    victim = Path(run) / newest.rel / theirs[0]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    _run(run, {}, tmp_path, 2, "--steps", "0", "--restore", "--dump", str(tmp_path / "b.pt"))
+    assert_same(load_dump(tmp_path / "at2.pt"), load_dump(tmp_path / "b.pt"))
+    log = (tmp_path / "rank0.log").read_text()
+    assert f"{newest.rel} FAILED verification" in log and theirs[0] in log, log[-2000:]
+
+
 @pytest.mark.parametrize(
     ("saved_by", "loaded_by", "parallel"), [(2, 1, "fsdp"), (1, 2, "fsdp"), (2, 1, "ddp")]
 )

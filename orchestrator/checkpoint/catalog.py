@@ -8,7 +8,7 @@ not parse or names files outside its checkpoint); readers never use either.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, MANIFEST_NAME, parse_step_dirname
@@ -110,13 +110,20 @@ def load_info(store: Store) -> CheckpointInfo:
 
 
 def verify(
-    ckpt: Store, manifest: Manifest, *, checksums: bool = True, chunk: int = 8 << 20
+    ckpt: Store,
+    manifest: Manifest,
+    *,
+    checksums: bool = True,
+    chunk: int = 8 << 20,
+    names: Collection[str] | None = None,
 ) -> list[str]:
     """Problems of the checkpoint at `ckpt` against its manifest, each naming a file; [] if whole.
-    `chunk`: the read size while hashing."""
+    `chunk`: the read size while hashing; `names`: only these files (default: all)."""
     present = ckpt.walk_files()
     problems = []
     for name, entry in sorted(manifest.files.items()):
+        if names is not None and name not in names:
+            continue
         if name not in present:
             problems.append(f"{ckpt.path(name)}: missing")
         elif present[name] != entry.size:
@@ -129,6 +136,19 @@ def verify(
                     f"{ckpt.path(name)}: checksum mismatch ({manifest.checksum_algorithm})"
                 )
     return problems
+
+
+def share(manifest: Manifest, rank: int, world: int) -> set[str]:
+    """The files rank `rank` of `world` verifies on a restore, so all ranks read and hash in
+    parallel: each file to the rank with the fewest bytes so far, biggest first; every rank
+    computes the same split."""
+    loads, mine = [0] * world, set()
+    for name, entry in sorted(manifest.files.items(), key=lambda kv: (-kv[1].size, kv[0])):
+        who = loads.index(min(loads))
+        loads[who] += entry.size
+        if who == rank:
+            mine.add(name)
+    return mine
 
 
 def newest_good(

@@ -30,7 +30,7 @@ import torch
 from orchestrator import dist
 from orchestrator.checkpoint import catalog, dcp_io, rank_state, snapshot
 from orchestrator.checkpoint.catalog import CheckpointInfo
-from orchestrator.checkpoint.commit import Attempt, commit_strategy
+from orchestrator.checkpoint.commit import Attempt, commit_strategy, gathered_files
 from orchestrator.checkpoint.layout import (
     CHECKPOINTS_DIR,
     MANIFEST_NAME,
@@ -270,7 +270,7 @@ class Checkpointer:
         return self._commits.prepare(step_rel(step))
 
     def _commit(self, attempt: Attempt, snap: _Snapshot, gathered: Any) -> CheckpointInfo:
-        files = _gathered_files(attempt, gathered)
+        files = gathered_files(attempt, gathered)
         t0 = time.perf_counter()
         timings = dict(snap.timings)
         manifest = Manifest(
@@ -332,8 +332,9 @@ class Checkpointer:
         """Load the newest committed checkpoint that verifies (or exactly `step`) into everything
         registered. A checkpoint that fails verification is reported and the previous one used.
         Returns what was loaded, or None if there is nothing to resume from."""
-        chosen = dist.leader_decides(lambda: self._choose(step), self._group)
-        info = chosen.or_raise(CheckpointCorrupt)
+        listed = dist.leader_decides(lambda: self._choose(step), self._group)
+        candidates = listed.or_raise(CheckpointCorrupt)  # newest first
+        info = next((c for c in candidates if self._verified(c, exact=step is not None)), None)
         if info is None:
             return None
         shared = {
@@ -350,23 +351,31 @@ class Checkpointer:
         log.info("restored %s (step %d)", self.run.path(info.rel), info.step, extra=LEADER_ONLY)
         return info
 
-    def _choose(self, step: int | None) -> CheckpointInfo | None:
+    def _choose(self, step: int | None) -> list[CheckpointInfo]:
         # A weights-only checkpoint (retention dropped its optimizer state) is never resumed.
         committed = [c for c in catalog.scan(self.run).committed if not c.manifest.weights_only]
-        if step is None:
-            return catalog.newest_good(self.run, committed, checksums=self.verify_checksums)
-        chosen = [c for c in committed if c.step == step]
-        if not chosen:
+        chosen = [c for c in committed if step is None or c.step == step]
+        if step is not None and not chosen:
             raise CheckpointCorrupt(
                 f"no committed full checkpoint at step {step} in {self.run.path()} "
                 "(a weights-only one, kept for soups, cannot be resumed)"
             )
-        problems = catalog.verify(
-            self.run.child(chosen[0].rel), chosen[0].manifest, checksums=self.verify_checksums
-        )
-        if problems:
+        return sorted(chosen, key=lambda c: c.step, reverse=True)
+
+    def _verified(self, info: CheckpointInfo, *, exact: bool) -> bool:
+        """Every rank checks its share of the files (catalog.share), so the cold read of the
+        whole checkpoint is split between ranks; all learn every problem. A bad checkpoint is
+        reported and skipped, or raised when it was asked for by step."""
+        mine = catalog.share(info.manifest, dist.rank(), dist.world_size(self._group))
+        ckpt, checksums = self.run.child(info.rel), self.verify_checksums
+        found = catalog.verify(ckpt, info.manifest, checksums=checksums, names=mine)
+        problems = [p for ps in dist.all_gather_objects(found, self._group) for p in ps]
+        if problems and exact:
             raise CheckpointCorrupt("; ".join(problems))
-        return chosen[0]
+        if problems:
+            log.error("checkpoint %s FAILED verification, falling back to the previous one: %s",
+                      info.rel, "; ".join(problems[:3]), extra=LEADER_ONLY)  # fmt: skip
+        return not problems
 
     def _restore_rank_state(self, info: CheckpointInfo) -> None:
         per_rank = [name for name, (_, flag) in self._entries.items() if flag]
@@ -386,15 +395,3 @@ class Checkpointer:
         for key in per_rank:
             if key in state:
                 self._entries[key][0].load_state_dict(state[key])
-
-
-def _gathered_files(attempt: Attempt, gathered: Any) -> dict[str, FileEntry]:
-    """Every rank's files, as the manifest lists them; a rank's write error fails the commit."""
-    errors = [err for _, (_, err) in gathered if err]
-    if errors:
-        raise CheckpointError("; ".join(errors))
-    files: dict[str, FileEntry] = {}
-    for records, (local, _) in gathered:
-        for name, entry in [*records.items(), *local.items()]:
-            files[attempt.final_name(name)] = entry
-    return files

@@ -37,8 +37,10 @@ import logging
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from orchestrator.checkpoint.layout import TMP_PREFIX
+from orchestrator.checkpoint.manifest import FileEntry
 from orchestrator.dist import one_line
 from orchestrator.errors import CheckpointError
 from orchestrator.storage import Store
@@ -152,3 +154,15 @@ class NonceCommit(CommitStrategy):
 def commit_strategy(store: Store, record: str) -> CommitStrategy:
     """The strategy for `store`, by capability: atomic directory rename or not."""
     return RenameCommit(store, record) if store.renames_dirs else NonceCommit(store, record)
+
+
+def gathered_files(attempt: Attempt, gathered: Any) -> dict[str, FileEntry]:
+    """Every rank's files, as the manifest lists them; a rank's write error fails the commit."""
+    errors = [err for _, (_, err) in gathered if err]
+    if errors:
+        raise CheckpointError("; ".join(errors))
+    files: dict[str, FileEntry] = {}
+    for records, (local, _) in gathered:
+        for name, entry in [*records.items(), *local.items()]:
+            files[attempt.final_name(name)] = entry
+    return files
