@@ -61,11 +61,14 @@ def test_two_nodes_preempted_once_resume_on_both_and_end_bit_identical(
 ) -> None:
     reference = reference_run(tmp_path_factory)
     run_dir = tmp_path / "run"
+    # The reference runs 2 ranks on one 2-CPU node: 1 CPU thread each (env.cpu_threads). One
+    # rank per node would take 2, and a different thread count changes float reduction order:
+    # pinned, so the two layouts can be compared bit for bit.
     job = sbatch(
         run_dir,
         "--nodes=2",
         "--ntasks-per-node=1",
-        env={"STOCKPOT_PYTHON": str(host_logging_python)},
+        env={"STOCKPOT_PYTHON": str(host_logging_python), "OMP_NUM_THREADS": "1"},
     )
     timings = preempt_once(job)
     log = job.log()
