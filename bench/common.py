@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.local import free_port
+from orchestrator.env import cpu_threads
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -75,14 +76,14 @@ def ranks(
     same by itself, orchestrator/env.py cpu_threads), so hand-written baselines are not slowed
     by ranks fighting over cores."""
     port = str(free_port())
-    threads = str(max(1, len(os.sched_getaffinity(0)) // nproc))
+    threads = cpu_threads(os.environ, len(os.sched_getaffinity(0)), nproc)
     base = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PYTHONPATH": str(REPO),
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": port,
         "WORLD_SIZE": str(nproc),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or threads,
+        "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"] if threads is None else str(threads),
         **{k: v for k, v in os.environ.items() if k.startswith("AWS_")},
         **(env or {}),
     }

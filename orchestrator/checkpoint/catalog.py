@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, MANIFEST_NAME, parse_step_dirname
 from orchestrator.checkpoint.manifest import Manifest, hash_stream
 from orchestrator.errors import CheckpointCorrupt
+from orchestrator.logs import LEADER_ONLY
 from orchestrator.metric_rules import finite
 from orchestrator.storage import Store
 
@@ -159,12 +160,18 @@ def newest_good(
         problems = verify(run.child(info.rel), info.manifest, checksums=checksums)
         if not problems:
             return info
-        log.error(
-            "checkpoint %s FAILED verification, falling back to the previous one: %s",
-            info.rel,
-            "; ".join(problems[:3]),
-        )
+        report_bad(info, problems)
     return None
+
+
+def report_bad(info: CheckpointInfo, problems: list[str]) -> None:
+    """Say loudly, once (the leader), that a checkpoint failed verification and is skipped."""
+    log.error(
+        "checkpoint %s FAILED verification, falling back to the previous one: %s",
+        info.rel,
+        "; ".join(problems[:3]),
+        extra=LEADER_ONLY,
+    )
 
 
 def drop_if_bad(run: Store, rel: str, *, checksums: bool) -> bool:

@@ -373,8 +373,7 @@ class Checkpointer:
         if problems and exact:
             raise CheckpointCorrupt("; ".join(problems))
         if problems:
-            log.error("checkpoint %s FAILED verification, falling back to the previous one: %s",
-                      info.rel, "; ".join(problems[:3]), extra=LEADER_ONLY)  # fmt: skip
+            catalog.report_bad(info, problems)
         return not problems
 
     def _restore_rank_state(self, info: CheckpointInfo) -> None:
