@@ -235,6 +235,7 @@ def test_each_save_reads_only_its_own_manifest_however_many_are_kept(tmp_path: P
     for step in range(1, 11):
         before = CountingStore.manifest_reads
         ckpt.save(step)
+        ckpt.wait()  # and its retention, which runs in the background (upkeep.py)
         reads.append(CountingStore.manifest_reads - before)
     # The probe for a bad leftover at the new step, the new one, and the one the previous save
     # thinned (read again once); without the cache, save N read all N.

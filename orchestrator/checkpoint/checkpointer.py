@@ -2,8 +2,9 @@
 
 Every rank calls the same methods in the same order. One rank (the leader, global rank 0) picks
 where a checkpoint is written and commits it by writing MANIFEST.json last (through the commit
-protocol of `commit.py`), applies retention and collects garbage; each decision is broadcast
-(`dist.leader_decides`) so every rank returns or raises alike.
+protocol of `commit.py`), applies retention (in the background, `upkeep.py`) and collects
+garbage; each decision is broadcast (`dist.leader_decides`) so every rank returns or raises
+alike.
 
     ckpt = Checkpointer(Store(run_dir), policy=RetentionPolicy(keep_last=3),
                         schedule=SaveSchedule(every_steps=100), async_save=True)
@@ -31,18 +32,13 @@ from orchestrator import dist
 from orchestrator.checkpoint import catalog, dcp_io, rank_state, snapshot
 from orchestrator.checkpoint.catalog import CheckpointInfo
 from orchestrator.checkpoint.commit import Attempt, commit_strategy, gathered_files
-from orchestrator.checkpoint.layout import (
-    CHECKPOINTS_DIR,
-    MANIFEST_NAME,
-    parse_step_dirname,
-    rank_state_name,
-    step_rel,
-)
+from orchestrator.checkpoint.layout import MANIFEST_NAME, rank_state_name, step_rel
 from orchestrator.checkpoint.manifest import FileEntry, Manifest, hash_bytes
-from orchestrator.checkpoint.retention import RetentionPolicy, apply_retention, sweep_dropped
+from orchestrator.checkpoint.retention import RetentionPolicy
 from orchestrator.checkpoint.schedule import SaveSchedule
 from orchestrator.checkpoint.snapshot import Key, LazyCopy, live_tensors, stage
 from orchestrator.checkpoint.stateful import Handle, Hooks, Stateful
+from orchestrator.checkpoint.upkeep import BackgroundRetention, collect_garbage
 from orchestrator.dist import one_line
 from orchestrator.errors import CheckpointCorrupt, CheckpointError, StockpotError
 from orchestrator.logs import LEADER_ONLY
@@ -93,8 +89,11 @@ class Checkpointer:
         self._commits = commit_strategy(run, MANIFEST_NAME)
         # Background saves talk on their own gloo group (collective: created by every rank).
         self._group = dist.new_gloo_group() if async_save else None
-        writer = ThreadPoolExecutor(1, "stockpot-ckpt", initializer=snapshot.yield_to_training)
-        self._executor = writer if async_save else None
+        self._executor = (
+            ThreadPoolExecutor(1, "stockpot-ckpt", initializer=snapshot.yield_to_training)
+            if async_save
+            else None
+        )
         self._in_flight: Future[CheckpointInfo] | None = None
         self._in_flight_step: int | None = None
         self._staging: Any = None  # host copy of the last async save, reused by the next
@@ -104,6 +103,7 @@ class Checkpointer:
         self._lazy: LazyCopy | None = None  # of the save in flight
         self._pool: dict[Key, torch.Tensor] = {}  # LazyCopy's buffers, reused save to save
         self._collected_garbage = False
+        self._retention = BackgroundRetention(run, self.policy, self._manifests, log)
         # The step whose state was last saved or restored (a fresh start, step 0, needs no
         # save), and when: what the schedule and `save_final` go by.
         self._saved_step, self._saved_time = 0, clock()
@@ -179,9 +179,13 @@ class Checkpointer:
         self._saved_step, self._saved_time = step, self._clock()
 
     def wait(self) -> CheckpointInfo | None:
-        """Block until the save in flight (if any) is committed; raise its error if it failed."""
+        """Block until the save in flight (if any) is committed and the retention after it is
+        done (on the leader, upkeep.py); raise the save's error if it failed."""
         future, self._in_flight, self._in_flight_step = self._in_flight, None, None
-        return future.result() if future is not None else None
+        try:
+            return future.result() if future is not None else None
+        finally:
+            self._retention.wait()
 
     def close(self) -> None:
         """Commit the save in flight, then stop the background thread."""
@@ -190,6 +194,7 @@ class Checkpointer:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
+            self._retention.close()
             for handle in self._guards.values():
                 handle.remove()
             self._guards.clear()
@@ -262,7 +267,7 @@ class Checkpointer:
 
     def _prepare(self, step: int) -> Attempt:
         if not self._collected_garbage:
-            self.collect_garbage()
+            collect_garbage(self.run, self._commits)
             self._collected_garbage = True
         # A bad checkpoint that the restore fell back past: this run writes its step again.
         if catalog.drop_if_bad(self.run, step_rel(step), checksums=self.verify_checksums):
@@ -300,31 +305,10 @@ class Checkpointer:
         info = self._manifests[attempt.final_rel] = CheckpointInfo(
             snap.step, attempt.final_rel, manifest
         )  # retention's scan need not read back what was just written
-        self._apply_retention()
-        return info
-
-    def _apply_retention(self) -> None:
-        protected = () if self._in_flight_step is None else (self._in_flight_step,)
-        cache = self._manifests
-        apply_retention(self.run, self.policy, protected=protected, log=log, manifests=cache)
-
-    def collect_garbage(self) -> list[str]:
-        """Remove what interrupted saves left (see commit.py); uncommitted step dirs count as
-        dead when older than the newest commit (a newer one may be a writer still running).
-        The leader calls this once, before its first save."""
-        found = catalog.scan(self.run)
-        latest = found.latest()
-        newest = latest.step if latest else -1
-        dead = [
-            rel
-            for rel in found.leftovers
-            if (parse_step_dirname(rel.rsplit("/", 1)[-1]) or newest + 1) < newest
-        ]
-        committed = {c.rel: c.manifest.data_dir for c in found.committed}
-        swept = sweep_dropped(self.run, found.committed)  # a thinning cut short by a kill
-        return swept + self._commits.collect_garbage(
-            CHECKPOINTS_DIR, dead=dead, committed=committed
+        self._retention.start(
+            protected=() if self._in_flight_step is None else (self._in_flight_step,)
         )
+        return info
 
     # -- restoring ------------------------------------------------------------------------
 
