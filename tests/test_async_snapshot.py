@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from orchestrator.checkpoint import dcp_io
+from orchestrator.checkpoint import dcp_write
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.checkpoint.snapshot import LazyCopy, tensor_key
 from orchestrator.state import ModelAndOptimizer, RNGState
@@ -62,14 +62,14 @@ class _SlowWrites:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.go, self.inside = threading.Event(), threading.Event()
-        original = dcp_io._HashingStream.write
+        original = dcp_write.HashingStream.write
 
         def write(stream, b):
             self.inside.set()
             assert self.go.wait(timeout=60)
             return original(stream, b)
 
-        monkeypatch.setattr(dcp_io._HashingStream, "write", write)
+        monkeypatch.setattr(dcp_write.HashingStream, "write", write)
 
 
 def test_training_during_a_held_write_leaves_the_save_as_it_was(
@@ -122,13 +122,13 @@ def test_copies_reuse_their_buffers_save_to_save(tmp_path: Path, monkeypatch) ->
     model, optim = _model()
     ckpt = _checkpointer(str(tmp_path), model, optim, async_save=True)
     gate = threading.Event()
-    original = dcp_io._Writer.write_data
+    original = dcp_write.ShardWriter.write_data
 
     def held(self, plan, planner):
         assert gate.wait(timeout=60)
         return original(self, plan, planner)
 
-    monkeypatch.setattr(dcp_io._Writer, "write_data", held)
+    monkeypatch.setattr(dcp_write.ShardWriter, "write_data", held)
     states, addresses = {}, []
     for step in (1, 2, 3):
         _train(model, optim)

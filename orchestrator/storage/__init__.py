@@ -15,8 +15,17 @@ process, so a pickled Store carries none and `repr`/logs cannot show them.
 fsspec, s3fs and botocore are imported lazily, on first use: importing this package is cheap.
 """
 
+from orchestrator.storage.local import start_writeback
 from orchestrator.storage.options import S3Options
 from orchestrator.storage.retry import backoff_delay, is_transient, redact
 from orchestrator.storage.store import Store, is_s3_url
 
-__all__ = ["S3Options", "Store", "backoff_delay", "is_s3_url", "is_transient", "redact"]
+__all__ = [
+    "S3Options",
+    "Store",
+    "backoff_delay",
+    "is_s3_url",
+    "is_transient",
+    "redact",
+    "start_writeback",
+]

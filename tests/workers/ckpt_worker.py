@@ -125,15 +125,15 @@ def _dump(state: dict, path: str | None) -> None:
 def _slow_writes() -> None:
     import time
 
-    from orchestrator.checkpoint import dcp_io
+    from orchestrator.checkpoint import dcp_write
 
-    original = dcp_io._HashingStream.write
+    original = dcp_write.HashingStream.write
 
     def write(stream, b):  # type: ignore[no-untyped-def]
         time.sleep(0.003)
         return original(stream, b)
 
-    dcp_io._HashingStream.write = write  # type: ignore[method-assign]
+    dcp_write.HashingStream.write = write  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":
