@@ -46,20 +46,25 @@ class Sizes:
     d_model: int  # CharLM width for the save/load state (its AdamW state triples the bytes)
     n_layers: int
     repeats: int  # interleaved repeats per figure (the median is reported)
+    launch_repeats: int  # the same for figures that start processes per repeat (loop, resume)
     s3_layers: int  # the S3 state's CharLM depth at d_model=256 (moto is slow: keep it small)
     loop_steps: int  # steps per loop-overhead run on the demo
     loop_charlm_steps: int  # the same on CharLM (~0.3 s a step on 2 cores)
+    s3_resume_kept: int  # checkpoints a whole `stockpot run` resume on S3 finds
+    s3_resume_worlds: tuple[int, ...]  # the rank counts it resumes at
     soup_layers: int  # the soup's CharLM depth at d_model=1024 (~48 MB of weights a layer)
 
     @staticmethod
     def quick() -> Sizes:
-        return Sizes(d_model=512, n_layers=4, repeats=3, s3_layers=2, loop_steps=200,
-                     loop_charlm_steps=24, soup_layers=2)  # fmt: skip
+        return Sizes(d_model=512, n_layers=4, repeats=3, launch_repeats=2, s3_layers=2,
+                     loop_steps=200, loop_charlm_steps=12, s3_resume_kept=10,
+                     s3_resume_worlds=(2,), soup_layers=2)  # fmt: skip
 
     @staticmethod
     def full() -> Sizes:
-        return Sizes(d_model=1024, n_layers=7, repeats=5, s3_layers=8, loop_steps=300,
-                     loop_charlm_steps=60, soup_layers=5)  # fmt: skip
+        return Sizes(d_model=1024, n_layers=7, repeats=5, launch_repeats=5, s3_layers=8,
+                     loop_steps=300, loop_charlm_steps=60, s3_resume_kept=20,
+                     s3_resume_worlds=(2, 4), soup_layers=5)  # fmt: skip
 
 
 def median(values: Sequence[float]) -> float:

@@ -74,7 +74,7 @@ def resume_rows(sizes: Sizes, work: Path) -> list[Row]:
     run_dir = work / "resume"
     run_cli(_stockpot_args(run_dir, sizes, 1))  # the checkpoint at step 1 (saved at the end)
     ratios, resumed, bare = [], [], []
-    for r in range(sizes.repeats):
+    for r in range(sizes.launch_repeats):
         step = 1 + r  # each resume trains one step and saves it (keep_last=1)
         if r % 2 == 0:
             b, s = _bare_start(run_dir), _resume(run_dir, sizes, step)

@@ -36,10 +36,10 @@ def measure(sizes: Sizes) -> list[Row]:
     for name, config, extra, goal in MODELS:
         # CharLM steps are ~50x the demo's: a few dozen give a steady rate
         steps = sizes.loop_steps if name == "demo" else sizes.loop_charlm_steps
-        overrides = [*extra, f"trainer.max_steps={steps}", f"trainer.log_every={steps // 10}",
+        overrides = [*extra, f"trainer.max_steps={steps}", f"trainer.log_every={max(2, steps // 10)}",
                      "trainer.eval_every=null"]  # fmt: skip
         ratios, bare_rates = [], []
-        for r in range(sizes.repeats):
+        for r in range(sizes.launch_repeats):
             if r % 2 == 0:
                 bare, ours = _bare_rate(config, overrides), _stockpot_rate(config, overrides)
             else:

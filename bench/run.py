@@ -58,7 +58,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def sizes_from(args: argparse.Namespace) -> Sizes:
     base = Sizes.full() if args.full else Sizes.quick()
-    given = {"d_model": args.d_model, "n_layers": args.n_layers, "repeats": args.repeats}
+    given = {"d_model": args.d_model, "n_layers": args.n_layers, "repeats": args.repeats,
+             "launch_repeats": args.repeats}  # fmt: skip
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
 

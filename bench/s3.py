@@ -181,15 +181,15 @@ def _run_args(bucket: str, endpoint: str, keep: int, nproc: int) -> list[str]:
             "checkpoint.every_steps=1", f"checkpoint.keep_last={keep}"]  # fmt: skip
 
 
-def resume_request_row(endpoint: str, keep: int = 20) -> Row:
-    """A whole `stockpot run` resume (keep checkpoints on S3, nothing left to train), at 2 and
-    4 ranks: every request it makes, and how many were manifest GETs."""
+def resume_request_row(endpoint: str, keep: int, worlds: tuple[int, ...]) -> Row:
+    """A whole `stockpot run` resume (keep checkpoints on S3, nothing left to train), at each
+    world size: every request it makes, and how many were manifest GETs."""
     bucket = make_bucket(endpoint)
     run_cli(_run_args(bucket, endpoint, keep, 2), env=AWS_ENV)  # `keep` committed checkpoints
     proxy = FaultProxy(upstream=endpoint).start()
     got = {}
     try:
-        for nproc in (2, 4):
+        for nproc in worlds:
             before = len(proxy.requests)
             run_cli(_run_args(bucket, proxy.endpoint_url, keep, nproc), env=AWS_ENV)
             got[nproc] = _counts(list(proxy.requests)[before:])
@@ -219,4 +219,4 @@ def measure(sizes: Sizes, work: Path) -> list[Row]:
     os.environ.update(AWS_ENV)  # for boto3 here and every rank
     with moto_server(work / "moto_server.log") as endpoint:
         rows = [_throughput_row(endpoint, sizes, work), *request_rows(endpoint, work)]
-        return [*rows, resume_request_row(endpoint)]
+        return [*rows, resume_request_row(endpoint, sizes.s3_resume_kept, sizes.s3_resume_worlds)]

@@ -125,7 +125,8 @@ def _gbps(nbytes_: int, seconds: float) -> str:
 def measure(sizes: Sizes, work: Path, details: dict[str, Any]) -> list[Row]:
     args = {"d_model": sizes.d_model, "n_layers": sizes.n_layers, "repeats": sizes.repeats,
             "work": str(work)}  # fmt: skip
-    sync = ranks("bench.worker", ["save", json.dumps(args)])
+    lines = ranks("bench.worker", ["save,async", json.dumps(args)])  # one start for both
+    sync = [line for line in lines if "variant" in line]
     by: dict[str, list[float]] = {}
     for line in sync:
         by.setdefault(line["variant"], []).append(line["s"])
@@ -145,8 +146,8 @@ def measure(sizes: Sizes, work: Path, details: dict[str, Any]) -> list[Row]:
     details["save"] = {"mb": size / 1e6, "raw_s": med["raw"], "stockpot_s": med["stockpot"],
                        "raw_gbps": size / med["raw"] / 1e9, "stockpot_gbps": size / med["stockpot"] / 1e9,
                        "torch_gbps": size / med["torch.save"] / 1e9, "dcp_gbps": size / med["dcp.save"] / 1e9}  # fmt: skip
-    lines = ranks("bench.worker", ["async", json.dumps(args)])
-    return rows + _async_rows(lines, mb, details["save"])
+    background = [line for line in lines if "stall_s" in line]
+    return rows + _async_rows(background, mb, details["save"])
 
 
 def _async_rows(lines: list[dict[str, Any]], mb: str, details: dict[str, Any]) -> list[Row]:

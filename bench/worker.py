@@ -1,4 +1,4 @@
-"""One rank of the checkpoint benchmarks: `python -m bench.worker PHASE JSON_ARGS`.
+"""One rank of the checkpoint benchmarks: `python -m bench.worker PHASE[,PHASE] JSON_ARGS`.
 
 Every rank builds the same CharLM (DDP over gloo) with its AdamW state, then runs one phase
 (save.py, load.py, s3.py hold them); rank 0 prints one JSON line per measurement. Timings are
@@ -76,13 +76,18 @@ def emit(**fields: Any) -> None:
         print(json.dumps(fields), flush=True)
 
 
-def main(phase: str, args: dict[str, Any]) -> None:
-    module, _, func = PHASES[phase].partition(":")
-    run_phase = getattr(importlib.import_module(module), func)  # they import this module
+def main(phases: str, args: dict[str, Any]) -> None:
+    """`phases`: one phase, or several (comma-separated) run in order by the same ranks, so
+    the bench starts the processes once for them."""
+    runs = []
+    for phase in phases.split(","):
+        module, _, func = PHASES[phase].partition(":")
+        runs.append(getattr(importlib.import_module(module), func))  # they import this module
     world = int(os.environ["WORLD_SIZE"])
     dist.init("gloo", int(os.environ["RANK"]), world, "127.0.0.1", int(os.environ["MASTER_PORT"]))
     trainee = build(args["d_model"], args["n_layers"])
-    run_phase(trainee, args)
+    for run_phase in runs:
+        run_phase(trainee, args)
     dist.barrier()
     exit_now(0)
 
