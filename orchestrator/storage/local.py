@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import builtins
 import ctypes
-import ctypes.util
 import errno
 import functools
 import os
@@ -35,8 +34,7 @@ def _fsync_path(path: str) -> None:
 @functools.cache
 def _sync_file_range() -> Any:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        call = libc.sync_file_range
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range  # libc, already loaded
     except (OSError, AttributeError):  # not Linux: start_writeback does nothing
         return None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
