@@ -74,7 +74,9 @@ them; the catalogue below lists each one with its fix.
   `MANIFEST.json` counts. Directories without one are leftovers of a save a kill cut short:
   ignored, and collected by the next save.
 - A resume that fails to verify the newest checkpoint falls back to the previous one and says so
-  in the log. `stockpot verify RUN` checks every checkpoint (exit 3 names the bad file).
+  in the log. `stockpot verify RUN` checks every checkpoint (exit 3 names the bad file). When
+  no committed checkpoint verifies, the run stops (exit 3) instead of starting over: a storage
+  that misread them once would otherwise see them deleted by the new run's retention.
 - Exit 75 means the run stopped on a signal after saving: run the same command again.
 
 ## A resumed run's curves show steps twice

@@ -148,6 +148,52 @@ def test_flipped_byte_falls_back_loudly_to_the_previous_checkpoint(tmp_path: Pat
         _fresh_restore(str(tmp_path), step=2)
 
 
+def _flip_a_byte(step_dir: Path) -> Path:
+    shard = next(step_dir.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+def test_the_newest_checkpoint_is_checked_while_it_loads(tmp_path: Path, monkeypatch) -> None:
+    """The checksum pass of the newest checkpoint runs on its own thread while the main one
+    loads (restoring.py), so the files come from disk once; the state is the saved one."""
+    model, optim = _model()
+    _train(model, optim)
+    ckpt = _checkpointer(Store(str(tmp_path)), model, optim)
+    ckpt.save(1)
+    at_one = {k: v.clone() for k, v in model.state_dict().items()}
+    threads: dict[str, set[str]] = {}
+    verify = catalog.verify
+
+    def spying(*args, **kwargs):
+        threads.setdefault("verify", set()).add(threading.current_thread().name)
+        return verify(*args, **kwargs)
+
+    monkeypatch.setattr(catalog, "verify", spying)
+    restored, _, info = _fresh_restore(str(tmp_path))
+    assert info.step == 1
+    assert_same(at_one, restored.state_dict())
+    assert threads["verify"] and threading.main_thread().name not in threads["verify"]
+
+
+def test_no_verifying_checkpoint_refuses_to_start_over(tmp_path: Path) -> None:
+    """Every committed checkpoint is bad: the restore raises with the fix instead of training
+    from scratch on a state that holds part of the newest (it was loaded while checked)."""
+    model, optim = _model()
+    ckpt = _checkpointer(Store(str(tmp_path)), model, optim)
+    for step in (1, 2):
+        _train(model, optim)
+        ckpt.save(step)
+    for step in (1, 2):
+        _flip_a_byte(tmp_path / f"checkpoints/step-{step:09d}")
+    with pytest.raises(
+        CheckpointCorrupt, match=r"none of the 2 committed checkpoint\(s\).*stockpot verify"
+    ):
+        _fresh_restore(str(tmp_path))
+
+
 def test_size_check_runs_even_with_checksums_off(tmp_path: Path) -> None:
     model, optim = _model()
     ckpt = _checkpointer(Store(str(tmp_path)), model, optim)

@@ -46,6 +46,7 @@ def _train_and_save(ckpt: Checkpointer, model: nn.Module, optim, steps: range) -
         optim.step()
         optim.zero_grad()
         ckpt.save(step, {"eval/loss": 1.0 / step})
+    ckpt.wait()  # retention runs in the background after each commit (upkeep.py)
 
 
 def _names_only_existing(run: Path) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from orchestrator import dist
-from orchestrator.checkpoint import catalog, dcp_io, rank_state, snapshot
+from orchestrator.checkpoint import catalog, dcp_io, rank_state, restoring, snapshot
 from orchestrator.checkpoint.catalog import CheckpointInfo
 from orchestrator.checkpoint.commit import Attempt, commit_strategy, gathered_files
 from orchestrator.checkpoint.layout import MANIFEST_NAME, rank_state_name, step_rel
@@ -314,51 +314,32 @@ class Checkpointer:
 
     def restore(self, step: int | None = None) -> CheckpointInfo | None:
         """Load the newest committed checkpoint that verifies (or exactly `step`) into everything
-        registered. A checkpoint that fails verification is reported and the previous one used.
+        registered. A checkpoint that fails verification is reported and the previous one used
+        (restoring.py: the newest is checked while it loads, so it is read once).
         Returns what was loaded, or None if there is nothing to resume from."""
-        listed = dist.leader_decides(lambda: self._choose(step), self._group)
-        candidates = listed.or_raise(CheckpointCorrupt)  # newest first
-        info = next((c for c in candidates if self._verified(c, exact=step is not None)), None)
-        if info is None:
-            return None
+        listed = dist.leader_decides(lambda: restoring.candidates(self.run, step), self._group)
+        infos = listed.or_raise(CheckpointCorrupt)  # newest first
         shared = {
             name: obj.state_dict()
             for name, (obj, per_rank) in self._entries.items()
             if not per_rank
         }
-        if shared:
+
+        def load(info: CheckpointInfo) -> None:
             dcp_io.load_shards(shared, self.run, info.data_rel, self._group)
-            for name, state in shared.items():
-                self._entries[name][0].load_state_dict(state)
+
+        info = restoring.newest_loaded(
+            self.run, infos, load if shared else None, self._group,
+            checksums=self.verify_checksums, exact=step is not None,
+        )  # fmt: skip
+        if info is None:
+            return None
+        for name, state in shared.items():
+            self._entries[name][0].load_state_dict(state)
         self._restore_rank_state(info)
         self._saved_step, self._saved_time = info.step, self._clock()
         log.info("restored %s (step %d)", self.run.path(info.rel), info.step, extra=LEADER_ONLY)
         return info
-
-    def _choose(self, step: int | None) -> list[CheckpointInfo]:
-        # A weights-only checkpoint (retention dropped its optimizer state) is never resumed.
-        committed = [c for c in catalog.scan(self.run).committed if not c.manifest.weights_only]
-        chosen = [c for c in committed if step is None or c.step == step]
-        if step is not None and not chosen:
-            raise CheckpointCorrupt(
-                f"no committed full checkpoint at step {step} in {self.run.path()} "
-                "(a weights-only one, kept for soups, cannot be resumed)"
-            )
-        return sorted(chosen, key=lambda c: c.step, reverse=True)
-
-    def _verified(self, info: CheckpointInfo, *, exact: bool) -> bool:
-        """Every rank checks its share of the files (catalog.share), so the cold read of the
-        whole checkpoint is split between ranks; all learn every problem. A bad checkpoint is
-        reported and skipped, or raised when it was asked for by step."""
-        mine = catalog.share(info.manifest, dist.rank(), dist.world_size(self._group))
-        ckpt, checksums = self.run.child(info.rel), self.verify_checksums
-        found = catalog.verify(ckpt, info.manifest, checksums=checksums, names=mine)
-        problems = [p for ps in dist.all_gather_objects(found, self._group) for p in ps]
-        if problems and exact:
-            raise CheckpointCorrupt("; ".join(problems))
-        if problems:
-            catalog.report_bad(info, problems)
-        return not problems
 
     def _restore_rank_state(self, info: CheckpointInfo) -> None:
         per_rank = [name for name, (_, flag) in self._entries.items() if flag]

@@ -1,0 +1,107 @@
+"""Which checkpoint a restore loads: the newest committed full one that verifies, read once.
+
+Verification (sizes and xxh3 of every file against the manifest) is split between the ranks
+(catalog.share). For the newest candidate it runs on a thread *while* the ranks load it: the
+load and the checksum pass read the same files, so the checkpoint comes from disk once instead
+of twice (for a checkpoint bigger than the page cache, that is a whole cold read saved). A
+candidate is used only when every rank's checks pass; a bad one is reported and the previous
+one verified first, then loaded, over whatever the bad one left in the state.
+
+When committed checkpoints exist and none verifies, the restore raises: starting the run over
+would train from scratch on top of a state that may hold part of a bad checkpoint, and its
+retention would then delete checkpoints that failed only because their storage misread them
+this once. Nothing committed at all is a fresh start (None).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from torch.distributed.checkpoint.api import CheckpointException
+
+from orchestrator import dist
+from orchestrator.checkpoint import catalog
+from orchestrator.checkpoint.catalog import CheckpointInfo
+from orchestrator.errors import CheckpointCorrupt
+from orchestrator.storage import Store
+
+Load = Callable[[CheckpointInfo], None]  # reads a checkpoint into the registered state
+
+
+def candidates(run: Store, step: int | None) -> list[CheckpointInfo]:
+    """Committed full checkpoints, newest first (exactly `step` when given). A weights-only
+    one (retention dropped its optimizer state) is never resumed. The leader's part."""
+    committed = [c for c in catalog.scan(run).committed if not c.manifest.weights_only]
+    chosen = [c for c in committed if step is None or c.step == step]
+    if step is not None and not chosen:
+        raise CheckpointCorrupt(
+            f"no committed full checkpoint at step {step} in {run.path()} "
+            "(a weights-only one, kept for soups, cannot be resumed)"
+        )
+    return sorted(chosen, key=lambda c: c.step, reverse=True)
+
+
+def newest_loaded(
+    run: Store,
+    infos: list[CheckpointInfo],
+    load: Load | None,
+    group: Any,
+    *,
+    checksums: bool,
+    exact: bool,
+) -> CheckpointInfo | None:
+    """Load the first of `infos` (newest first) that verifies on every rank; None if there
+    are none. `exact`: the one asked for by step, raised if bad. Collective."""
+    for i, info in enumerate(infos):
+        if load is not None and i == 0:
+            problems = _load_while_verifying(run, info, load, group, checksums=checksums)
+        else:
+            problems = _problems(run, info, group, checksums=checksums)
+            if not problems and load is not None:
+                load(info)
+        if not problems:
+            return info
+        if exact:
+            raise CheckpointCorrupt("; ".join(problems))
+        catalog.report_bad(info, problems)
+    if infos:
+        raise CheckpointCorrupt(
+            f"none of the {len(infos)} committed checkpoint(s) in {run.path()} verifies, so "
+            "the run does not start over on top of them: check the storage, then repair or "
+            f"remove them (`stockpot verify {run.path()}` lists each problem), or use a new "
+            "run.dir"
+        )
+    return None
+
+
+def _problems(run: Store, info: CheckpointInfo, group: Any, *, checksums: bool) -> list[str]:
+    """Every rank checks its share of the files; all learn every problem."""
+    found = _my_share(run, info, group, checksums)
+    return [p for ps in dist.all_gather_objects(found, group) for p in ps]
+
+
+def _load_while_verifying(
+    run: Store, info: CheckpointInfo, load: Load, group: Any, *, checksums: bool
+) -> list[str]:
+    """`load` on this thread while this rank's share is checked on another. A load that
+    fails on a checkpoint whose checks fail is one more sign it is bad; one that fails on a
+    checkpoint that verifies is raised (DCP fails every rank's load alike)."""
+    with ThreadPoolExecutor(1, "stockpot-verify") as pool:
+        checking = pool.submit(_my_share, run, info, group, checksums)
+        failed: BaseException | None = None
+        try:
+            load(info)
+        except (Exception, CheckpointException) as exc:  # CheckpointException: BaseException
+            failed = exc
+        found = checking.result()
+    problems = [p for ps in dist.all_gather_objects(found, group) for p in ps]
+    if failed is not None and not problems:
+        raise failed
+    return problems
+
+
+def _my_share(run: Store, info: CheckpointInfo, group: Any, checksums: bool) -> list[str]:
+    mine = catalog.share(info.manifest, dist.rank(), dist.world_size(group))
+    return catalog.verify(run.child(info.rel), info.manifest, checksums=checksums, names=mine)
