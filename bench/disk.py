@@ -13,13 +13,16 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the ranks import torch; make bench's own process only reads files
+    import torch
 
 
 def tensors(state: Any) -> Iterator[torch.Tensor]:
     """Every tensor in a nested state dict, in a stable order."""
+    import torch
+
     if isinstance(state, torch.Tensor):
         yield state
     elif isinstance(state, dict):
@@ -36,6 +39,8 @@ def nbytes(state: Any) -> int:
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:
     # The tensor's memory as bytes, whatever its dtype (numpy has no bfloat16).
+    import torch
+
     flat = t.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 

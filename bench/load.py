@@ -9,36 +9,11 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 from bench.common import PY, REPO, Row, Sizes, median, ranks, ratio_row, run_cli
 from bench.disk import evict, files_under, raw_read
-from bench.save import checkpointer
-from bench.worker import Trainee, emit, timed
-from orchestrator import dist
 
 CONFIG = "bench/charlm.yaml"
-
-
-def rank_phase(trainee: Trainee, args: dict[str, Any]) -> None:
-    """One committed checkpoint, then restore and raw read alternately, both cold."""
-    run = Path(args["work"]) / "load"
-    ckpt = checkpointer(run, trainee)
-    ckpt.save(1)
-    files = files_under(run)
-    size = sum(p.stat().st_size for p in files)
-    for r in range(args["repeats"]):
-        for name in ("raw", "restore") if r % 2 == 0 else ("restore", "raw"):
-            if dist.rank() == 0:
-                evict(files)
-            fn = ckpt.restore if name == "restore" else lambda: _leader_read(files)
-            emit(repeat=r, variant=name, s=timed(fn), bytes=size)
-    ckpt.close()
-
-
-def _leader_read(files: list[Path]) -> None:
-    if dist.rank() == 0:
-        raw_read(files)
 
 
 def _stockpot_args(run_dir: Path, sizes: Sizes, max_steps: int) -> list[str]:

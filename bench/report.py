@@ -5,6 +5,7 @@ on request, the README's Performance block regenerated from them (never typed by
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -20,15 +21,13 @@ README_END = "<!-- bench:end -->"
 
 
 def machine(work: Path) -> dict[str, Any]:
-    import torch
-
     cpu = next((line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())  # fmt: skip
     mem = next(
         (line.split()[1] for line in _lines("/proc/meminfo") if line.startswith("MemTotal")), "?"
     )
     return {"cpus": os.cpu_count(), "cpu": cpu, "memory_gb": round(int(mem) / 1e6, 1) if mem != "?" else None,
-            "python": platform.python_version(), "torch": torch.__version__,
+            "python": platform.python_version(), "torch": importlib.metadata.version("torch"),
             "disk": _filesystem(work), "load_average": os.getloadavg()}  # fmt: skip
 
 

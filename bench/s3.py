@@ -9,26 +9,15 @@ sends `GET /__bench_mark__/NAME` through the same proxy, so the log reads save |
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from bench.common import REPO, Row, Sizes, median, ranks, ratio_row, run_cli
-from bench.disk import nbytes, raw_write
-from bench.worker import Trainee, emit, timed
-from orchestrator import dist
-from orchestrator.checkpoint.checkpointer import Checkpointer
-from orchestrator.checkpoint.retention import RetentionPolicy
-from orchestrator.state import ModelAndOptimizer
-from orchestrator.storage import S3Options, Store
 from tests.fixtures.s3 import FAKE_KEY, REGION, FaultProxy, _free_port, _stop, _wait_until_up
 
 MARK = "__bench_mark__"
@@ -59,62 +48,6 @@ def make_bucket(endpoint: str) -> str:
     boto3.client("s3", endpoint_url=endpoint, region_name=REGION, aws_access_key_id=FAKE_KEY,
                  aws_secret_access_key=FAKE_KEY).create_bucket(Bucket=name)  # fmt: skip
     return name
-
-
-def _checkpointer(
-    args: dict[str, Any], trainee: Trainee, keep: int, prefix: str = "run"
-) -> Checkpointer:
-    store = Store(f"s3://{args['bucket']}/{prefix}", S3Options(endpoint_url=args["endpoint"]))
-    ckpt = Checkpointer(store, policy=RetentionPolicy(keep_last=keep))
-    ckpt.register("train", ModelAndOptimizer(trainee.model, trainee.optim))
-    return ckpt
-
-
-# -- rank side ---------------------------------------------------------------------------------
-
-
-def save_phase(trainee: Trainee, args: dict[str, Any]) -> None:
-    """Sync saves to S3 alternating with one put_file of the same bytes from rank 0."""
-    ckpt = _checkpointer(args, trainee, keep=1)
-    local = Path(args["work"]) / "s3raw.bin"
-    if dist.rank() == 0:
-        raw_write(local, trainee.state())
-    fs = ckpt.run.fsspec_filesystem()
-    size = nbytes(trainee.state())
-
-    def put() -> None:
-        if dist.rank() == 0:
-            fs.put_file(str(local), f"{args['bucket']}/put/raw.bin")
-
-    for r in range(args["repeats"]):
-        for name in ("put", "save") if r % 2 == 0 else ("save", "put"):
-            fn = put if name == "put" else functools.partial(ckpt.save, r + 1)
-            emit(repeat=r, variant=name, s=timed(fn), bytes=size)
-    ckpt.close()
-
-
-def _mark(args: dict[str, Any], name: str) -> None:
-    dist.barrier()  # every rank's requests for what came before are answered
-    if dist.rank() == 0:
-        with contextlib.suppress(urllib.error.HTTPError):
-            urllib.request.urlopen(f"{args['endpoint']}/{MARK}/{name}", timeout=30).close()
-    dist.barrier()
-
-
-def requests_phase(trainee: Trainee, args: dict[str, Any]) -> None:
-    """Per number kept, in its own run: keep+2 saves (the last ones run retention), then a
-    fresh Checkpointer restores. One launch for every `keep`: the ranks start once."""
-    for keep in args["keeps"]:
-        ckpt = _checkpointer(args, trainee, keep=keep, prefix=f"run-{keep}")
-        _mark(args, f"{keep}-start")
-        for step in range(1, keep + 3):
-            ckpt.save(step)
-            _mark(args, f"{keep}-save-{step}")
-        ckpt.close()
-        fresh = _checkpointer(args, trainee, keep=keep, prefix=f"run-{keep}")
-        fresh.restore()
-        _mark(args, f"{keep}-restore")
-        fresh.close()
 
 
 # -- parent side -------------------------------------------------------------------------------

@@ -23,11 +23,11 @@ from orchestrator.tasks.charlm import CharLM
 from orchestrator.worker import exit_now
 
 PHASES = {
-    "save": "bench.save:rank_phase",
-    "async": "bench.save:async_phase",
-    "load": "bench.load:rank_phase",
-    "s3save": "bench.s3:save_phase",
-    "s3requests": "bench.s3:requests_phase",
+    "save": "bench.phases:sync_phase",
+    "async": "bench.phases:async_phase",
+    "load": "bench.phases:restore_phase",
+    "s3save": "bench.phases:s3_save_phase",
+    "s3requests": "bench.phases:requests_phase",
 }
 
 

@@ -1,0 +1,204 @@
+"""The rank side of the checkpoint benchmarks: what each rank of `python -m bench.worker PHASE`
+runs (bench/worker.py builds the model first). save.py, load.py and s3.py launch these and turn
+rank 0's JSON lines into rows; they import no torch themselves, so `make bench`'s own process
+starts in a fraction of a second instead of ~4 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict
+
+from bench.common import median
+from bench.disk import evict, files_under, nbytes, raw_read, raw_write
+from bench.s3 import MARK
+from bench.worker import Trainee, emit, timed
+from orchestrator import dist
+from orchestrator.checkpoint.checkpointer import Checkpointer
+from orchestrator.checkpoint.retention import RetentionPolicy
+from orchestrator.state import ModelAndOptimizer
+from orchestrator.storage import S3Options, Store
+
+MAX_STEPS_DURING = 200  # a background save that outlasts this many steps is reported as is
+
+
+# -- saving (save.py) --------------------------------------------------------------------------
+
+
+def checkpointer(run: Path, trainee: Trainee, *, async_save: bool = False) -> Checkpointer:
+    ckpt = Checkpointer(Store(str(run)), policy=RetentionPolicy(keep_last=1), async_save=async_save)
+    ckpt.register("train", ModelAndOptimizer(trainee.model, trainee.optim))
+    return ckpt
+
+
+def _on_leader(fn: Any) -> Any:
+    return lambda: fn() if dist.rank() == 0 else None
+
+
+def _torch_save(path: Path, state: Any) -> None:
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _dcp_save(trainee: Trainee, path: Path) -> None:
+    model_sd, optim_sd = get_state_dict(trainee.model, trainee.optim)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+
+
+def sync_phase(trainee: Trainee, args: dict[str, Any]) -> None:
+    """Sync save and its baselines, interleaved; the order rotates every repeat."""
+    work = Path(args["work"])
+    ckpt = checkpointer(work / "run", trainee)
+    state = trainee.state()
+    size = nbytes(state)
+    steps = itertools.count(1)
+    variants = {
+        "raw": _on_leader(lambda: raw_write(work / "raw.bin", state)),
+        "stockpot": lambda: ckpt.save(next(steps)),
+        "torch.save": _on_leader(lambda: _torch_save(work / "torch.pt", state)),
+        "dcp.save": lambda: _dcp_save(trainee, work / "dcp"),
+    }
+    # Untimed before each: every variant writes where nothing is. Freeing the previous copy's
+    # blocks (~0.1 s per 155 MB here) is retention's work, which stockpot does on a background
+    # thread after the save (upkeep.py); its `wait()` joins that thread.
+    before = {
+        "raw": _on_leader(lambda: (work / "raw.bin").unlink(missing_ok=True)),
+        "stockpot": ckpt.wait,
+        "torch.save": _on_leader(lambda: (work / "torch.pt").unlink(missing_ok=True)),
+        "dcp.save": _on_leader(lambda: shutil.rmtree(work / "dcp", ignore_errors=True)),
+    }
+    names = list(variants)
+    for r in range(args["repeats"]):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            before[name]()
+            emit(repeat=r, variant=name, s=timed(variants[name]), bytes=size)
+    ckpt.close()
+
+
+def async_phase(trainee: Trainee, args: dict[str, Any]) -> None:
+    """Per repeat: a raw write, steps with no save, then an async save and the steps taken while
+    it is written. The first save only allocates the staging buffers and is not reported."""
+    work = Path(args["work"])
+    ckpt = checkpointer(work / "async", trainee, async_save=True)
+    size = nbytes(trainee.state())
+    ckpt.save(1)
+    ckpt.wait()
+    for r in range(args["repeats"]):
+        raw_s = timed(_on_leader(lambda: raw_write(work / "raw.bin", trainee.state())))
+        base = [_timed_step(trainee) for _ in range(args.get("base_steps", 3))]
+        ckpt.last_save_s = None  # set by the background thread once the save commits
+        dist.barrier()
+        t0 = time.perf_counter()
+        ckpt.save(r + 2)
+        stall = max(dist.all_gather_objects(time.perf_counter() - t0))
+        during: list[float] = []
+        while not dist.agree(ckpt.last_save_s is not None) and len(during) < MAX_STEPS_DURING:
+            during.append(_timed_step(trainee))
+        ckpt.wait()
+        assert ckpt.last_save_s is not None
+        emit(repeat=r, raw_s=raw_s, stall_s=stall, background_s=ckpt.last_save_s - stall,
+             base_step_s=median(base), during_step_s=median(during) if during else None,
+             steps_during=len(during), bytes=size)  # fmt: skip
+    ckpt.close()
+
+
+def _timed_step(trainee: Trainee) -> float:
+    t0 = time.perf_counter()
+    trainee.step()
+    dist.agree(False)  # the same collective the loop during a save takes, so steps compare
+    return time.perf_counter() - t0
+
+
+# -- restoring (load.py) -----------------------------------------------------------------------
+
+
+def restore_phase(trainee: Trainee, args: dict[str, Any]) -> None:
+    """One committed checkpoint, then restore and raw read alternately, both cold."""
+    run = Path(args["work"]) / "load"
+    ckpt = checkpointer(run, trainee)
+    ckpt.save(1)
+    files = files_under(run)
+    size = sum(p.stat().st_size for p in files)
+    for r in range(args["repeats"]):
+        for name in ("raw", "restore") if r % 2 == 0 else ("restore", "raw"):
+            if dist.rank() == 0:
+                evict(files)
+            fn = ckpt.restore if name == "restore" else lambda: _leader_read(files)
+            emit(repeat=r, variant=name, s=timed(fn), bytes=size)
+    ckpt.close()
+
+
+def _leader_read(files: list[Path]) -> None:
+    if dist.rank() == 0:
+        raw_read(files)
+
+
+# -- S3 (s3.py) --------------------------------------------------------------------------------
+
+
+def _s3_checkpointer(
+    args: dict[str, Any], trainee: Trainee, keep: int, prefix: str = "run"
+) -> Checkpointer:
+    store = Store(f"s3://{args['bucket']}/{prefix}", S3Options(endpoint_url=args["endpoint"]))
+    ckpt = Checkpointer(store, policy=RetentionPolicy(keep_last=keep))
+    ckpt.register("train", ModelAndOptimizer(trainee.model, trainee.optim))
+    return ckpt
+
+
+def s3_save_phase(trainee: Trainee, args: dict[str, Any]) -> None:
+    """Sync saves to S3 alternating with one put_file of the same bytes from rank 0."""
+    ckpt = _s3_checkpointer(args, trainee, keep=1)
+    local = Path(args["work"]) / "s3raw.bin"
+    if dist.rank() == 0:
+        raw_write(local, trainee.state())
+    fs = ckpt.run.fsspec_filesystem()
+    size = nbytes(trainee.state())
+
+    def put() -> None:
+        if dist.rank() == 0:
+            fs.put_file(str(local), f"{args['bucket']}/put/raw.bin")
+
+    for r in range(args["repeats"]):
+        for name in ("put", "save") if r % 2 == 0 else ("save", "put"):
+            fn = put if name == "put" else functools.partial(ckpt.save, r + 1)
+            emit(repeat=r, variant=name, s=timed(fn), bytes=size)
+    ckpt.close()
+
+
+def _mark(args: dict[str, Any], name: str) -> None:
+    dist.barrier()  # every rank's requests for what came before are answered
+    if dist.rank() == 0:
+        with contextlib.suppress(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{args['endpoint']}/{MARK}/{name}", timeout=30).close()
+    dist.barrier()
+
+
+def requests_phase(trainee: Trainee, args: dict[str, Any]) -> None:
+    """Per number kept, in its own run: keep+2 saves (the last ones run retention), then a
+    fresh Checkpointer restores. One launch for every `keep`: the ranks start once."""
+    for keep in args["keeps"]:
+        ckpt = _s3_checkpointer(args, trainee, keep=keep, prefix=f"run-{keep}")
+        _mark(args, f"{keep}-start")
+        for step in range(1, keep + 3):
+            ckpt.save(step)
+            _mark(args, f"{keep}-save-{step}")
+        ckpt.close()
+        fresh = _s3_checkpointer(args, trainee, keep=keep, prefix=f"run-{keep}")
+        fresh.restore()
+        _mark(args, f"{keep}-restore")
+        fresh.close()
