@@ -8,6 +8,7 @@ answered after it: every step when steps are slow, every few when they are fast,
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -60,6 +61,8 @@ class Outcome:
 
 def train(run: TrainingRun, trainer: TrainerConfig) -> Outcome:
     latest: dict[str, float] = {}  # newest mean loss and eval metrics: what manifests record
+    run.model.train()  # once: evaluate() puts it back after its own eval()
+    _freeze_what_is_built()
     window = _Window(run.progress.step)
     checks = _StopChecks(run.progress.step)
     while run.progress.step < trainer.max_steps:
@@ -118,7 +121,6 @@ class _StopChecks:
 
 
 def _train_step(run: TrainingRun, trainer: TrainerConfig) -> tuple[torch.Tensor, bool]:
-    run.model.train()
     total = torch.zeros((), device=run.device)
     epoch_ended = False
     for _ in range(trainer.grad_accum_steps):
@@ -134,6 +136,16 @@ def _train_step(run: TrainingRun, trainer: TrainerConfig) -> tuple[torch.Tensor,
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return total, epoch_ended
+
+
+def _freeze_what_is_built() -> None:
+    """Move every object alive now (modules imported, the model, the data) out of the cyclic
+    garbage collector's reach (`gc.freeze`): it no longer walks them each time the steps'
+    short-lived objects trigger a full collection. Freed objects are still freed (reference
+    counting); only cycles among them would wait. make bench: the demo's step time (~5 ms)
+    went from ~1.25 to ~1.08 of the hand-written loop, which has far fewer objects to walk."""
+    gc.collect()
+    gc.freeze()
 
 
 def _to(batch: tuple[torch.Tensor, ...], device: str) -> tuple[torch.Tensor, ...]:
@@ -185,15 +197,19 @@ def evaluate(run: TrainingRun, batch_size: int) -> dict[str, float]:
         if isinstance(run.model, torch.nn.parallel.DistributedDataParallel)
         else run.model
     )
+    training = model.training
     model.eval()
     sums: dict[str, float] = {}
-    with torch.no_grad():
-        # The same number of batches on every rank (maybe one empty): FSDP's forwards gather.
-        env = run.env
-        for indices in eval_batches(len(run.eval_data), batch_size, env.rank, env.world_size):
-            out = run.task.eval_sums(model, _to(run.eval_data.batch(indices), run.device))
-            for key, value in out.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+    try:
+        with torch.no_grad():
+            # The same number of batches on every rank (maybe one empty): FSDP's forwards gather.
+            env = run.env
+            for indices in eval_batches(len(run.eval_data), batch_size, env.rank, env.world_size):
+                out = run.task.eval_sums(model, _to(run.eval_data.batch(indices), run.device))
+                for key, value in out.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+    finally:
+        model.train(training)
     keys = sorted(sums)  # every rank ran the same batches, so has the same keys
     totals = dict(zip(keys, dist.all_reduce_sum([sums.get(k, 0.0) for k in keys]), strict=True))
     count = totals.pop("count", 0.0) or 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -124,3 +125,25 @@ def test_slow_steps_are_checked_every_step(monkeypatch: pytest.MonkeyPatch) -> N
             checked.append(step)
         assert not checks.answer(step + 1)
     assert checked == list(range(100, 110))
+
+
+def test_evaluate_puts_the_model_back_in_training_mode() -> None:
+    """The loop sets train() once, not every step: evaluate() must leave dropout and batch norm
+    as it found them (its eval() is undone), with a real task, model and data."""
+    import torch
+
+    from orchestrator.loop import evaluate
+    from orchestrator.tasks.synthetic import SyntheticClassification
+
+    task = SyntheticClassification(n_train=64, n_eval=32)
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5), task.build_model())
+    model.train()
+    recorded: list[dict[str, float]] = []
+    run = SimpleNamespace(
+        model=model, task=task, eval_data=task.eval_set(), device="cpu",
+        env=SimpleNamespace(rank=0, world_size=1), progress=Progress(),
+        metrics=SimpleNamespace(record=lambda step, m: recorded.append(m)),
+    )  # fmt: skip
+    metrics = evaluate(run, batch_size=8)  # type: ignore[arg-type]
+    assert model.training and all(m.training for m in model.modules())
+    assert recorded == [metrics] and 0.0 <= metrics["eval/accuracy"] <= 1.0
