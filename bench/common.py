@@ -57,13 +57,13 @@ class Sizes:
     @staticmethod
     def quick() -> Sizes:
         return Sizes(d_model=512, n_layers=4, repeats=3, launch_repeats=2, s3_layers=2,
-                     loop_steps=200, loop_charlm_steps=12, s3_resume_kept=10,
+                     loop_steps=600, loop_charlm_steps=12, s3_resume_kept=10,
                      s3_resume_worlds=(2,), soup_layers=2)  # fmt: skip
 
     @staticmethod
     def full() -> Sizes:
         return Sizes(d_model=1024, n_layers=7, repeats=5, launch_repeats=5, s3_layers=8,
-                     loop_steps=300, loop_charlm_steps=60, s3_resume_kept=20,
+                     loop_steps=1500, loop_charlm_steps=60, s3_resume_kept=20,
                      s3_resume_worlds=(2, 4), soup_layers=5)  # fmt: skip
 
 
