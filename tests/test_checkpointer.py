@@ -255,6 +255,7 @@ def test_retention_keeps_newest_and_best(tmp_path: Path) -> None:
     ckpt = _checkpointer(Store(str(tmp_path)), model, optim, policy=policy)
     for step, loss in [(1, 5.0), (2, 0.5), (3, 4.0), (4, 3.0), (5, 2.0)]:
         ckpt.save(step, {"eval/loss": loss})
+    ckpt.wait()  # retention runs in the background after each commit (upkeep.py)
     assert [c.step for c in catalog.scan(Store(str(tmp_path))).committed] == [2, 4, 5]
     assert catalog.scan(Store(str(tmp_path))).best("eval/loss").step == 2
 

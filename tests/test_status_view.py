@@ -55,10 +55,18 @@ def test_status_of_a_stopped_then_resumed_run(tmp_path: Path) -> None:
     _verify_shows_a_byte_bar_on_a_tty_only(run_dir)
 
 
+def _ctrl_c_works() -> None:
+    """In the child: SIGINT back to its default before exec, so Python turns it into
+    KeyboardInterrupt. A shell runs background jobs (`make test &`, nohup) with SIGINT ignored,
+    children inherit that, and Python then leaves it ignored: Ctrl-C would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _watch_piped_prints_plain_frames(run_dir: Path) -> None:
     watch = subprocess.Popen(
         [STOCKPOT, "status", str(run_dir), "--watch", "0.3"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_ctrl_c_works,
     )  # fmt: skip
     time.sleep(4)
     watch.send_signal(signal.SIGINT)
@@ -72,6 +80,7 @@ def _watch_on_a_tty_clears_the_screen(run_dir: Path) -> None:
     pid, fd = pty.fork()
     if pid == 0:  # the child: stockpot on a terminal
         os.chdir(REPO)
+        _ctrl_c_works()
         os.execv(STOCKPOT, [STOCKPOT, "status", str(run_dir), "--watch", "0.3"])
     seen = b""
     deadline = time.monotonic() + 60
