@@ -78,7 +78,11 @@ def newest_loaded(
 
 def _problems(run: Store, info: CheckpointInfo, group: Any, *, checksums: bool) -> list[str]:
     """Every rank checks its share of the files; all learn every problem."""
-    found = _my_share(run, info, group, checksums)
+    return _everyones(_my_share(run, info, group, checksums), group)
+
+
+def _everyones(found: list[str], group: Any) -> list[str]:
+    """Every rank's problems, on every rank (collective)."""
     return [p for ps in dist.all_gather_objects(found, group) for p in ps]
 
 
@@ -96,7 +100,7 @@ def _load_while_verifying(
         except (Exception, CheckpointException) as exc:  # CheckpointException: BaseException
             failed = exc
         found = checking.result()
-    problems = [p for ps in dist.all_gather_objects(found, group) for p in ps]
+    problems = _everyones(found, group)
     if failed is not None and not problems:
         raise failed
     return problems
