@@ -316,7 +316,8 @@ class Checkpointer:
         """Load the newest committed checkpoint that verifies (or exactly `step`) into everything
         registered. A checkpoint that fails verification is reported and the previous one used
         (restoring.py: the newest is checked while it loads, so it is read once).
-        Returns what was loaded, or None if there is nothing to resume from."""
+        Returns what was loaded, or None if nothing is committed; raises CheckpointCorrupt
+        when committed checkpoints exist and none verifies."""
         listed = dist.leader_decides(lambda: restoring.candidates(self.run, step), self._group)
         infos = listed.or_raise(CheckpointCorrupt)  # newest first
         shared = {
