@@ -40,7 +40,17 @@ key is passed to it as a keyword argument (see the README's "Tasks").
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """{field: the comment block right above it in the class body}."""
+    """{field: the comment block right above it}, inherited fields included: a section may be
+    built from its components' types (`CheckpointConfig` is a SaveSchedule and a
+    RetentionPolicy), each commenting its own fields."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment wins over its base's
+        if "__dataclass_fields__" in vars(klass):
+            comments.update(_own_field_comments(klass))
+    return comments
+
+
+def _own_field_comments(cls: type) -> dict[str, str]:
     comments: dict[str, str] = {}
     block: list[str] = []
     for line in inspect.getsource(cls).splitlines():
@@ -58,7 +68,7 @@ def field_comments(cls: type) -> dict[str, str]:
 def config_reference() -> str:
     from orchestrator.config import Config
 
-    lines = [CONFIG_INTRO, GENERATED.format("orchestrator/config/schema.py"), ""]
+    lines = [CONFIG_INTRO, GENERATED.format("orchestrator/config/"), ""]
     for section in dataclasses.fields(Config):
         _section(lines, section.name, getattr(Config(), section.name), _comment(Config, section))
     return "\n".join(lines).rstrip() + "\n"
