@@ -27,7 +27,7 @@ from bench.s3 import MARK
 from bench.worker import Trainee, emit, timed
 from orchestrator import dist
 from orchestrator.checkpoint.checkpointer import Checkpointer
-from orchestrator.checkpoint.retention import RetentionPolicy
+from orchestrator.config.checkpoint import CheckpointConfig
 from orchestrator.state import ModelAndOptimizer
 from orchestrator.storage import S3Options, Store
 
@@ -38,7 +38,8 @@ MAX_STEPS_DURING = 200  # a background save that outlasts this many steps is rep
 
 
 def checkpointer(run: Path, trainee: Trainee, *, async_save: bool = False) -> Checkpointer:
-    ckpt = Checkpointer(Store(str(run)), policy=RetentionPolicy(keep_last=1), async_save=async_save)
+    config = CheckpointConfig(every_steps=None, keep_last=1, async_save=async_save)
+    ckpt = Checkpointer(Store(str(run)), config=config)
     ckpt.register("train", ModelAndOptimizer(trainee.model, trainee.optim))
     return ckpt
 
@@ -155,7 +156,7 @@ def _s3_checkpointer(
     args: dict[str, Any], trainee: Trainee, keep: int, prefix: str = "run"
 ) -> Checkpointer:
     store = Store(f"s3://{args['bucket']}/{prefix}", S3Options(endpoint_url=args["endpoint"]))
-    ckpt = Checkpointer(store, policy=RetentionPolicy(keep_last=keep))
+    ckpt = Checkpointer(store, config=CheckpointConfig(every_steps=None, keep_last=keep))
     ckpt.register("train", ModelAndOptimizer(trainee.model, trainee.optim))
     return ckpt
 

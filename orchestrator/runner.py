@@ -16,8 +16,6 @@ import torch
 from orchestrator import dist, parallel
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.checkpointer import Checkpointer
-from orchestrator.checkpoint.retention import RetentionPolicy
-from orchestrator.checkpoint.schedule import SaveSchedule
 from orchestrator.config import Config, computation_view, config_hash, diff_views, to_yaml
 from orchestrator.data import ResumableSampler
 from orchestrator.env import EXIT_STOPPED, DistEnv, backend_for, cpu_threads, device_for
@@ -80,24 +78,6 @@ def run_store(cfg: Config) -> Store:
     return Store(cfg.run.dir, cfg.storage.s3)
 
 
-def retention_policy(cfg: Config) -> RetentionPolicy:
-    c = cfg.checkpoint  # keep_best is retention's own KeepBest (metric null: the rule is off)
-    return RetentionPolicy(
-        keep_last=c.keep_last,
-        keep_best=c.keep_best,
-        keep_every_steps=c.keep_every_steps,
-        keep_weights_every_steps=c.keep_weights_every_steps,
-        keep_weights_improved=c.keep_weights_improved,
-    )
-
-
-def save_schedule(cfg: Config) -> SaveSchedule:
-    c = cfg.checkpoint
-    return SaveSchedule(
-        every_steps=c.every_steps, every_epochs=c.every_epochs, every_minutes=c.every_minutes
-    )
-
-
 def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> TrainingRun:
     store = run_store(cfg)
     task = build_task(cfg.task.target, dict(cfg.task.params))
@@ -123,14 +103,11 @@ def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> TrainingRun
     metrics = MetricsLog(store, enabled=env.is_leader, restart=env.restart_count)
     ckpt = Checkpointer(
         store,
-        policy=retention_policy(cfg),
-        schedule=save_schedule(cfg),
+        config=cfg.checkpoint,
         # Metrics first: once a checkpoint commits, a resume never re-runs its steps, so their
         # lines must already be durable (a kill in between would lose them).
         before_save=metrics.flush,
         on_commit=metrics.commit,
-        async_save=cfg.checkpoint.async_save,
-        verify_checksums=cfg.checkpoint.verify_checksums,
         parallel=cfg.trainer.parallel,
         config_hash=config_hash(cfg),
     )

@@ -3,6 +3,7 @@ tensors until the optimizer's next step, which copies only what is not written y
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -12,11 +13,13 @@ import torch
 import torch.nn as nn
 
 from orchestrator.checkpoint import dcp_write
-from orchestrator.checkpoint.checkpointer import Checkpointer
+from orchestrator.checkpoint.checkpointer import MANUAL, Checkpointer
 from orchestrator.checkpoint.snapshot import LazyCopy, tensor_key
 from orchestrator.state import ModelAndOptimizer, RNGState
 from orchestrator.storage import Store
 from tests.ckpt_helpers import assert_same
+
+ASYNC = dataclasses.replace(MANUAL, async_save=True)  # saves when told, deletes nothing
 
 
 def _model() -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -80,7 +83,7 @@ def test_training_during_a_held_write_leaves_the_save_as_it_was(
     model, optim = _model()
     _train(model, optim, 2)
     at_save = _state(model, optim)
-    ckpt = _checkpointer(str(tmp_path), model, optim, async_save=True)
+    ckpt = _checkpointer(str(tmp_path), model, optim, config=ASYNC)
     slow = _SlowWrites(monkeypatch)
     ckpt.save(2)
     assert slow.inside.wait(timeout=60)
@@ -100,7 +103,7 @@ def test_training_during_a_held_write_leaves_the_save_as_it_was(
 
 def test_a_write_that_ends_before_the_next_step_copies_nothing(tmp_path: Path) -> None:
     model, optim = _model()
-    ckpt = _checkpointer(str(tmp_path), model, optim, async_save=True)
+    ckpt = _checkpointer(str(tmp_path), model, optim, config=ASYNC)
     states = {}
     for step in (1, 2, 3):
         _train(model, optim)
@@ -120,7 +123,7 @@ def test_copies_reuse_their_buffers_save_to_save(tmp_path: Path, monkeypatch) ->
     """Steps taken before the writer starts copy the whole state, into the same buffers every
     time: one allocation for the run, as with the eager staging copy."""
     model, optim = _model()
-    ckpt = _checkpointer(str(tmp_path), model, optim, async_save=True)
+    ckpt = _checkpointer(str(tmp_path), model, optim, config=ASYNC)
     gate = threading.Event()
     original = dcp_write.ShardWriter.write_data
 
@@ -148,7 +151,7 @@ def test_copies_reuse_their_buffers_save_to_save(tmp_path: Path, monkeypatch) ->
 
 def test_a_model_without_optimizer_is_staged_up_front(tmp_path: Path) -> None:
     model, _ = _model()
-    ckpt = Checkpointer(Store(str(tmp_path)), async_save=True)
+    ckpt = Checkpointer(Store(str(tmp_path)), config=ASYNC)
     ckpt.register("model", ModelAndOptimizer(model))
     at_save = model[0].weight.detach().clone()
     ckpt.save(1)

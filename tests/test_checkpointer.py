@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -12,14 +13,16 @@ import torch
 import torch.nn as nn
 
 from orchestrator.checkpoint import catalog
-from orchestrator.checkpoint.checkpointer import Checkpointer
+from orchestrator.checkpoint.checkpointer import MANUAL, Checkpointer
 from orchestrator.checkpoint.commit import Attempt, NonceCommit, RenameCommit, commit_strategy
 from orchestrator.checkpoint.layout import MANIFEST_NAME
-from orchestrator.checkpoint.retention import KeepBest, RetentionPolicy
+from orchestrator.config.checkpoint import CheckpointConfig, KeepBest
 from orchestrator.errors import CheckpointCorrupt, CheckpointError
 from orchestrator.state import ModelAndOptimizer, RNGState
 from orchestrator.storage import Store
 from tests.ckpt_helpers import assert_same
+
+ASYNC = dataclasses.replace(MANUAL, async_save=True)  # saves when told, deletes nothing
 
 
 class GatedStore(Store):
@@ -77,7 +80,7 @@ def test_async_save_stages_then_commits_the_state_of_the_save_step(tmp_path: Pat
     model, optim = _model()
     _train(model, optim, 2)
     at_save = {k: v.clone() for k, v in model.state_dict().items()}
-    ckpt = _checkpointer(GatedStore(str(tmp_path), gate), model, optim, async_save=True)
+    ckpt = _checkpointer(GatedStore(str(tmp_path), gate), model, optim, config=ASYNC)
     ckpt.save(2)
     _train(model, optim, 3)  # training continues while the save is held open
     assert catalog.scan(Store(str(tmp_path))).committed == [], "not committed before the gate opens"
@@ -93,7 +96,7 @@ def test_async_save_stages_then_commits_the_state_of_the_save_step(tmp_path: Pat
 def test_at_most_one_save_in_flight(tmp_path: Path) -> None:
     gate = threading.Event()
     model, optim = _model()
-    ckpt = _checkpointer(GatedStore(str(tmp_path), gate), model, optim, async_save=True)
+    ckpt = _checkpointer(GatedStore(str(tmp_path), gate), model, optim, config=ASYNC)
     ckpt.save(1)
     second = threading.Thread(target=ckpt.save, args=(2,))
     second.start()
@@ -107,7 +110,7 @@ def test_at_most_one_save_in_flight(tmp_path: Path) -> None:
 
 def test_background_failure_surfaces_at_next_save_and_at_close(tmp_path: Path) -> None:
     model, optim = _model()
-    ckpt = _checkpointer(GatedStore(str(tmp_path), fail=True), model, optim, async_save=True)
+    ckpt = _checkpointer(GatedStore(str(tmp_path), fail=True), model, optim, config=ASYNC)
     ckpt.save(1)  # returns: the failure happens in the background
     with pytest.raises(
         CheckpointError, match="step 1 not committed: OSError: injected: disk on fire"
@@ -201,7 +204,8 @@ def test_size_check_runs_even_with_checksums_off(tmp_path: Path) -> None:
     ckpt.save(2)
     shard = next((tmp_path / "checkpoints/step-000000002").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:-1])
-    fresh = _checkpointer(Store(str(tmp_path)), *_model(), verify_checksums=False)
+    sizes_only = dataclasses.replace(MANUAL, verify_checksums=False)
+    fresh = _checkpointer(Store(str(tmp_path)), *_model(), config=sizes_only)
     assert fresh.restore().step == 1
 
 
@@ -251,8 +255,8 @@ def test_saving_a_committed_step_again_is_refused(tmp_path: Path) -> None:
 
 def test_retention_keeps_newest_and_best(tmp_path: Path) -> None:
     model, optim = _model()
-    policy = RetentionPolicy(keep_last=2, keep_best=KeepBest("eval/loss", "min", 1))
-    ckpt = _checkpointer(Store(str(tmp_path)), model, optim, policy=policy)
+    cfg = CheckpointConfig(keep_last=2, keep_best=KeepBest("eval/loss", "min", 1))
+    ckpt = _checkpointer(Store(str(tmp_path)), model, optim, config=cfg)
     for step, loss in [(1, 5.0), (2, 0.5), (3, 4.0), (4, 3.0), (5, 2.0)]:
         ckpt.save(step, {"eval/loss": loss})
     ckpt.wait()  # retention runs in the background after each commit (upkeep.py)
@@ -276,8 +280,8 @@ def test_each_save_reads_only_its_own_manifest_however_many_are_kept(tmp_path: P
     once per Checkpointer, not once per save (20 kept would be 20 GETs a save on S3). A thinned
     manifest is read again, so its new weights_only flag is seen and it is thinned only once."""
     model, optim = _model()
-    policy = RetentionPolicy(keep_last=2, keep_weights_every_steps=1)
-    ckpt = _checkpointer(CountingStore(str(tmp_path)), model, optim, policy=policy)
+    cfg = CheckpointConfig(keep_last=2, keep_weights_every_steps=1)
+    ckpt = _checkpointer(CountingStore(str(tmp_path)), model, optim, config=cfg)
     reads = []
     for step in range(1, 11):
         before = CountingStore.manifest_reads
@@ -299,8 +303,8 @@ def test_keep_weights_improved_keeps_the_weights_of_improving_checkpoints(tmp_pa
     keeps its weights (its optimizer files deleted, its manifest still naming only files that
     exist); the others go; resume still picks the newest full one."""
     model, optim = _model()
-    policy = RetentionPolicy(keep_last=1, keep_weights_improved=("eval/loss",))
-    ckpt = _checkpointer(Store(str(tmp_path)), model, optim, policy=policy)
+    cfg = CheckpointConfig(keep_last=1, keep_weights_improved=("eval/loss",))
+    ckpt = _checkpointer(Store(str(tmp_path)), model, optim, config=cfg)
     for step, loss in [(1, 0.9), (2, 0.95), (3, 0.8), (4, 0.85), (5, 0.99)]:
         _train(model, optim)
         ckpt.save(step, {"eval/loss": loss})

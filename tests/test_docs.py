@@ -44,6 +44,18 @@ def test_field_comments_reads_the_block_above_each_field() -> None:
     assert "(kept on resume" in about["decay_steps"]  # both comment lines
 
 
+def test_inherited_fields_keep_their_comments() -> None:
+    """CheckpointConfig is a SaveSchedule and a RetentionPolicy; each comments its own fields."""
+    from orchestrator.config.checkpoint import CheckpointConfig
+
+    about = field_comments(CheckpointConfig)
+    assert about["every_steps"].startswith("Save every N optimizer steps")  # SaveSchedule's
+    assert about["keep_last"].startswith("Keep the newest N committed")  # RetentionPolicy's
+    assert about["async_save"].startswith("Write and commit in the background")  # its own
+    row = f"| `checkpoint.keep_last` | `int \\| None` | `3` | {about['keep_last']} |"
+    assert row in CONFIG_DOC.read_text().splitlines()
+
+
 def _patterns() -> list[re.Pattern[str]]:
     entries = re.findall(r"^- `(.+?)` \(", TROUBLESHOOTING_DOC.read_text(), re.M)
     return [

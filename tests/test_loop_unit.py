@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -10,29 +11,34 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator.checkpoint import catalog
-from orchestrator.checkpoint.checkpointer import Checkpointer
-from orchestrator.checkpoint.schedule import SaveSchedule
+from orchestrator.checkpoint.checkpointer import MANUAL, Checkpointer
+from orchestrator.config.checkpoint import CheckpointConfig
 from orchestrator.loop import _duration, _StopChecks
 from orchestrator.progress import Progress
 from orchestrator.storage import Store
 
 
+def every(**rule: float) -> CheckpointConfig:
+    """A config whose only save rule is `rule` (the section's default saves every 50 steps)."""
+    return dataclasses.replace(MANUAL, **rule)
+
+
 @pytest.mark.parametrize(
     ("schedule", "step", "epoch_ended", "epoch", "minutes_later", "due"),
     [
-        (SaveSchedule(every_steps=50), 100, False, 0, 0, True),
-        (SaveSchedule(every_steps=50), 101, False, 0, 0, False),
-        (SaveSchedule(), 100, False, 0, 0, False),
-        (SaveSchedule(every_epochs=2), 7, True, 4, 0, True),
-        (SaveSchedule(every_epochs=2), 7, True, 3, 0, False),
-        (SaveSchedule(every_epochs=2), 7, False, 4, 0, False),
-        (SaveSchedule(every_minutes=5), 7, False, 0, 6, True),
-        (SaveSchedule(every_minutes=5), 7, False, 0, 4, False),
+        (CheckpointConfig(), 100, False, 0, 0, True),  # the default: every 50 steps
+        (CheckpointConfig(), 101, False, 0, 0, False),
+        (MANUAL, 100, False, 0, 0, False),
+        (every(every_epochs=2), 7, True, 4, 0, True),
+        (every(every_epochs=2), 7, True, 3, 0, False),
+        (every(every_epochs=2), 7, False, 4, 0, False),
+        (every(every_minutes=5), 7, False, 0, 6, True),
+        (every(every_minutes=5), 7, False, 0, 4, False),
     ],
 )
 def test_maybe_save_follows_the_schedule(
     tmp_path: Path,
-    schedule: SaveSchedule,
+    schedule: CheckpointConfig,
     step: int,
     epoch_ended: bool,
     epoch: int,
@@ -40,7 +46,7 @@ def test_maybe_save_follows_the_schedule(
     due: bool,
 ) -> None:
     now = [1000.0]
-    ckpt = Checkpointer(Store(str(tmp_path)), schedule=schedule, clock=lambda: now[0])
+    ckpt = Checkpointer(Store(str(tmp_path)), config=schedule, clock=lambda: now[0])
     ckpt.register("counter", save=lambda: {"n": step}, load=lambda state: None)
     now[0] += 60 * minutes_later
     assert ckpt.maybe_save(step, {"loss": 0.5}, epoch_ended=epoch_ended, epoch=epoch) is due
@@ -51,9 +57,7 @@ def test_maybe_save_follows_the_schedule(
 
 def test_the_time_rule_counts_from_the_last_save(tmp_path: Path) -> None:
     now = [0.0]
-    ckpt = Checkpointer(
-        Store(str(tmp_path)), schedule=SaveSchedule(every_minutes=5), clock=lambda: now[0]
-    )
+    ckpt = Checkpointer(Store(str(tmp_path)), config=every(every_minutes=5), clock=lambda: now[0])
     ckpt.register("counter", save=dict, load=lambda state: None)
     now[0] = 301.0
     assert ckpt.maybe_save(1)
@@ -67,7 +71,7 @@ def test_save_final_saves_once_and_flushes_first(tmp_path: Path) -> None:
     events: list[str] = []
     ckpt = Checkpointer(
         Store(str(tmp_path)),
-        schedule=SaveSchedule(every_steps=2),
+        config=every(every_steps=2),
         before_save=lambda: events.append("flush"),
     )
     ckpt.register("counter", save=lambda: events.append("state") or {}, load=lambda s: None)

@@ -1,29 +1,30 @@
-"""Retention: property tests for the pure planner, examples, validation, and the thin deleter."""
+"""Retention: property tests for the pure planner, examples, and the thin deleter. (The rules'
+validation is the config's: tests/test_config_checkpoint.py.)"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator import config
 from orchestrator.checkpoint.layout import step_dirname
 from orchestrator.checkpoint.retention import (
+    NO_HOOKS,
     Candidate,
-    KeepBest,
-    RetentionPolicy,
+    RetentionHooks,
     delete_checkpoints,
-    plan,
     plan_retention,
 )
-from orchestrator.errors import ConfigError, StorageError
+from orchestrator.config.checkpoint import KeepBest, RetentionPolicy
+from orchestrator.errors import StorageError
 
 METRIC = "loss"
+OFF = RetentionPolicy(keep_last=None)  # every rule off: deletes nothing
 
 # --- strategies ---------------------------------------------------------------------------------
 
@@ -51,22 +52,39 @@ def keep_if_from(keep_steps: frozenset[int]) -> Callable[[Candidate], bool]:
 policies = st.builds(
     RetentionPolicy,
     keep_last=st.none() | st.integers(1, 10),
-    keep_best=st.none()
+    keep_best=st.just(KeepBest())  # metric null: off
     | st.builds(
         KeepBest, metric=st.just(METRIC), mode=st.sampled_from(["min", "max"]), k=st.integers(1, 5)
     ),
     keep_every_steps=st.none() | st.integers(1, 500),
-    keep_if=st.none() | st.frozensets(st.integers(0, 5000)).map(keep_if_from),
 )
+hook_sets = st.builds(
+    RetentionHooks, keep_if=st.none() | st.frozensets(st.integers(0, 5000)).map(keep_if_from)
+)
+
+Scenario = tuple[list[Candidate], RetentionPolicy, RetentionHooks, set[int]]
 
 
 @st.composite
-def scenarios(draw: st.DrawFn) -> tuple[list[Candidate], RetentionPolicy, set[int]]:
+def scenarios(draw: st.DrawFn) -> Scenario:
     committed = draw(candidates())
     steps = [c.step for c in committed]
     protected = set(draw(st.lists(st.sampled_from(steps)) if steps else st.just([])))
     protected |= draw(st.sets(st.integers(0, 5000), max_size=3))  # may name uncommitted steps
-    return committed, draw(policies), protected
+    return committed, draw(policies), draw(hook_sets), protected
+
+
+def to_delete(
+    committed: Sequence[Candidate],
+    policy: RetentionPolicy,
+    hooks: RetentionHooks = NO_HOOKS,
+    protected: Collection[int] = (),
+) -> list[int]:
+    return plan_retention(committed, policy, protected=protected, hooks=hooks).delete
+
+
+def best_only(rule: KeepBest) -> RetentionPolicy:
+    return dataclasses.replace(OFF, keep_best=rule)
 
 
 def valid_metric(c: Candidate) -> bool:
@@ -80,11 +98,20 @@ def beats(a: Candidate, b: Candidate, mode: str) -> bool:
     return better or (va == vb and a.step > b.step)
 
 
-def single_rule_policies(policy: RetentionPolicy) -> list[RetentionPolicy]:
-    fields = ("keep_last", "keep_best", "keep_every_steps", "keep_if")
-    return [
-        RetentionPolicy(**{f: getattr(policy, f)}) for f in fields if getattr(policy, f) is not None
+def single_rules(
+    policy: RetentionPolicy, hooks: RetentionHooks
+) -> list[tuple[RetentionPolicy, RetentionHooks]]:
+    """Each rule that is on, alone (the others off)."""
+    singles = [
+        (dataclasses.replace(OFF, **{f: getattr(policy, f)}), NO_HOOKS)
+        for f in ("keep_last", "keep_every_steps")
+        if getattr(policy, f) is not None
     ]
+    if policy.keep_best.metric is not None:
+        singles.append((dataclasses.replace(OFF, keep_best=policy.keep_best), NO_HOOKS))
+    if hooks.keep_if is not None:
+        singles.append((OFF, hooks))
+    return singles
 
 
 # --- properties ---------------------------------------------------------------------------------
@@ -92,16 +119,16 @@ def single_rule_policies(policy: RetentionPolicy) -> list[RetentionPolicy]:
 
 @given(scenarios())
 def test_output_is_sorted_unique_subset_of_input(scenario) -> None:
-    committed, policy, protected = scenario
-    result = plan_retention(committed, policy, protected=protected)
+    committed, policy, hooks, protected = scenario
+    result = to_delete(committed, policy, hooks, protected)
     assert result == sorted(set(result))
     assert set(result) <= {c.step for c in committed}
 
 
 @given(scenarios())
 def test_never_deletes_newest_or_protected(scenario) -> None:
-    committed, policy, protected = scenario
-    result = set(plan_retention(committed, policy, protected=protected))
+    committed, policy, hooks, protected = scenario
+    result = set(to_delete(committed, policy, hooks, protected))
     if committed:
         assert max(c.step for c in committed) not in result
     assert not result & protected
@@ -109,21 +136,21 @@ def test_never_deletes_newest_or_protected(scenario) -> None:
 
 @given(scenarios())
 def test_keep_last_keeps_newest_n(scenario) -> None:
-    committed, policy, protected = scenario
+    committed, policy, hooks, protected = scenario
     if policy.keep_last is None:
         return
-    result = set(plan_retention(committed, policy, protected=protected))
+    result = set(to_delete(committed, policy, hooks, protected))
     newest = sorted((c.step for c in committed), reverse=True)[: policy.keep_last]
     assert not result & set(newest)
 
 
 @given(scenarios())
 def test_keep_best_keeps_k_best_later_step_wins_ties(scenario) -> None:
-    committed, policy, protected = scenario
+    committed, policy, hooks, protected = scenario
     rule = policy.keep_best
-    if rule is None:
+    if rule.metric is None:
         return
-    result = set(plan_retention(committed, policy, protected=protected))
+    result = set(to_delete(committed, policy, hooks, protected))
     ranked = [c for c in committed if valid_metric(c)]
     for c in ranked:
         if c.step in result:  # deleted: at least k candidates must rank above it
@@ -133,7 +160,7 @@ def test_keep_best_keeps_k_best_later_step_wins_ties(scenario) -> None:
 @given(candidates(), st.integers(1, 10))
 def test_keep_last_alone_deletes_exactly_the_older(committed, n) -> None:
     steps = sorted(c.step for c in committed)
-    assert plan_retention(committed, RetentionPolicy(keep_last=n)) == steps[:-n]
+    assert to_delete(committed, RetentionPolicy(keep_last=n)) == steps[:-n]
 
 
 @given(candidates(), st.sampled_from(["min", "max"]), st.integers(1, 5))
@@ -143,15 +170,12 @@ def test_keep_best_alone_deletes_exactly_the_rest(committed, mode, k) -> None:
     ranked = [c for c in committed if valid_metric(c)]
     kept = {c.step for c in ranked if sum(beats(o, c, mode) for o in ranked) < k} | {newest}
     expected = sorted(c.step for c in committed if c.step not in kept)
-    assert (
-        plan_retention(committed, RetentionPolicy(keep_best=KeepBest(METRIC, mode, k))) == expected
-    )
+    assert to_delete(committed, best_only(KeepBest(METRIC, mode, k))) == expected
 
 
 @given(candidates(), st.sampled_from(["min", "max"]), st.integers(1, 5))
 def test_missing_or_nan_metric_never_protects(committed, mode, k) -> None:
-    policy = RetentionPolicy(keep_best=KeepBest(METRIC, mode, k))
-    result = set(plan_retention(committed, policy))
+    result = set(to_delete(committed, best_only(KeepBest(METRIC, mode, k))))
     newest = max((c.step for c in committed), default=None)
     for c in committed:
         if not valid_metric(c) and c.step != newest:
@@ -160,61 +184,59 @@ def test_missing_or_nan_metric_never_protects(committed, mode, k) -> None:
 
 @given(scenarios())
 def test_milestones_kept(scenario) -> None:
-    committed, policy, protected = scenario
+    committed, policy, hooks, protected = scenario
     if policy.keep_every_steps is None:
         return
-    result = plan_retention(committed, policy, protected=protected)
+    result = to_delete(committed, policy, hooks, protected)
     assert all(step % policy.keep_every_steps != 0 for step in result)
 
 
 @given(scenarios())
 def test_keep_if_true_never_deleted(scenario) -> None:
-    committed, policy, protected = scenario
-    if policy.keep_if is None:
+    committed, policy, hooks, protected = scenario
+    if hooks.keep_if is None:
         return
-    result = set(plan_retention(committed, policy, protected=protected))
-    assert not any(policy.keep_if(c) for c in committed if c.step in result)
+    result = set(to_delete(committed, policy, hooks, protected))
+    assert not any(hooks.keep_if(c) for c in committed if c.step in result)
 
 
 @given(candidates(), st.sets(st.integers(0, 5000)))
 def test_no_rules_deletes_nothing(committed, protected) -> None:
-    assert plan_retention(committed, RetentionPolicy(), protected=protected) == []
+    assert to_delete(committed, OFF, protected=protected) == []
 
 
 @given(policies, st.sets(st.integers(0, 5000)))
 def test_empty_input_deletes_nothing(policy, protected) -> None:
-    assert plan_retention([], policy, protected=protected) == []
+    assert to_delete([], policy, protected=protected) == []
 
 
 @given(scenarios(), st.randoms())
 def test_deterministic_and_order_independent(scenario, rnd) -> None:
-    committed, policy, protected = scenario
-    first = plan_retention(committed, policy, protected=protected)
+    committed, policy, hooks, protected = scenario
+    first = to_delete(committed, policy, hooks, protected)
     shuffled = list(committed)
     rnd.shuffle(shuffled)
-    assert plan_retention(committed, policy, protected=protected) == first
-    assert plan_retention(shuffled, policy, protected=protected) == first
+    assert to_delete(committed, policy, hooks, protected) == first
+    assert to_delete(shuffled, policy, hooks, protected) == first
 
 
 @given(scenarios())
 def test_idempotent_over_survivors(scenario) -> None:
-    committed, policy, protected = scenario
-    deleted = set(plan_retention(committed, policy, protected=protected))
+    committed, policy, hooks, protected = scenario
+    deleted = set(to_delete(committed, policy, hooks, protected))
     survivors = [c for c in committed if c.step not in deleted]
-    assert plan_retention(survivors, policy, protected=protected) == []
+    assert to_delete(survivors, policy, hooks, protected) == []
 
 
 @given(scenarios())
 def test_rules_union_their_keeps(scenario) -> None:
     """Deleted under all rules == deleted under every single rule alone (keeps are a union)."""
-    committed, policy, protected = scenario
-    singles = single_rule_policies(policy)
+    committed, policy, hooks, protected = scenario
+    singles = single_rules(policy, hooks)
     if not singles:
         return
-    expected = set.intersection(
-        *(set(plan_retention(committed, p, protected=protected)) for p in singles)
-    )
-    assert plan_retention(committed, policy, protected=protected) == sorted(expected)
+    expected = set.intersection(*(set(to_delete(committed, p, h, protected)) for p, h in singles))
+    assert to_delete(committed, policy, hooks, protected) == sorted(expected)
 
 
 # --- examples -----------------------------------------------------------------------------------
@@ -226,37 +248,42 @@ def cands(*pairs: tuple[int, float | None]) -> list[Candidate]:
 
 def test_keep_last_example() -> None:
     committed = cands((10, None), (20, None), (30, None), (40, None))
-    assert plan_retention(committed, RetentionPolicy(keep_last=2)) == [10, 20]
+    assert to_delete(committed, RetentionPolicy(keep_last=2)) == [10, 20]
 
 
 def test_keep_last_one_still_keeps_protected() -> None:
     committed = cands((10, None), (20, None), (30, None))
-    assert plan_retention(committed, RetentionPolicy(keep_last=1), protected={10}) == [20]
+    assert to_delete(committed, RetentionPolicy(keep_last=1), protected={10}) == [20]
 
 
 def test_keep_best_min_and_max() -> None:
     committed = cands((10, 0.5), (20, 0.1), (30, 0.9), (40, 0.7))
-    assert plan_retention(committed, RetentionPolicy(keep_best=KeepBest(METRIC))) == [10, 30]
-    best_max = RetentionPolicy(keep_best=KeepBest(METRIC, mode="max"))
-    assert plan_retention(committed, best_max) == [10, 20]
+    assert to_delete(committed, best_only(KeepBest(METRIC))) == [10, 30]
+    assert to_delete(committed, best_only(KeepBest(METRIC, mode="max"))) == [10, 20]
 
 
 def test_keep_best_tie_later_step_wins() -> None:
     committed = cands((10, 0.1), (20, 0.1), (30, 0.1), (40, 0.9))
-    policy = RetentionPolicy(keep_best=KeepBest(METRIC, k=1))
-    assert plan_retention(committed, policy) == [10, 20]
+    assert to_delete(committed, best_only(KeepBest(METRIC, k=1))) == [10, 20]
 
 
 def test_keep_best_nan_and_missing_never_best() -> None:
     committed = cands((10, math.nan), (20, None), (30, 5.0), (40, 9.0))
-    policy = RetentionPolicy(keep_best=KeepBest(METRIC, k=3))
-    assert plan_retention(committed, policy) == [10, 20]
+    assert to_delete(committed, best_only(KeepBest(METRIC, k=3))) == [10, 20]
 
 
 def test_keep_every_steps_and_keep_if() -> None:
     committed = cands(*((s, None) for s in range(100, 1100, 100)))
-    policy = RetentionPolicy(keep_every_steps=500, keep_if=lambda c: c.step == 300)
-    assert plan_retention(committed, policy) == [100, 200, 400, 600, 700, 800, 900]
+    policy = RetentionPolicy(keep_last=None, keep_every_steps=500)
+    hooks = RetentionHooks(keep_if=lambda c: c.step == 300)
+    assert to_delete(committed, policy, hooks) == [100, 200, 400, 600, 700, 800, 900]
+
+
+def test_keep_weights_if_thins_what_it_picks_and_works_without_config_rules() -> None:
+    committed = cands(*((s, None) for s in range(1, 7)))
+    hooks = RetentionHooks(keep_weights_if=lambda c: c.step % 3 == 0)
+    got = plan_retention(committed, OFF, hooks=hooks)
+    assert got.drop_optimizer == [3] and got.delete == [1, 2, 4, 5]  # 6: the newest, whole
 
 
 def test_keep_weights_improved_thins_the_improving_checkpoints_and_deletes_the_rest() -> None:
@@ -269,18 +296,12 @@ def test_keep_weights_improved_thins_the_improving_checkpoints_and_deletes_the_r
         for s, loss, acc in rows
     ]
     policy = RetentionPolicy(keep_last=1, keep_weights_improved=("eval/loss", "eval/accuracy"))
-    got = plan(committed, policy)
+    got = plan_retention(committed, policy)
     assert got.drop_optimizer == [10, 20, 30, 60]  # 70 is the newest: kept whole
     assert got.delete == [40, 50]
     # weights already dropped are not thinned twice
     thinned = [dataclasses.replace(c, weights_only=c.step == 20) for c in committed]
-    assert plan(thinned, policy).drop_optimizer == [10, 30, 60]
-
-
-@pytest.mark.parametrize("bad", [(), ("",), ("eval/loss", 3)])
-def test_keep_weights_improved_needs_metric_names(bad: tuple) -> None:
-    with pytest.raises(ValueError, match="keep_weights_improved must list metric names"):
-        RetentionPolicy(keep_weights_improved=bad)
+    assert plan_retention(thinned, policy).drop_optimizer == [10, 30, 60]
 
 
 def test_step_dirname() -> None:
@@ -288,62 +309,6 @@ def test_step_dirname() -> None:
     assert step_dirname(0) == "step-000000000"
     with pytest.raises(ValueError):
         step_dirname(-1)
-
-
-# --- validation ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"keep_last": 0}, r"keep_last must be an integer >= 1 \(got 0\); use null"),
-        ({"keep_last": -3}, r"keep_last .*got -3"),
-        ({"keep_last": True}, r"keep_last .*got True"),
-        ({"keep_last": 1.5}, r"keep_last .*got 1.5"),
-        ({"keep_every_steps": 0}, r"keep_every_steps must be an integer >= 1 \(got 0\)"),
-        ({"keep_if": 3}, r"keep_if must be callable \(got int\)"),
-    ],
-)
-def test_policy_validation(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        RetentionPolicy(**kwargs)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"metric": "loss", "k": 0}, r"^checkpoint.keep_best.k must be >= 1 \(got 0\)$"),
-        ({"metric": "loss", "k": True}, r"checkpoint.keep_best.k must be >= 1 \(got True\)"),
-        ({"metric": "loss", "mode": "median"}, r"checkpoint.keep_best.mode must be 'min' or 'max'"),
-        ({"metric": ""}, r"checkpoint.keep_best.metric must name a metric .*use null"),
-    ],
-)
-def test_keep_best_validation(kwargs: dict, match: str) -> None:
-    """KeepBest is also the config's `checkpoint.keep_best`: its errors are one-line ConfigErrors."""
-    with pytest.raises(ConfigError, match=match):
-        KeepBest(**kwargs)
-
-
-def test_keep_best_without_a_metric_is_off() -> None:
-    """The config's default (`metric: null`) keeps nothing extra, alone or beside other rules."""
-    committed = [Candidate(step=s, metrics={METRIC: float(s)}) for s in (10, 20, 30, 40)]
-    off = KeepBest()
-    assert not RetentionPolicy(keep_best=off).has_rules
-    assert plan_retention(committed, RetentionPolicy(keep_best=off)) == []
-    with_last = RetentionPolicy(keep_last=1, keep_best=off)
-    assert plan_retention(committed, with_last) == [10, 20, 30]
-    on = RetentionPolicy(keep_last=1, keep_best=KeepBest(METRIC, "min", 1))
-    assert plan_retention(committed, on) == [20, 30]
-
-
-def test_config_keep_best_is_the_retention_rule() -> None:
-    """One type: what the config loads is what the planner applies, no copy in between."""
-    cfg = config.load(None, ["checkpoint.keep_best.metric=eval/loss", "checkpoint.keep_best.k=2"])
-    assert cfg.checkpoint.keep_best == KeepBest("eval/loss", "min", 2)
-    with pytest.raises(ConfigError, match=r"^checkpoint.keep_best.k must be >= 1 \(got 0\)$"):
-        config.load(None, ["checkpoint.keep_best.k=0"])
-    with pytest.raises(ConfigError, match=r"checkpoint.keep_best.mode must be one of min, max"):
-        config.load(None, ["checkpoint.keep_best.mode=median"])
 
 
 # --- the deleter --------------------------------------------------------------------------------

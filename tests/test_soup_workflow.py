@@ -23,7 +23,8 @@ import torch.nn as nn
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.checkpoint.layout import MANIFEST_NAME, is_optimizer_file
-from orchestrator.checkpoint.retention import Candidate, RetentionPolicy, plan
+from orchestrator.checkpoint.retention import Candidate, plan_retention
+from orchestrator.config.checkpoint import CheckpointConfig, RetentionPolicy
 from orchestrator.errors import CheckpointCorrupt
 from orchestrator.state import ModelAndOptimizer
 from orchestrator.storage import S3Options, Store
@@ -59,18 +60,18 @@ def _names_only_existing(run: Path) -> None:
 def test_plan_thins_weights_rule_steps_and_keeps_full_ones_whole() -> None:
     cands = [Candidate(s, {}) for s in range(1, 9)]
     policy = RetentionPolicy(keep_last=2, keep_weights_every_steps=2)
-    todo = plan(cands, policy)
+    todo = plan_retention(cands, policy)
     assert todo.delete == [1, 3, 5] and todo.drop_optimizer == [2, 4, 6]
     # Already thinned ones are not thinned again; a protected step stays whole.
     cands = [Candidate(s, {}, weights_only=s in (2, 4)) for s in range(1, 9)]
-    assert plan(cands, policy, protected=(6,)).drop_optimizer == []
+    assert plan_retention(cands, policy, protected=(6,)).drop_optimizer == []
 
 
 def test_keep_last_2_with_weights_every_2_holds_optimizer_state_only_for_the_last_2(
     tmp_path: Path,
 ) -> None:
-    policy = RetentionPolicy(keep_last=2, keep_weights_every_steps=2)
-    ckpt, model, optim = _checkpointer(str(tmp_path), policy=policy)
+    cfg = CheckpointConfig(keep_last=2, keep_weights_every_steps=2)
+    ckpt, model, optim = _checkpointer(str(tmp_path), config=cfg)
     _train_and_save(ckpt, model, optim, range(1, 10))
     found = catalog.scan(Store(str(tmp_path))).committed
     assert [c.step for c in found] == [2, 4, 6, 8, 9]
@@ -108,8 +109,8 @@ def test_keep_last_2_with_weights_every_2_holds_optimizer_state_only_for_the_las
 
 
 def test_soup_reads_weights_only_checkpoints(tmp_path: Path) -> None:
-    policy = RetentionPolicy(keep_last=1, keep_weights_every_steps=1)
-    ckpt, model, optim = _checkpointer(str(tmp_path / "run"), policy=policy)
+    cfg = CheckpointConfig(keep_last=1, keep_weights_every_steps=1)
+    ckpt, model, optim = _checkpointer(str(tmp_path / "run"), config=cfg)
     _train_and_save(ckpt, model, optim, range(1, 5))
     thin = [c for c in catalog.scan(Store(str(tmp_path / "run"))).committed]
     assert [c.manifest.weights_only for c in thin] == [True, True, True, False]

@@ -6,8 +6,8 @@ protocol of `commit.py`), applies retention (in the background, `upkeep.py`) and
 garbage; each decision is broadcast (`dist.leader_decides`) so every rank returns or raises
 alike.
 
-    ckpt = Checkpointer(Store(run_dir), policy=RetentionPolicy(keep_last=3),
-                        schedule=SaveSchedule(every_steps=100), async_save=True)
+    ckpt = Checkpointer(Store(run_dir),
+                        config=CheckpointConfig(every_steps=100, keep_last=3, async_save=True))
     ckpt.register("train", ModelAndOptimizer(model, optim))      # sharded through DCP
     ckpt.register("rng", RNGState(), per_rank=True)               # JSON, one file per rank
     ckpt.restore()                                                # newest checkpoint that verifies
@@ -34,17 +34,22 @@ from orchestrator.checkpoint.catalog import CheckpointInfo
 from orchestrator.checkpoint.commit import Attempt, commit_strategy, gathered_files
 from orchestrator.checkpoint.layout import MANIFEST_NAME, rank_state_name, step_rel
 from orchestrator.checkpoint.manifest import FileEntry, Manifest, hash_bytes
-from orchestrator.checkpoint.retention import RetentionPolicy
-from orchestrator.checkpoint.schedule import SaveSchedule
+from orchestrator.checkpoint.retention import NO_HOOKS, RetentionHooks
+from orchestrator.checkpoint.schedule import due
 from orchestrator.checkpoint.snapshot import Key, LazyCopy, live_tensors, stage
 from orchestrator.checkpoint.stateful import Handle, Hooks, Stateful
 from orchestrator.checkpoint.upkeep import BackgroundRetention, collect_garbage
+from orchestrator.config.checkpoint import CheckpointConfig
 from orchestrator.dist import one_line
 from orchestrator.errors import CheckpointCorrupt, CheckpointError, StockpotError
 from orchestrator.logs import LEADER_ONLY
 from orchestrator.storage import Store
 
 log = logging.getLogger(__name__)
+
+# Without a config a Checkpointer saves only when told and deletes nothing: the soup writer
+# commits into a training run's dir, whose checkpoints a default keep_last must never thin.
+MANUAL = CheckpointConfig(every_steps=None, keep_last=None)
 
 
 @dataclass
@@ -62,25 +67,24 @@ class Checkpointer:
         self,
         run: Store,
         *,
-        policy: RetentionPolicy | None = None,
-        schedule: SaveSchedule | None = None,
+        config: CheckpointConfig = MANUAL,
+        retention_hooks: RetentionHooks = NO_HOOKS,
         before_save: Callable[[], None] | None = None,
         on_commit: Callable[[int, dict[str, float]], None] | None = None,
-        async_save: bool = False,
-        verify_checksums: bool = True,
         parallel: str = "",
         config_hash: str = "",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`before_save` runs first in every save: what it writes (the metrics lines of the
-        steps the checkpoint covers, which a resume never runs again) is durable by the commit."""
+        """`config` is the `checkpoint:` section as loaded: its SaveSchedule drives `maybe_save`,
+        its RetentionPolicy (and `retention_hooks`, the Python API's predicates) retention.
+        `before_save` runs first in every save: what it writes (the metrics lines of the steps
+        the checkpoint covers, which a resume never runs again) is durable by the commit."""
         self.run = run
-        self.policy = policy or RetentionPolicy()
-        self.schedule = schedule or SaveSchedule()
+        self.config = config
         self._before_save = before_save
         self._on_commit = on_commit  # (step, timings), on the leader, after each commit
-        self.async_save = async_save
-        self.verify_checksums = verify_checksums
+        self.async_save = config.async_save
+        self.verify_checksums = config.verify_checksums
         # Committed manifests already read (retention's scans): each save reads only its own.
         self._manifests: dict[str, CheckpointInfo] = {}
         self.parallel, self.config_hash = parallel, config_hash
@@ -88,10 +92,10 @@ class Checkpointer:
         self._entries: dict[str, tuple[Stateful, bool]] = {}
         self._commits = commit_strategy(run, MANIFEST_NAME)
         # Background saves talk on their own gloo group (collective: created by every rank).
-        self._group = dist.new_gloo_group() if async_save else None
+        self._group = dist.new_gloo_group() if self.async_save else None
         self._executor = (
             ThreadPoolExecutor(1, "stockpot-ckpt", initializer=snapshot.yield_to_training)
-            if async_save
+            if self.async_save
             else None
         )
         self._in_flight: Future[CheckpointInfo] | None = None
@@ -103,7 +107,7 @@ class Checkpointer:
         self._lazy: LazyCopy | None = None  # of the save in flight
         self._pool: dict[Key, torch.Tensor] = {}  # LazyCopy's buffers, reused save to save
         self._collected_garbage = False
-        self._retention = BackgroundRetention(run, self.policy, self._manifests, log)
+        self._retention = BackgroundRetention(run, config, retention_hooks, self._manifests, log)
         # The step whose state was last saved or restored (a fresh start, step 0, needs no
         # save), and when: what the schedule and `save_final` go by.
         self._saved_step, self._saved_time = 0, clock()
@@ -151,7 +155,7 @@ class Checkpointer:
         """Save `step` if the schedule says so; called by the loop after every step, on every
         rank (the time rule is agreed across ranks). True if a save was started."""
         since = self._clock() - self._saved_time
-        if not self.schedule.due(step, epoch_ended=epoch_ended, epoch=epoch, since_save_s=since):
+        if not due(self.config, step, epoch_ended=epoch_ended, epoch=epoch, since_save_s=since):
             return False
         self.save(step, metrics)
         return True

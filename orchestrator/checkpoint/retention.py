@@ -1,10 +1,12 @@
 """Which committed checkpoints to delete or thin to weights only (a pure planner), and the shell.
 
-A checkpoint is kept whole if ANY full rule keeps it (keep_last, keep_best, keep_every_steps,
-keep_if). Whatever the rules say, the newest committed checkpoint and every protected step (an
-in-flight save, a running soup's inputs) stay whole. A checkpoint no full rule keeps but a
-weights rule does (keep_weights_every_steps, keep_weights_if: soup ingredients) loses its
-optimizer state: AdamW's is ~2x the model. Any other is deleted.
+The rules are the config's `RetentionPolicy` (`checkpoint.keep_*`), plus two Python-API hooks a
+YAML file cannot hold (`RetentionHooks`). A checkpoint is kept whole if ANY full rule keeps it
+(keep_last, keep_best, keep_every_steps, keep_if). Whatever the rules say, the newest committed
+checkpoint and every protected step (an in-flight save, a running soup's inputs) stay whole. A
+checkpoint no full rule keeps but a weights rule does (keep_weights_every_steps,
+keep_weights_improved, keep_weights_if: soup ingredients) loses its optimizer state: AdamW's is
+~2x the model. Any other is deleted.
 
 Dropping the optimizer part never leaves a manifest naming a missing file: the optimizer state
 is in files of its own (layout.py), so a new manifest naming only the rest (weights_only, a
@@ -20,13 +22,13 @@ import logging
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from orchestrator.checkpoint.layout import MANIFEST_NAME, is_optimizer_file, step_rel
-from orchestrator.errors import require
+from orchestrator.config.checkpoint import KeepBest, RetentionPolicy
 from orchestrator.metric_rules import improved_any
 
-if TYPE_CHECKING:  # the config schema imports this module: keep storage out of its imports
+if TYPE_CHECKING:  # the pure planner needs neither; apply_retention imports catalog to run
     from orchestrator.checkpoint.catalog import CheckpointInfo
     from orchestrator.storage import Store
 
@@ -42,86 +44,28 @@ class Candidate:
     weights_only: bool = False  # its optimizer state was dropped already
 
 
-@dataclass(frozen=True)
-class KeepBest:
-    """Keep the `k` best checkpoints by `metric`; `mode` says whether lower or higher is better.
-
-    Also the `checkpoint.keep_best` section of the config schema (one type, validated once), so
-    its errors are the config's one-line ConfigErrors and a comment documents every field.
-    """
-
-    # Metric name from eval (e.g. `eval/loss`); null disables keep-best retention.
-    metric: str | None = None
-    # `min` keeps the lowest values, `max` the highest.
-    mode: Literal["min", "max"] = "min"
-    # How many best checkpoints to keep.
-    k: int = 1
-
-    def __post_init__(self) -> None:
-        require(
-            self.metric != "",
-            "checkpoint.keep_best.metric must name a metric (got an empty string); "
-            "use null to turn keep-best off",
-        )
-        require(
-            self.mode in ("min", "max"),
-            f"checkpoint.keep_best.mode must be 'min' or 'max' (got {self.mode!r})",
-        )
-        # bool is an int subclass; `k: true` must not silently mean 1.
-        require(
-            isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 1,
-            f"checkpoint.keep_best.k must be >= 1 (got {self.k})",
-        )
+Predicate = Callable[[Candidate], bool]
 
 
 @dataclass(frozen=True)
-class RetentionPolicy:
-    """Rules whose keeps are united; a rule left at None is off, and with every rule off nothing
-    is deleted."""
+class RetentionHooks:
+    """Rules of the Python API only (a function is no config value), united with the policy's."""
 
-    keep_last: int | None = None  # keep the newest N committed checkpoints
-    keep_best: KeepBest | None = None  # the k best by a metric; missing/NaN never count
-    keep_every_steps: int | None = None  # keep milestones: every step with step % N == 0
-    keep_if: Callable[[Candidate], bool] | None = None  # Python-API hook: True keeps it
-    keep_weights_every_steps: int | None = None  # weights only of every step % N == 0
-    # weights only of each checkpoint that beat every earlier one on one of these metrics
-    keep_weights_improved: tuple[str, ...] | None = None
-    keep_weights_if: Callable[[Candidate], bool] | None = None  # weights only where True
+    keep_if: Predicate | None = None  # True keeps the checkpoint whole
+    keep_weights_if: Predicate | None = None  # True keeps at least its weights
 
     def __post_init__(self) -> None:
-        if self.keep_last is not None:
-            _require_positive("keep_last", self.keep_last, "use null to turn the rule off")
-        for name in ("keep_every_steps", "keep_weights_every_steps"):
-            if getattr(self, name) is not None:
-                _require_positive(name, getattr(self, name), "use null to turn it off")
-        improved = self.keep_weights_improved
-        if improved is not None and (
-            not improved or not all(m and isinstance(m, str) for m in improved)
-        ):
-            raise ValueError(
-                f"keep_weights_improved must list metric names, e.g. [eval/loss] (got {improved!r}); "
-                "use null to turn it off"
-            )
         for name in ("keep_if", "keep_weights_if"):
             hook = getattr(self, name)
             if hook is not None and not callable(hook):
-                raise ValueError(f"{name} must be callable (got {type(hook).__name__})")
+                raise TypeError(f"{name} must be callable (got {type(hook).__name__})")
 
     @property
     def has_rules(self) -> bool:
-        best = self.keep_best.metric if self.keep_best is not None else None
-        rules = (self.keep_last, best, self.keep_every_steps, self.keep_if, *self._weights_rules)
-        return any(rule is not None for rule in rules)
-
-    @property
-    def _weights_rules(self) -> tuple[object, ...]:
-        return (self.keep_weights_every_steps, self.keep_weights_improved, self.keep_weights_if)
+        return self.keep_if is not None or self.keep_weights_if is not None
 
 
-def _require_positive(name: str, value: object, fix: str) -> None:
-    # bool is an int subclass; `keep_last: true` in YAML must not silently mean 1.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1 (got {value!r}); {fix}")
+NO_HOOKS = RetentionHooks()
 
 
 @dataclass(frozen=True)
@@ -130,40 +74,36 @@ class RetentionPlan:
     drop_optimizer: list[int]  # whole checkpoints to thin to weights only, ascending
 
 
-def plan(
-    committed: Sequence[Candidate], policy: RetentionPolicy, *, protected: Collection[int] = ()
+def plan_retention(
+    committed: Sequence[Candidate],
+    policy: RetentionPolicy,
+    *,
+    protected: Collection[int] = (),
+    hooks: RetentionHooks = NO_HOOKS,
 ) -> RetentionPlan:
     """What to delete and what to thin; see the module docstring for the rules."""
     by_step = {c.step: c for c in committed}
-    if not by_step or not policy.has_rules:
+    if not by_step or not (policy.has_rules or hooks.has_rules):
         return RetentionPlan([], [])
-    whole = {max(by_step)} | set(protected)
+    whole = {max(by_step)} | set(protected) | _where(by_step, hooks.keep_if)
     if policy.keep_last is not None:
         whole.update(sorted(by_step, reverse=True)[: policy.keep_last])
-    if policy.keep_best is not None:
-        whole.update(_best_steps(by_step.values(), policy.keep_best))
+    whole.update(_best_steps(by_step.values(), policy.keep_best))
     if policy.keep_every_steps is not None:
         whole.update(s for s in by_step if s % policy.keep_every_steps == 0)
-    if policy.keep_if is not None:
-        whole.update(s for s, c in by_step.items() if policy.keep_if(c))
-    weights: set[int] = set()
+    weights = _where(by_step, hooks.keep_weights_if)
     if policy.keep_weights_every_steps is not None:
         weights.update(s for s in by_step if s % policy.keep_weights_every_steps == 0)
     if policy.keep_weights_improved is not None:
         weights.update(
             c.step for c in improved_any(list(by_step.values()), policy.keep_weights_improved)
         )
-    if policy.keep_weights_if is not None:
-        weights.update(s for s, c in by_step.items() if policy.keep_weights_if(c))
     thin = {s for s in weights - whole if not by_step[s].weights_only}
     return RetentionPlan(sorted(set(by_step) - whole - weights), sorted(thin))
 
 
-def plan_retention(
-    committed: Sequence[Candidate], policy: RetentionPolicy, *, protected: Collection[int] = ()
-) -> list[int]:
-    """Steps to delete, ascending and without duplicates (`plan(...).delete`)."""
-    return plan(committed, policy, protected=protected).delete
+def _where(by_step: Mapping[int, Candidate], hook: Predicate | None) -> set[int]:
+    return {s for s, c in by_step.items() if hook(c)} if hook is not None else set()
 
 
 def _best_steps(candidates: Iterable[Candidate], rule: KeepBest) -> list[int]:
@@ -221,6 +161,7 @@ def apply_retention(
     policy: RetentionPolicy,
     *,
     protected: Collection[int] = (),
+    hooks: RetentionHooks = NO_HOOKS,
     log: logging.Logger,
     manifests: dict[str, CheckpointInfo] | None = None,
 ) -> RetentionPlan:
@@ -231,10 +172,11 @@ def apply_retention(
 
     try:
         committed = catalog.scan(run, manifests).committed
-        todo = plan(
+        todo = plan_retention(
             [Candidate(c.step, c.metrics, c.manifest.weights_only) for c in committed],
             policy,
             protected=protected,
+            hooks=hooks,
         )
         for info in committed:
             if info.step in todo.drop_optimizer:

@@ -19,7 +19,8 @@ from orchestrator.checkpoint import catalog, snapshot
 from orchestrator.checkpoint.catalog import CheckpointInfo
 from orchestrator.checkpoint.commit import CommitStrategy
 from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, parse_step_dirname
-from orchestrator.checkpoint.retention import RetentionPolicy, apply_retention, sweep_dropped
+from orchestrator.checkpoint.retention import RetentionHooks, apply_retention, sweep_dropped
+from orchestrator.config.checkpoint import RetentionPolicy
 from orchestrator.storage import Store
 
 
@@ -30,10 +31,12 @@ class BackgroundRetention:
         self,
         run: Store,
         policy: RetentionPolicy,
+        hooks: RetentionHooks,
         manifests: dict[str, CheckpointInfo],
         log: logging.Logger,
     ) -> None:
-        self._run, self._policy, self._manifests, self._log = run, policy, manifests, log
+        self._run, self._policy, self._hooks = run, policy, hooks
+        self._manifests, self._log = manifests, log
         self._executor: ThreadPoolExecutor | None = None  # started by the first pass
         self._pass: Future[object] | None = None
 
@@ -44,8 +47,8 @@ class BackgroundRetention:
                 1, "stockpot-retention", initializer=snapshot.yield_to_training
             )
         self._pass = self._executor.submit(
-            apply_retention, self._run, self._policy, protected=protected, log=self._log,
-            manifests=self._manifests,
+            apply_retention, self._run, self._policy, protected=protected, hooks=self._hooks,
+            log=self._log, manifests=self._manifests,
         )  # fmt: skip
 
     def wait(self) -> None:

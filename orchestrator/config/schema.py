@@ -2,7 +2,8 @@
 
 A comment on every field says what it does (tests hold that); the values are checked in
 `__post_init__` with a one-line error that says how to fix them. Building these from YAML and
-overrides is `loading`'s job; what a sweep may vary is `sweeps`'.
+overrides is `loading`'s job; what a sweep may vary is `sweeps`'. A section whose component
+reads it as it is has a module of its own (`checkpoint`, `soup`), nested here.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from orchestrator.checkpoint.retention import KeepBest
+from orchestrator.config.checkpoint import CheckpointConfig
 from orchestrator.config.soup import SoupConfig
 from orchestrator.config.sweeps import check_sweep
 from orchestrator.errors import require
@@ -174,49 +175,6 @@ class SchedulerConfig:
             f"scheduler.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})",
         )
         _positive_or_none(self.decay_steps, "scheduler.decay_steps", "null for trainer.max_steps")
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    # Save every N optimizer steps; null disables step-based saves.
-    every_steps: int | None = 50
-    # Save at the end of every N epochs; null disables.
-    every_epochs: int | None = None
-    # Save when N minutes have passed since the last save; null disables.
-    every_minutes: float | None = None
-    # Keep the newest N committed checkpoints; null keeps all (the newest is never deleted).
-    keep_last: int | None = 3
-    # Also keep the k best by an eval metric (retention's own type: it checks its fields).
-    keep_best: KeepBest = field(default_factory=KeepBest)
-    # Also keep every checkpoint whose step is a multiple of N (milestones); null disables.
-    keep_every_steps: int | None = None
-    # Also keep the WEIGHTS (no optimizer state) of every checkpoint whose step is a multiple of
-    # N, e.g. soup ingredients; full checkpoints follow the rules above; null disables.
-    keep_weights_every_steps: int | None = None
-    # Also keep the WEIGHTS of every checkpoint that beat every earlier one on at least one of
-    # these metrics, e.g. [eval/loss, eval/accuracy]: the ingredients of `stockpot soup
-    # --improved-any` (BirdCLEF 2024's checkpoint soup); needs trainer.eval_every; null disables.
-    keep_weights_improved: tuple[str, ...] | None = None
-    # Write and commit in the background (one save in flight). Parameters and optimizer state
-    # are written from live memory; what is unwritten at the next optimizer step is copied then.
-    async_save: bool = False
-    # On resume, verify checksums of the chosen checkpoint (sizes are always checked).
-    verify_checksums: bool = True
-
-    def __post_init__(self) -> None:
-        _positive_or_none(self.every_steps, "checkpoint.every_steps")
-        _positive_or_none(self.every_epochs, "checkpoint.every_epochs")
-        _positive_or_none(self.every_minutes, "checkpoint.every_minutes")
-        _positive_or_none(self.keep_last, "checkpoint.keep_last", "null to keep every checkpoint")
-        _positive_or_none(self.keep_every_steps, "checkpoint.keep_every_steps")
-        _positive_or_none(self.keep_weights_every_steps, "checkpoint.keep_weights_every_steps")
-        improved = self.keep_weights_improved
-        require(
-            improved is None
-            or (bool(improved) and all(isinstance(m, str) and m for m in improved)),
-            "checkpoint.keep_weights_improved must list metric names, e.g. [eval/loss, "
-            f"eval/accuracy] (got {improved!r}); null turns it off",
-        )
 
 
 # One type for `storage.s3.*` and the S3 backend, so the rules are checked once, on load.

@@ -15,8 +15,7 @@ import torch.nn as nn
 
 from orchestrator import dist
 from orchestrator.checkpoint.checkpointer import Checkpointer
-from orchestrator.checkpoint.retention import RetentionPolicy
-from orchestrator.checkpoint.schedule import SaveSchedule
+from orchestrator.config.checkpoint import CheckpointConfig
 from orchestrator.state import ModelAndOptimizer, RNGState
 from orchestrator.storage import Store
 from orchestrator.worker import exit_now
@@ -88,9 +87,11 @@ def main() -> None:
     optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ckpt = Checkpointer(
         Store(args.run_dir),
-        policy=RetentionPolicy(keep_last=args.keep_last),
-        schedule=SaveSchedule(every_steps=args.save_every or None),
-        async_save=args.async_save,
+        config=CheckpointConfig(
+            every_steps=args.save_every or None,
+            keep_last=args.keep_last,
+            async_save=args.async_save,
+        ),
         parallel=args.parallel,
     )
     ckpt.register("train", ModelAndOptimizer(model, optim))
