@@ -23,6 +23,10 @@ launcher.max_requeues through SLURM_RESTART_COUNT.
 Leaving: rank processes must not tear down DDP/gloo objects in-process (orchestrator/runner.py,
 `_RETAINED`), so each task leaves through `os._exit` from an atexit hook, which runs after
 submitit has written this task's result pickle (or after its requeue's `sys.exit`).
+
+Failing: a failure stockpot can name (its own errors, a lost peer rank) is one log line, as
+under `stockpot run` (both run `orchestrator.worker.run_rank`); that line is also the task's
+result (`job.result()` raises it on the login side) and the task leaves with its exit code.
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import Config, from_dict
 from orchestrator.env import DistEnv
-from orchestrator.errors import StockpotError
 from orchestrator.logs import LEADER_ONLY
 
 if TYPE_CHECKING:
@@ -97,25 +100,22 @@ class TrainingJob:
         code = _ExitCode()
         if _under_submitit():
             atexit.register(_leave, code)
-        from orchestrator import runner
-        from orchestrator.worker import setup_logging
+        from orchestrator.worker import run_rank, setup_logging
 
-        try:
-            cfg = from_dict(self.cfg)
-            env = DistEnv.from_environ(os.environ)
-            setup_logging(env.rank)
-            logging.getLogger("submitit").propagate = False  # it has its own handlers
-            _forget_previous_result()
-            _log_start(cfg, env)
-            outcome = runner.run(cfg, env)
-        except StockpotError as exc:
-            log.error("%s", exc)
-            code.value = exc.exit_code
-            raise
-        code.value = runner.exit_code(outcome)
-        report = self._report(cfg, env, outcome)
-        if env.is_leader and not outcome.finished:
-            self._hand_over(outcome, code)
+        cfg = from_dict(self.cfg)
+        env = DistEnv.from_environ(os.environ)
+        setup_logging(env.rank)
+        logging.getLogger("submitit").propagate = False  # it has its own handlers
+        _forget_previous_result()
+        _log_start(cfg, env)
+        end = run_rank(cfg, env)
+        code.value = end.code
+        if end.outcome is None:  # said in one line already: no traceback from submitit
+            _record_failure(end.failure)
+            raise SystemExit(end.code)
+        report = self._report(cfg, env, end.outcome)
+        if env.is_leader and not end.outcome.finished:
+            self._hand_over(end.outcome, code)
         return report
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
@@ -206,6 +206,19 @@ def _forget_previous_result() -> None:
     from submitit import JobEnvironment
 
     JobEnvironment().paths.result_pickle.unlink(missing_ok=True)
+
+
+def _record_failure(line: str) -> None:
+    """Record the failure as submitit's process_job records a job that raised, with the one
+    line in place of a traceback: on the login side, `job.result()` raises it. The job then
+    leaves with SystemExit, which process_job lets through without printing anything."""
+    if not _under_submitit():
+        return
+    from submitit import JobEnvironment
+    from submitit.core.utils import cloudpickle_dump, temporary_save_path
+
+    with temporary_save_path(JobEnvironment().paths.result_pickle) as tmp:
+        cloudpickle_dump(("error", line), tmp)
 
 
 def _warn_slow_save(cfg: Config, outcome: Outcome) -> None:
