@@ -37,7 +37,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import Config, from_dict
@@ -119,22 +119,14 @@ class TrainingJob:
         return report
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """Called by submitit on rank 0 after the stop's save committed: requeue unless this
-        run already is the launcher.max_requeues-th restart."""
-        from submitit.helpers import DelayedSubmission
-
-        max_requeues = from_dict(self.cfg).launcher.max_requeues
-        restarts = DistEnv.from_environ(os.environ).restart_count
-        if restarts >= max_requeues:
-            log.error(
-                "NOT requeuing: this run is restart %d and launcher.max_requeues=%d; the run "
-                "stays at its last committed checkpoint (submit it again to continue)",
-                restarts,
-                max_requeues,
-            )
-            return None
-        log.warning("requeuing: restart %d of at most %d", restarts + 1, max_requeues)
-        return DelayedSubmission(self)
+        """Called by submitit on rank 0 after the stop's save committed: requeue, at most
+        launcher.max_requeues times."""
+        return requeue(
+            self,
+            from_dict(self.cfg).launcher.max_requeues,
+            again="it resumes from its last committed checkpoint",
+            stays="the run stays at its last committed checkpoint (submit it again to continue)",
+        )
 
     def _report(self, cfg: Config, env: DistEnv, outcome: Outcome) -> dict[str, Any]:
         elapsed = time.time() - self._started
@@ -183,6 +175,26 @@ class TrainingJob:
         except SystemExit as exc:  # submitit requeued (or refused) and exits
             code.value = exc.code if isinstance(exc.code, int) else 1
             raise
+
+
+def requeue(job: Callable[[], Any], max_requeues: int, *, again: str, stays: str) -> Any:
+    """What a job's `checkpoint()` returns: `job` again (submitit requeues it) unless this run
+    already is the `max_requeues`-th restart (SLURM_RESTART_COUNT), then None. submitit's own
+    cap (`max_num_timeout`) counts time-outs only; this counts preemptions too. `again` and
+    `stays` say what happens to the job either way."""
+    from submitit.helpers import DelayedSubmission
+
+    restarts = DistEnv.from_environ(os.environ).restart_count
+    if restarts >= max_requeues:
+        log.error(
+            "NOT requeuing: this run is restart %d and launcher.max_requeues=%d; %s",
+            restarts,
+            max_requeues,
+            stays,
+        )
+        return None
+    log.warning("requeuing: restart %d of at most %d; %s", restarts + 1, max_requeues, again)
+    return DelayedSubmission(job)
 
 
 def _log_start(cfg: Config, env: DistEnv) -> None:
