@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from orchestrator.config import Config, from_dict
+from orchestrator.config.soup import soup_out_dir
 
 log = logging.getLogger("stockpot.soup_job")
 
@@ -49,17 +50,13 @@ class SoupJob:
         )
 
 
-def soup_out(cfg: Config) -> str:
-    return cfg.soup.out or f"{cfg.run.dir.rstrip('/')}/soups/{cfg.soup.name}"
-
-
 def cook_soup(cfg: Config, run_dirs: Sequence[str]) -> str:
     """Make the config's soup of `run_dirs` (or soup.sources); returns where it is committed."""
     from orchestrator.soup import cook, writer
     from orchestrator.storage import Store
 
     s3 = cfg.storage.s3
-    out = soup_out(cfg)
+    out = soup_out_dir(cfg.run.dir, cfg.soup)
     if Store(out, s3).exists(writer.RECORD):
         log.info("soup %s is already committed (a requeue after its commit): kept", out)
         return out
