@@ -20,8 +20,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import CheckpointCorrupt, UsageError
-from orchestrator.soup import engine, evaluate, provenance, recipes, writer
-from orchestrator.soup import plan as read_plan
+from orchestrator.soup import engine, evaluate, provenance, recipes, segments, writer
 from orchestrator.soup.ingredients import resolve
 from orchestrator.soup.kitchen import Kitchen, Plan
 from orchestrator.soup.reader import open_source
@@ -263,7 +262,7 @@ def _write(kitchen: Kitchen, plan: Plan, parent: Any, write_rel: str,
            progress: Callable[[int], object] | None,
            integrity: provenance.Integrity) -> tuple[writer.Written, dict[str, Any]]:  # fmt: skip
     specs = kitchen.sources[0].specs
-    order = read_plan.storage_order(plan.sources[0])
+    order = segments.storage_order(plan.sources[0])
     shards = writer.plan_shards(specs, int(kitchen.cfg.shard_mb * 1_000_000), order)
     metadata = {"format": "pt", "stockpot_soup": kitchen.cfg.recipe}
     names = [e.name for shard in shards for e in shard]
