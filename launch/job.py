@@ -248,7 +248,7 @@ def _warn_slow_save(cfg: Config, outcome: Outcome) -> None:
 
 def _last_save_s(cfg: Config) -> float | None:
     from orchestrator.checkpoint import catalog
-    from orchestrator.runner import run_store
+    from orchestrator.runner import run_dir_store
 
-    latest = catalog.scan(run_store(cfg)).latest()
+    latest = catalog.scan(run_dir_store(cfg)).latest()
     return sum(latest.manifest.timings.values()) if latest is not None else None

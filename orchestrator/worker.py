@@ -43,7 +43,7 @@ def run_rank(cfg: Config, env: DistEnv) -> RankEnd:
     from orchestrator import runner
 
     try:
-        outcome = runner.run(cfg, env)
+        outcome = runner.train_rank(cfg, env)
     except StockpotError as exc:
         quiet = getattr(exc, "leader_only", False)  # the same line from every rank: once
         logging.getLogger("stockpot").error("%s", exc, extra=LEADER_ONLY if quiet else None)
