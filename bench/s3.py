@@ -1,6 +1,6 @@
 """S3 on a real endpoint (moto_server; a correctness server, not a speed reference): save
 throughput against one s3fs `put_file` of the same bytes, and the HTTP requests a save and a
-resume make, counted at a proxy (tests/fixtures/s3.py's FaultProxy, forwarding everything).
+resume make, counted at a proxy (devtools/s3server.py's FaultProxy, forwarding everything).
 
 Requests are split per save by marks: after each save every rank meets at a barrier and rank 0
 sends `GET /__bench_mark__/NAME` through the same proxy, so the log reads save | mark | save ...
@@ -11,43 +11,28 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.common import REPO, Row, Sizes, median, ranks, ratio_row, run_cli
-from tests.fixtures.s3 import FAKE_KEY, REGION, FaultProxy, _free_port, _stop, _wait_until_up
+from bench.common import Row, Sizes, median, ranks, ratio_row, run_cli
+from devtools.s3server import FAKE_ENV, FaultProxy, make_bucket, start_moto_server, stop
 
 MARK = "__bench_mark__"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": FAKE_KEY, "AWS_SECRET_ACCESS_KEY": FAKE_KEY,
-           "AWS_DEFAULT_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
 
 
 @contextlib.contextmanager
 def moto_server(log: Path) -> Iterator[str]:
     """A moto_server process on a free port; yields its URL."""
-    url = f"http://127.0.0.1:{_free_port()}"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
-             url.rsplit(":", 1)[1]], stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-        )  # fmt: skip
+    url, proc = start_moto_server(log)
     try:
-        _wait_until_up(url, proc, 30.0)
         yield url
     finally:
-        _stop(proc)
+        stop(proc)
 
 
-def make_bucket(endpoint: str) -> str:
-    import boto3
-
-    name = f"bench-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=endpoint, region_name=REGION, aws_access_key_id=FAKE_KEY,
-                 aws_secret_access_key=FAKE_KEY).create_bucket(Bucket=name)  # fmt: skip
-    return name
+def bucket_name(endpoint: str) -> str:
+    """A fresh bucket's name (the bench's arguments take it bare, not as a URL)."""
+    return make_bucket(endpoint, "bench").removeprefix("s3://")
 
 
 # -- parent side -------------------------------------------------------------------------------
@@ -77,8 +62,8 @@ def _requests(
     proxy = FaultProxy(upstream=endpoint).start()
     try:
         args = {"d_model": 32, "n_layers": 1, "keeps": keeps, "endpoint": proxy.endpoint_url,
-                "bucket": make_bucket(endpoint), "work": str(work)}  # fmt: skip
-        ranks("bench.worker", ["s3requests", json.dumps(args)], nproc=world, env=AWS_ENV)
+                "bucket": bucket_name(endpoint), "work": str(work)}  # fmt: skip
+        ranks("bench.worker", ["s3requests", json.dumps(args)], nproc=world, env=FAKE_ENV)
         seg = _segments(list(proxy.requests))
     finally:
         proxy.stop()
@@ -117,14 +102,14 @@ def _run_args(bucket: str, endpoint: str, keep: int, nproc: int) -> list[str]:
 def resume_request_row(endpoint: str, keep: int, worlds: tuple[int, ...]) -> Row:
     """A whole `stockpot run` resume (keep checkpoints on S3, nothing left to train), at each
     world size: every request it makes, and how many were manifest GETs."""
-    bucket = make_bucket(endpoint)
-    run_cli(_run_args(bucket, endpoint, keep, 2), env=AWS_ENV)  # `keep` committed checkpoints
+    bucket = bucket_name(endpoint)
+    run_cli(_run_args(bucket, endpoint, keep, 2), env=FAKE_ENV)  # `keep` committed checkpoints
     proxy = FaultProxy(upstream=endpoint).start()
     got = {}
     try:
         for nproc in worlds:
             before = len(proxy.requests)
-            run_cli(_run_args(bucket, proxy.endpoint_url, keep, nproc), env=AWS_ENV)
+            run_cli(_run_args(bucket, proxy.endpoint_url, keep, nproc), env=FAKE_ENV)
             got[nproc] = _counts(list(proxy.requests)[before:])
     finally:
         proxy.stop()
@@ -137,8 +122,9 @@ def resume_request_row(endpoint: str, keep: int, worlds: tuple[int, ...]) -> Row
 
 def _throughput_row(endpoint: str, sizes: Sizes, work: Path) -> Row:
     args = {"d_model": 256, "n_layers": sizes.s3_layers, "repeats": sizes.repeats,
-            "endpoint": endpoint, "bucket": make_bucket(endpoint), "work": str(work)}  # fmt: skip
-    lines = ranks("bench.worker", ["s3save", json.dumps(args)], env=AWS_ENV)
+            "endpoint": endpoint, "bucket": bucket_name(endpoint),
+            "work": str(work)}  # fmt: skip
+    lines = ranks("bench.worker", ["s3save", json.dumps(args)], env=FAKE_ENV)
     put = [x["s"] for x in lines if x["variant"] == "put"]
     save = [x["s"] for x in lines if x["variant"] == "save"]
     size = lines[0]["bytes"]
@@ -149,7 +135,7 @@ def _throughput_row(endpoint: str, sizes: Sizes, work: Path) -> Row:
 
 
 def measure(sizes: Sizes, work: Path) -> list[Row]:
-    os.environ.update(AWS_ENV)  # for boto3 here and every rank
+    os.environ.update(FAKE_ENV)  # for boto3 here and every rank
     with moto_server(work / "moto_server.log") as endpoint:
         rows = [_throughput_row(endpoint, sizes, work), *request_rows(endpoint, work)]
         return [*rows, resume_request_row(endpoint, sizes.s3_resume_kept, sizes.s3_resume_worlds)]

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from orchestrator.config import Config, load
+from orchestrator.config.soup import soup_out_dir
 from orchestrator.env import EXIT_STOPPED as STOPPED
 from orchestrator.errors import UsageError
 
@@ -125,7 +126,7 @@ def _checkpoint_soup(cfg: Config, run_dir: Path) -> None:
     rule: tuple[str, ...] = ("eval/loss", "eval/accuracy")
     soup = SoupConfig(improved_any=rule, steps=f"{cfg.trainer.max_steps // 2}:",
                       metric="eval/accuracy", report=True, name="checkpoints")  # fmt: skip
-    out = str(run_dir / "soups" / soup.name)
+    out = soup_out_dir(str(run_dir), soup)
     try:
         kitchen = cook.prepare([str(run_dir)], soup, None, out=out)
     except UsageError as e:  # a short or overridden run: too few checkpoints improved

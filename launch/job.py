@@ -23,6 +23,10 @@ launcher.max_requeues through SLURM_RESTART_COUNT.
 Leaving: rank processes must not tear down DDP/gloo objects in-process (orchestrator/runner.py,
 `_RETAINED`), so each task leaves through `os._exit` from an atexit hook, which runs after
 submitit has written this task's result pickle (or after its requeue's `sys.exit`).
+
+Failing: a failure stockpot can name (its own errors, a lost peer rank) is one log line, as
+under `stockpot run` (both run `orchestrator.worker.run_rank`); that line is also the task's
+result (`job.result()` raises it on the login side) and the task leaves with its exit code.
 """
 
 from __future__ import annotations
@@ -33,12 +37,11 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import Config, from_dict
 from orchestrator.env import DistEnv
-from orchestrator.errors import StockpotError
 from orchestrator.logs import LEADER_ONLY
 
 if TYPE_CHECKING:
@@ -97,44 +100,33 @@ class TrainingJob:
         code = _ExitCode()
         if _under_submitit():
             atexit.register(_leave, code)
-        from orchestrator import runner
-        from orchestrator.worker import setup_logging
+        from orchestrator.worker import run_rank, setup_logging
 
-        try:
-            cfg = from_dict(self.cfg)
-            env = DistEnv.from_environ(os.environ)
-            setup_logging(env.rank)
-            logging.getLogger("submitit").propagate = False  # it has its own handlers
-            _forget_previous_result()
-            _log_start(cfg, env)
-            outcome = runner.run(cfg, env)
-        except StockpotError as exc:
-            log.error("%s", exc)
-            code.value = exc.exit_code
-            raise
-        code.value = runner.exit_code(outcome)
-        report = self._report(cfg, env, outcome)
-        if env.is_leader and not outcome.finished:
-            self._hand_over(outcome, code)
+        cfg = from_dict(self.cfg)
+        env = DistEnv.from_environ(os.environ)
+        setup_logging(env.rank)
+        logging.getLogger("submitit").propagate = False  # it has its own handlers
+        _forget_previous_result()
+        _log_start(cfg, env)
+        end = run_rank(cfg, env)
+        code.value = end.code
+        if end.outcome is None:  # said in one line already: no traceback from submitit
+            _record_failure(end.failure)
+            raise SystemExit(end.code)
+        report = self._report(cfg, env, end.outcome)
+        if env.is_leader and not end.outcome.finished:
+            self._hand_over(end.outcome, code)
         return report
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """Called by submitit on rank 0 after the stop's save committed: requeue unless this
-        run already is the launcher.max_requeues-th restart."""
-        from submitit.helpers import DelayedSubmission
-
-        max_requeues = from_dict(self.cfg).launcher.max_requeues
-        restarts = DistEnv.from_environ(os.environ).restart_count
-        if restarts >= max_requeues:
-            log.error(
-                "NOT requeuing: this run is restart %d and launcher.max_requeues=%d; the run "
-                "stays at its last committed checkpoint (submit it again to continue)",
-                restarts,
-                max_requeues,
-            )
-            return None
-        log.warning("requeuing: restart %d of at most %d", restarts + 1, max_requeues)
-        return DelayedSubmission(self)
+        """Called by submitit on rank 0 after the stop's save committed: requeue, at most
+        launcher.max_requeues times."""
+        return requeue(
+            self,
+            from_dict(self.cfg).launcher.max_requeues,
+            again="it resumes from its last committed checkpoint",
+            stays="the run stays at its last committed checkpoint (submit it again to continue)",
+        )
 
     def _report(self, cfg: Config, env: DistEnv, outcome: Outcome) -> dict[str, Any]:
         elapsed = time.time() - self._started
@@ -185,6 +177,26 @@ class TrainingJob:
             raise
 
 
+def requeue(job: Callable[[], Any], max_requeues: int, *, again: str, stays: str) -> Any:
+    """What a job's `checkpoint()` returns: `job` again (submitit requeues it) unless this run
+    already is the `max_requeues`-th restart (SLURM_RESTART_COUNT), then None. submitit's own
+    cap (`max_num_timeout`) counts time-outs only; this counts preemptions too. `again` and
+    `stays` say what happens to the job either way."""
+    from submitit.helpers import DelayedSubmission
+
+    restarts = DistEnv.from_environ(os.environ).restart_count
+    if restarts >= max_requeues:
+        log.error(
+            "NOT requeuing: this run is restart %d and launcher.max_requeues=%d; %s",
+            restarts,
+            max_requeues,
+            stays,
+        )
+        return None
+    log.warning("requeuing: restart %d of at most %d; %s", restarts + 1, max_requeues, again)
+    return DelayedSubmission(job)
+
+
 def _log_start(cfg: Config, env: DistEnv) -> None:
     log.info(
         "job %s on %s: %d rank(s), restart %d (launcher.max_requeues %d), run.dir %s",
@@ -208,6 +220,19 @@ def _forget_previous_result() -> None:
     JobEnvironment().paths.result_pickle.unlink(missing_ok=True)
 
 
+def _record_failure(line: str) -> None:
+    """Record the failure as submitit's process_job records a job that raised, with the one
+    line in place of a traceback: on the login side, `job.result()` raises it. The job then
+    leaves with SystemExit, which process_job lets through without printing anything."""
+    if not _under_submitit():
+        return
+    from submitit import JobEnvironment
+    from submitit.core.utils import cloudpickle_dump, temporary_save_path
+
+    with temporary_save_path(JobEnvironment().paths.result_pickle) as tmp:
+        cloudpickle_dump(("error", line), tmp)
+
+
 def _warn_slow_save(cfg: Config, outcome: Outcome) -> None:
     """The job has launcher.signal_delay_s between the time-limit signal and the kill; a save
     slower than that would not commit in time."""
@@ -223,7 +248,7 @@ def _warn_slow_save(cfg: Config, outcome: Outcome) -> None:
 
 def _last_save_s(cfg: Config) -> float | None:
     from orchestrator.checkpoint import catalog
-    from orchestrator.runner import run_store
+    from orchestrator.runner import run_dir_store
 
-    latest = catalog.scan(run_store(cfg)).latest()
+    latest = catalog.scan(run_dir_store(cfg)).latest()
     return sum(latest.manifest.timings.values()) if latest is not None else None

@@ -150,15 +150,14 @@ def cmd_soup(args: argparse.Namespace) -> int:
 
 
 def _out_dir(soup: Any, kitchen: Any, config_run_dir: str | None) -> str:
+    from orchestrator.config.soup import soup_out_dir
     from orchestrator.errors import UsageError
 
-    if soup.out:
-        return str(soup.out)
     runs = {i.run for i in kitchen.ingredients}
     run = config_run_dir or (runs.pop() if len(runs) == 1 and None not in runs else None)
-    if run is None:
+    if run is None and not soup.out:
         raise UsageError("ingredients come from several places: say where to write with --out")
-    return f"{run.rstrip('/')}/soups/{soup.name}"
+    return soup_out_dir(run or "", soup)  # no run: soup.out is set, the run dir is not used
 
 
 def _s3_options(cfg: Any) -> Any:

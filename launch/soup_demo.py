@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from orchestrator.config import Config, expand_sweep, load, to_yaml
+from orchestrator.config.soup import soup_out_dir
 
 PRETRAIN = [
     "task.split=pretrain",
@@ -95,8 +96,11 @@ def make_soup(cfg: Config, recipe: str) -> dict[str, Any]:
     scored for the report."""
     from orchestrator.soup import cook
 
-    soup = dataclasses.replace(cfg.soup, recipe=cast(Any, recipe), name=recipe, report=True)
-    out = f"{cfg.run.dir.rstrip('/')}/soups/{recipe}"
+    # out=None: three soups, each in its own <run.dir>/soups/<recipe>
+    soup = dataclasses.replace(
+        cfg.soup, recipe=cast(Any, recipe), name=recipe, report=True, out=None
+    )
+    out = soup_out_dir(cfg.run.dir, soup)
     kitchen = cook.prepare([cfg.run.dir], soup, cfg.storage.s3, out=out)
     print(f"soup-demo: {recipe} soup of {len(kitchen.ingredients)} ingredients", flush=True)
     return dict(cook.cook(kitchen))

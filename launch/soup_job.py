@@ -19,12 +19,12 @@ commit) is left as it is and its path returned.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from orchestrator.config import Config, from_dict
+from orchestrator.config.soup import soup_out_dir
 
 log = logging.getLogger("stockpot.soup_job")
 
@@ -39,23 +39,15 @@ class SoupJob:
         return cook_soup(from_dict(self.cfg), self.run_dirs)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """Requeue (nothing to save: the rerun starts over), at most launcher.max_requeues times."""
-        from submitit.helpers import DelayedSubmission
+        """Requeue (nothing to save), at most launcher.max_requeues times."""
+        from launch.job import requeue
 
-        from orchestrator.env import DistEnv
-
-        restarts = DistEnv.from_environ(os.environ).restart_count
-        if restarts >= from_dict(self.cfg).launcher.max_requeues:
-            log.error(
-                "NOT requeuing the soup job: restart %d reached launcher.max_requeues", restarts
-            )
-            return None
-        log.warning("soup job interrupted: requeued, it starts over (nothing was committed)")
-        return DelayedSubmission(SoupJob(self.cfg, self.run_dirs))
-
-
-def soup_out(cfg: Config) -> str:
-    return cfg.soup.out or f"{cfg.run.dir.rstrip('/')}/soups/{cfg.soup.name}"
+        return requeue(
+            self,
+            from_dict(self.cfg).launcher.max_requeues,
+            again="the soup job starts over (nothing of it was committed)",
+            stays="no soup is made (make it with `stockpot soup`)",
+        )
 
 
 def cook_soup(cfg: Config, run_dirs: Sequence[str]) -> str:
@@ -64,7 +56,7 @@ def cook_soup(cfg: Config, run_dirs: Sequence[str]) -> str:
     from orchestrator.storage import Store
 
     s3 = cfg.storage.s3
-    out = soup_out(cfg)
+    out = soup_out_dir(cfg.run.dir, cfg.soup)
     if Store(out, s3).exists(writer.RECORD):
         log.info("soup %s is already committed (a requeue after its commit): kept", out)
         return out

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from launch.jobs import JOBS_NAME, append_jobs
-from launch.soup_job import soup_out
 from orchestrator.config import Config, expand_sweep
+from orchestrator.config.soup import soup_out_dir
 from orchestrator.storage import Store
 
 
@@ -134,7 +134,7 @@ def summary(cfg: Config, records: Sequence[dict[str, Any]]) -> str:
     for r in records:
         if r["kind"] == "soup":
             lines.append(f"submitted chained job {r['job_id']} ({r['dependency']}): a "
-                         f"{cfg.soup.recipe} soup to {soup_out(cfg)}")  # fmt: skip
+                         f"{cfg.soup.recipe} soup to {soup_out_dir(cfg.run.dir, cfg.soup)}")  # fmt: skip
             continue
         what = "" if r["array_index"] is None else f" [array element {r['array_index']}]"
         lines.append(

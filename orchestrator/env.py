@@ -135,7 +135,8 @@ def cpu_threads(env: Mapping[str, str], usable_cpus: int, local_world_size: int)
     """Intra-op threads for one rank, or None to leave torch's choice (OMP_NUM_THREADS is set:
     the user decided). Slurm's --cpus-per-task is each task's share; otherwise the CPUs this
     process may run on are split between the ranks on its node. Left alone, every rank starts
-    a thread per CPU, and 2 ranks on 2 cores ran a CharLM step 2.2x slower than with 1 each."""
+    a thread per CPU, and the ranks' threads then fight over the same cores, each step slower
+    than with its share alone (figures: bench/README.md, "Threads per rank")."""
     if _get(env, "OMP_NUM_THREADS") is not None:
         return None
     if _get(env, "SLURM_CPUS_PER_TASK") is not None:

@@ -142,8 +142,9 @@ def _freeze_what_is_built() -> None:
     """Move every object alive now (modules imported, the model, the data) out of the cyclic
     garbage collector's reach (`gc.freeze`): it no longer walks them each time the steps'
     short-lived objects trigger a full collection. Freed objects are still freed (reference
-    counting); only cycles among them would wait. make bench: the demo's step time (~5 ms)
-    went from ~1.25 to ~1.08 of the hand-written loop, which has far fewer objects to walk."""
+    counting); only cycles among them would wait. A rank holds many more objects than a
+    hand-written loop (TensorBoard, protobuf, our modules), so those walks were most of the
+    gap to it on short steps (figures: bench/README.md, "Loop overhead")."""
     gc.collect()
     gc.freeze()
 

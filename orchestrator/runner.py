@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 _RETAINED: list[object] = []
 
 
-def run(cfg: Config, env: DistEnv) -> Outcome:
+def train_rank(cfg: Config, env: DistEnv) -> Outcome:
     """Train this rank. The process group is left up (see _RETAINED): leave with exit_now."""
     device = device_for(env.local_rank, cfg.trainer.device, torch.cuda.is_available())
     threads = cpu_threads(os.environ, len(os.sched_getaffinity(0)), env.local_world_size)
@@ -69,17 +69,18 @@ def exit_code(outcome: Outcome) -> int:
 def check_storage(cfg: Config) -> None:
     """The leader probes run.dir before any training; every rank leaves alike (exit 2) on a
     bad set-up, and only the leader says why (StorageSetupError is logged leader-only)."""
-    problem = dist.leader_decides(lambda: run_store(cfg).check_writable()).problem
+    problem = dist.leader_decides(lambda: run_dir_store(cfg).check_writable()).problem
     if problem is not None:
         raise StorageSetupError(problem)
 
 
-def run_store(cfg: Config) -> Store:
+def run_dir_store(cfg: Config) -> Store:
+    """run.dir as a Store: the run's checkpoints, metrics and config."""
     return Store(cfg.run.dir, cfg.storage.s3)
 
 
 def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> TrainingRun:
-    store = run_store(cfg)
+    store = run_dir_store(cfg)
     task = build_task(cfg.task.target, dict(cfg.task.params))
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = task.build_model()

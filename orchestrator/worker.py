@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from orchestrator.config import Config, from_dict
 from orchestrator.env import DistEnv
@@ -17,20 +19,35 @@ from orchestrator.errors import StockpotError
 from orchestrator.logs import LEADER_ONLY, setup_logging
 from orchestrator.preemption import catch_early
 
-__all__ = ["exit_now", "main", "main_with", "setup_logging"]  # setup_logging: for launch/job.py
+if TYPE_CHECKING:
+    from orchestrator.loop import Outcome
+
+# setup_logging: for launch/job.py
+__all__ = ["RankEnd", "exit_now", "main", "main_with", "run_rank", "setup_logging"]
 
 
-def main_with(cfg: Config, environ: dict[str, str] | None = None) -> int:
+@dataclass(frozen=True)
+class RankEnd:
+    """How one rank's run ended: the code its process leaves with, and either what training
+    returned or the one line (already logged) that says why it failed."""
+
+    code: int
+    outcome: Outcome | None = None
+    failure: str = ""
+
+
+def run_rank(cfg: Config, env: DistEnv) -> RankEnd:
+    """Train this rank (`stockpot run`'s ranks and the submitit job alike). A failure we can
+    name (our own errors, a peer rank lost) ends as one log line and its exit code; anything
+    else is a bug and keeps its traceback. Set up logging first (`setup_logging`)."""
     from orchestrator import runner
 
-    env = DistEnv.from_environ(os.environ if environ is None else environ)
-    setup_logging(env.rank)
     try:
-        return runner.exit_code(runner.run(cfg, env))
+        outcome = runner.train_rank(cfg, env)
     except StockpotError as exc:
         quiet = getattr(exc, "leader_only", False)  # the same line from every rank: once
         logging.getLogger("stockpot").error("%s", exc, extra=LEADER_ONLY if quiet else None)
-        return exc.exit_code
+        return RankEnd(exc.exit_code, failure=str(exc))
     except RuntimeError as exc:  # gloo: a peer rank died, or hung past the collective timeout
         from orchestrator.dist import lost_peer
 
@@ -38,7 +55,14 @@ def main_with(cfg: Config, environ: dict[str, str] | None = None) -> int:
         if why is None:
             raise
         logging.getLogger("stockpot").error("%s", why)
-        return 1
+        return RankEnd(1, failure=why)
+    return RankEnd(runner.exit_code(outcome), outcome)
+
+
+def main_with(cfg: Config, environ: dict[str, str] | None = None) -> int:
+    env = DistEnv.from_environ(os.environ if environ is None else environ)
+    setup_logging(env.rank)
+    return run_rank(cfg, env).code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,7 +159,7 @@ def test_resume_past_a_damaged_checkpoint_saves_that_step_again(tmp_path: Path) 
 )
 def test_what_gloo_says_of_a_lost_peer_reads_as_one_line(gloo: str) -> None:
     """The messages gloo raises when the other rank died or hung become one line naming it;
-    any other RuntimeError stays a traceback (worker.main_with re-raises it)."""
+    any other RuntimeError stays a traceback (worker.run_rank re-raises it)."""
     import socket
 
     from orchestrator import dist

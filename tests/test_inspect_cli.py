@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load, load_file
 from torch import nn
 
+from devtools.s3server import S3Server
 from launch.cli import main
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.checkpointer import Checkpointer
@@ -27,7 +28,6 @@ from orchestrator.checkpoint.export import export_checkpoint
 from orchestrator.checkpoint.weights import choose_prefix
 from orchestrator.state import ModelAndOptimizer, RNGState
 from orchestrator.storage import S3Options, Store
-from tests.fixtures.s3 import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 STOCKPOT = str(Path(sys.executable).parent / "stockpot")

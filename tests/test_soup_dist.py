@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from devtools.s3server import S3Server
 from launch.cli import main
 from orchestrator.soup.ingredients import Ingredient
 from orchestrator.soup.reader import open_source
 from orchestrator.storage import S3Options, Store
-from tests.fixtures.s3 import S3Server
 from tests.soup_fixtures import (
     assert_close_to_rounding,
     ckpt_dir,

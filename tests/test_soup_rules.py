@@ -119,3 +119,17 @@ def test_several_runs_give_one_ingredient_each(tmp_path: Path) -> None:
     assert [i.step for i in best] == [10, 10] and "best by eval/loss" in best[0].why
     record = json.loads((sweep / "0-seed=0/checkpoints/step-000000010/MANIFEST.json").read_text())
     assert record["step"] == 10
+
+
+@pytest.mark.parametrize(
+    ("run_dir", "out", "where"),
+    [
+        ("runs/demo", None, "runs/demo/soups/mix"),
+        ("s3://bucket/sweep/", None, "s3://bucket/sweep/soups/mix"),
+        ("runs/demo", "s3://bucket/elsewhere", "s3://bucket/elsewhere"),
+    ],
+)
+def test_a_soup_is_written_to_soup_out_else_under_the_run_dir(run_dir, out, where) -> None:
+    from orchestrator.config.soup import soup_out_dir
+
+    assert soup_out_dir(run_dir, SoupConfig(name="mix", out=out)) == where

@@ -1,6 +1,6 @@
 """One contract suite for `orchestrator.storage.Store`, run on local disk and on a real S3 server.
 
-The S3 backend is `moto_server` in its own process (tests/fixtures/s3.py); faults are injected by
+The S3 backend is `moto_server` in its own process (devtools/s3server.py); faults are injected by
 an HTTP proxy in front of it, so retries are exercised through s3fs/botocore over real HTTP.
 """
 
@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from devtools.s3server import REGION, FaultProxy, S3Server
 from orchestrator.errors import ConfigError, StorageError
 from orchestrator.storage import (
     S3Options,
@@ -30,7 +31,6 @@ from orchestrator.storage import (
     redact,
     start_writeback,
 )
-from tests.fixtures.s3 import REGION, FaultProxy, S3Server
 
 SECRET = "sEcReT-9f3b1c77-do-not-log"
 ACCESS_KEY = "AKIADISTINCTIVE0042"

@@ -235,18 +235,29 @@ def test_training_job_pickles_plain_data_only() -> None:
     assert set(work.__getstate__()) == {"cfg"}
 
 
+@pytest.mark.parametrize("kind", ["train", "soup"])
 @pytest.mark.parametrize(("restarts", "requeued"), [("", True), ("2", True), ("3", False)])
 def test_checkpoint_requeues_until_max_requeues(
-    monkeypatch: pytest.MonkeyPatch, restarts: str, requeued: bool
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+    restarts: str,
+    requeued: bool,
 ) -> None:
     from submitit.helpers import DelayedSubmission
 
+    from launch.soup_job import SoupJob
+
     monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
-    work = job.TrainingJob(demo_slurm("launcher.max_requeues=3").to_dict())
+    cfg = demo_slurm("launcher.max_requeues=3").to_dict()
+    work = job.TrainingJob(cfg) if kind == "train" else SoupJob(cfg, ["runs/a"])
     again = work.checkpoint()
     assert isinstance(again, DelayedSubmission) is requeued
     if requeued:
         assert again.function is work
+        assert f"requeuing: restart {int(restarts or 0) + 1} of at most 3; " in caplog.text
+    else:
+        assert "NOT requeuing: this run is restart 3 and launcher.max_requeues=3; " in caplog.text
 
 
 # --- jobs.json and the CLI ------------------------------------------------------------------

@@ -1,14 +1,13 @@
 """S3 for the chaos suite: one moto_server, and a proxy in front of it that fails a share of
 requests at random (500, 503 SlowDown, connection resets, slow answers).
 
-The proxy is the tests' real HTTP fault injector (tests/fixtures/s3.py) with a random rule.
+The proxy is the tests' real HTTP fault injector (devtools/s3server.py) with a random rule.
 """
 
 from __future__ import annotations
 
 import random
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -16,8 +15,16 @@ from pathlib import Path
 
 from bench.chaos import jobs
 from bench.chaos.jobs import EVERY, MAX_STEPS, Trial, argv_for, check
+from devtools.s3server import (
+    FAKE_ENV,
+    FaultProxy,
+    Rule,
+    free_port,
+    make_bucket,
+    start_moto_server,
+    stop,
+)
 from orchestrator.storage import Store
-from tests.fixtures.s3 import FAKE_KEY, REGION, FaultProxy, _free_port, _Rule, _stop, _wait_until_up
 
 FAULT_KINDS = ("500", "503-SlowDown", "reset", "slow")
 SLOW_S = 0.5
@@ -32,9 +39,8 @@ class RandomFaultProxy(FaultProxy):
         self.enabled = True
         self._pick = threading.Lock()
 
-    def _decide(self, method: str, path: str) -> _Rule | None:
-        with self._lock:  # counted as the parent counts them: the report's request figure
-            self.requests.append((method, path))
+    def decide(self, method: str, path: str) -> Rule | None:
+        self.record(method, path)  # counted as the parent counts them: the report's figure
         with self._pick:
             hit = self.enabled and self.rng.random() < self.rate
             kind = self.rng.choice(FAULT_KINDS) if hit else ""
@@ -43,8 +49,8 @@ class RandomFaultProxy(FaultProxy):
             time.sleep(SLOW_S)  # then answered normally
             return None
         if kind == "reset":
-            return _Rule("", "reset")
-        return _Rule("", "status", 500 if kind == "500" else 503) if kind else None
+            return Rule("", "reset")
+        return Rule("", "status", 500 if kind == "500" else 503) if kind else None
 
 
 class S3Env:
@@ -52,35 +58,19 @@ class S3Env:
 
     def __init__(self, work: Path, rate: float) -> None:
         self.work, self.rate = work, rate
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.endpoint = ""
 
     def _up(self) -> str:
         if self.proc is None:
-            exe = Path(sys.executable).parent / "moto_server"
-            port = _free_port()
-            self.endpoint = f"http://127.0.0.1:{port}"
-            with open(self.work / "moto.log", "wb") as out:
-                self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
-                                             stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-            _wait_until_up(self.endpoint, self.proc, 30)
+            self.endpoint, self.proc = start_moto_server(self.work / "moto.log")
         return self.endpoint
 
     def bucket(self) -> str:
-        import boto3
-
-        name = f"chaos-{uuid.uuid4().hex[:12]}"
-        client = boto3.client("s3", endpoint_url=self._up(), region_name=REGION,
-                              aws_access_key_id=FAKE_KEY, aws_secret_access_key=FAKE_KEY)  # fmt: skip
-        client.create_bucket(Bucket=name)
-        return f"s3://{name}"
+        return make_bucket(self._up(), "chaos")
 
     def env(self, endpoint: str) -> dict[str, str]:
-        return {
-            "AWS_ACCESS_KEY_ID": FAKE_KEY, "AWS_SECRET_ACCESS_KEY": FAKE_KEY,
-            "AWS_DEFAULT_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true",
-            "AWS_ENDPOINT_URL": endpoint,
-        }  # fmt: skip
+        return {**FAKE_ENV, "AWS_ENDPOINT_URL": endpoint}
 
     def url_for(self, case: str) -> tuple[str, dict[str, str]]:
         """A run.dir and environment that fail the start-up check the way `case` names."""
@@ -90,7 +80,7 @@ class S3Env:
         elif case == "unknown-bucket":
             url = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/run"
         elif case == "unreachable":
-            env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{_free_port()}"
+            env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
         elif case == "forbidden-403":
             proxy = FaultProxy(upstream=self._up()).start()
             proxy.fail("", status=403, times=None)
@@ -99,7 +89,7 @@ class S3Env:
 
     def close(self) -> None:
         if self.proc is not None:
-            _stop(self.proc)
+            stop(self.proc)
 
 
 def s3_faults(trial: Trial, work: Path, refs, rng: random.Random, s3: S3Env) -> None:

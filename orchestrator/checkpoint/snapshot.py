@@ -35,9 +35,9 @@ BACKGROUND_NICE = 10  # the background writer's nice value, relative to training
 def yield_to_training() -> None:
     """Run the calling thread (a background writer; the threads it starts inherit it) at a
     lower priority: where training keeps every core busy, steps keep their pace and the save
-    takes the CPU time left over. make bench (2 ranks, 2 cores): step time during a save
-    1.58 -> 1.2 of a step without one; the background write takes longer (0.52 -> 0.44 of the
-    raw write's speed)."""
+    takes the CPU time left over. On a saturated machine the background write then takes
+    longer: the two pull against each other, and training is favoured (figures:
+    bench/README.md, "Step time during a background save")."""
     with contextlib.suppress(OSError):  # not permitted: it runs at training's level
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
 

@@ -2,8 +2,8 @@
 thread, and the garbage interrupted saves left, before the first save.
 
 Retention deletes whole checkpoints, and freeing a large file's blocks is slow on some file
-systems (here: ~0.12 s for 155 MB on ext4). Run inside the save, it made every save that much
-longer; on its own thread it overlaps the training steps after the save. One pass at a time:
+systems (figures: bench/README.md, "Sync save: done"). Run inside the save, it would make
+every save that much longer; on its own thread it overlaps the training steps after the save. One pass at a time:
 the next pass, the next save and `close()` wait for the one before (`wait`), so a pass never
 plans over a checkpoint another is deleting. A kill in the middle of a pass is what it always
 was: a manifest goes before its files (retention.py), the next run's plan or GC finishes it.

@@ -104,3 +104,8 @@ class SoupConfig:
             self.steps is None or self.steps.count(":") == 1,
             f"soup.steps must be A:B, e.g. 100:500 or 200: (got {self.steps!r})",
         )
+
+
+def soup_out_dir(run_dir: str, soup: SoupConfig) -> str:
+    """Where a soup is written: soup.out, else <run_dir>/soups/<soup.name>."""
+    return soup.out or f"{run_dir.rstrip('/')}/soups/{soup.name}"

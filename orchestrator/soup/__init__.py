@@ -2,7 +2,7 @@
 
 ingredients  which checkpoints, by rule (steps, every, improved_any, top, last), and why
 reader       one ingredient's model tensors, piece by piece, from DCP shards or safetensors
-plan         the byte ranges that make each output segment (big pieces in chunks)
+segments     the byte ranges that make each output segment (big pieces in chunks)
 window       the reads, in parallel ahead of the mixer, into reused buffers
 checks       the ingredients' checksums, from the bytes the mixer reads
 engine       the streaming weighted mean (memory independent of N, model size, largest tensor)

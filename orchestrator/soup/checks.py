@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.checkpoint.manifest import Hasher
-from orchestrator.soup.plan import Read
 from orchestrator.soup.reader import Source
+from orchestrator.soup.segments import Read
 
 GAP_READ = 8 << 20  # bytes per read while hashing what the plan skips
 

@@ -20,10 +20,9 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import CheckpointCorrupt, UsageError
-from orchestrator.soup import engine, evaluate, provenance, recipes, writer
-from orchestrator.soup import plan as read_plan
+from orchestrator.soup import engine, evaluate, provenance, recipes, segments, writer
 from orchestrator.soup.ingredients import resolve
-from orchestrator.soup.kitchen import Kitchen, Plan
+from orchestrator.soup.kitchen import Kitchen, Mixture
 from orchestrator.soup.reader import open_source
 
 if TYPE_CHECKING:
@@ -99,13 +98,13 @@ def build_judge(kitchen: Kitchen) -> evaluate.Judge:
 # --- the recipes -------------------------------------------------------------------------------
 
 
-def choose(kitchen: Kitchen) -> Plan:
+def choose(kitchen: Kitchen) -> Mixture:
     cfg, srcs = kitchen.cfg, kitchen.sources
     if cfg.recipe == "uniform":
-        return Plan(srcs)
+        return Mixture(srcs)
     if cfg.recipe == "weighted":
         weights = engine.normalised(cfg.weights, len(srcs))
-        return Plan(srcs, weights, details={"weights": weights})
+        return Mixture(srcs, weights, details={"weights": weights})
     judge = kitchen.judge
     assert judge is not None
     scores = score_ingredients(kitchen)
@@ -119,15 +118,15 @@ def choose(kitchen: Kitchen) -> Plan:
                 for i, ok, s in zip(g.order[1:], g.accepted, g.soup_scores, strict=True)
             ],
         }
-        return Plan([srcs[i] for i in g.chosen], None, None, details, scores)
+        return Mixture([srcs[i] for i in g.chosen], None, None, details, scores)
     got = recipes.learned(
         judge, srcs, per_layer=cfg.per_layer, epochs=cfg.learned_epochs, lr=cfg.learned_lr,
         max_memory_gb=cfg.max_memory_gb,
     )  # fmt: skip
     details = {"per_layer": cfg.per_layer, "epoch_losses": got.losses}
     if got.weights is not None:
-        return Plan(srcs, got.weights, None, {**details, "weights": got.weights}, scores)
-    return Plan(srcs, None, got.state, {**details, "coefficients": got.per_layer}, scores)
+        return Mixture(srcs, got.weights, None, {**details, "weights": got.weights}, scores)
+    return Mixture(srcs, None, got.state, {**details, "coefficients": got.per_layer}, scores)
 
 
 def score_ingredients(kitchen: Kitchen) -> list[dict[str, float]]:
@@ -207,19 +206,19 @@ def _cook_checked(kitchen: Kitchen, progress: Callable[[int], object] | None,
         labels = [i.label for i in kitchen.ingredients]
         related = evaluate.check_related(kitchen.judge, kitchen.sources, labels)
     t0 = time.perf_counter()
-    plan = choose(kitchen)
+    mixture = choose(kitchen)
     kitchen.timings["recipe_s"] = time.perf_counter() - t0
     if kitchen.cfg.recompute_bn:
-        plan = _recompute_bn(kitchen, plan)
+        mixture = _recompute_bn(kitchen, mixture)
     parent, name = writer.split_out(kitchen.out, kitchen.s3)
     strategy = commit_strategy(parent, writer.RECORD)
     attempt = strategy.prepare(name)
     t0 = time.perf_counter()
-    written, mixer_info = _write(kitchen, plan, parent, attempt.write_rel, progress, integrity)
+    written, mixer_info = _write(kitchen, mixture, parent, attempt.write_rel, progress, integrity)
     kitchen.timings["write_s"] = time.perf_counter() - t0
     if kitchen.cfg.recipe not in EVAL_RECIPES and not kitchen.cfg.allow_unrelated:
         related = _check_cosine(kitchen, mixer_info["cosine"])
-    record = provenance.record(kitchen, plan, written, mixer_info, related, attempt.data_dir)
+    record = provenance.record(kitchen, mixture, written, mixer_info, related, attempt.data_dir)
     if kitchen.judge is not None:
         record["soup_scores"] = _score_written(kitchen, parent, attempt.write_rel, written)
     if kitchen.cfg.report:
@@ -238,41 +237,41 @@ def _cook_checked(kitchen: Kitchen, progress: Callable[[int], object] | None,
     return record
 
 
-def _recompute_bn(kitchen: Kitchen, plan: Plan) -> Plan:
+def _recompute_bn(kitchen: Kitchen, mixture: Mixture) -> Mixture:
     judge = kitchen.judge
     assert judge is not None
     if not evaluate.has_batchnorm(judge):
         log.warning("--recompute-bn: the model has no BatchNorm layer; nothing to recompute")
-        return plan
-    state = plan.state if plan.state is not None else _in_memory(plan)
+        return mixture
+    state = mixture.state if mixture.state is not None else _in_memory(mixture)
     state = judge.recompute_bn(state)
-    return Plan(plan.sources, plan.weights, state, {**plan.details, "recomputed_bn": True},
-                plan.ingredient_scores)  # fmt: skip
+    details = {**mixture.details, "recomputed_bn": True}
+    return Mixture(mixture.sources, mixture.weights, state, details, mixture.ingredient_scores)
 
 
-def _in_memory(plan: Plan) -> dict[str, torch.Tensor]:
-    names = list(plan.sources[0].specs)
-    mixer = engine.Mixer(plan.sources, plan.weights, names)
+def _in_memory(mixture: Mixture) -> dict[str, torch.Tensor]:
+    names = list(mixture.sources[0].specs)
+    mixer = engine.Mixer(mixture.sources, mixture.weights, names)
     try:
         return {name: mixer.next(name) for name in names}
     finally:
         mixer.close()
 
 
-def _write(kitchen: Kitchen, plan: Plan, parent: Any, write_rel: str,
+def _write(kitchen: Kitchen, mixture: Mixture, parent: Any, write_rel: str,
            progress: Callable[[int], object] | None,
            integrity: provenance.Integrity) -> tuple[writer.Written, dict[str, Any]]:  # fmt: skip
     specs = kitchen.sources[0].specs
-    order = read_plan.storage_order(plan.sources[0])
+    order = segments.storage_order(mixture.sources[0])
     shards = writer.plan_shards(specs, int(kitchen.cfg.shard_mb * 1_000_000), order)
     metadata = {"format": "pt", "stockpot_soup": kitchen.cfg.recipe}
     names = [e.name for shard in shards for e in shard]
-    if plan.state is not None:
-        state = plan.state
+    if mixture.state is not None:
+        state = mixture.state
         written = writer.write_files(parent, write_rel, shards, lambda name: [state[name]],
                                      metadata, order=order, progress=progress)  # fmt: skip
         return written, {"cosine": None, "ties": {}, "bytes_read": 0}
-    mixer = engine.Mixer(plan.sources, plan.weights, names, workers=kitchen.cfg.read_workers,
+    mixer = engine.Mixer(mixture.sources, mixture.weights, names, workers=kitchen.cfg.read_workers,
                          checksums=kitchen.cfg.verify == "checksums")  # fmt: skip
     t0 = time.perf_counter()
     threads = engine.SingleThreaded()

@@ -1,6 +1,6 @@
 """The streaming mixer: a weighted mean of N ingredients, one segment of one tensor at a time.
 
-For each output tensor, in the order the writer asks for them, each segment of it (plan.py:
+For each output tensor, in the order the writer asks for them, each segment of it (segments.py:
 at most `chunk` bytes, or a whole small piece) is read from every ingredient (a bounded window
 of parallel reads ahead of the consumer, window.py) and added into one accumulator, float64
 for float32/float64 inputs and float32 for 16-bit ones, cast to the input dtype once at the
@@ -28,9 +28,8 @@ import torch
 import xxhash
 
 from orchestrator.errors import UsageError
-from orchestrator.soup import plan
+from orchestrator.soup import segments
 from orchestrator.soup.checks import StreamCheck
-from orchestrator.soup.plan import Read, Segment
 from orchestrator.soup.reader import (
     HEAD_BYTES,
     Source,
@@ -38,6 +37,7 @@ from orchestrator.soup.reader import (
     accumulator_dtype,
     same_layout,
 )
+from orchestrator.soup.segments import Read, Segment
 from orchestrator.soup.window import Stats, Window
 
 MIN_AHEAD = 512 << 10
@@ -184,11 +184,11 @@ class Mixer:
         self._signatures: dict[tuple[object, ...], str] = {}
         self._tie_candidates = _tie_candidates(self.specs)
         model = self.sources[0].model_bytes
-        self.chunk = chunk or plan.chunk_bytes(model)
+        self.chunk = chunk or segments.chunk_bytes(model)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="soup-read")
-        offsets = plan.head_offsets(self.sources, self.specs, self._contributors, self.chunk,
+        offsets = segments.head_offsets(self.sources, self.specs, self._contributors, self.chunk,
                                     self._pool)  # fmt: skip
-        self.segments = plan.build(self.sources, self.specs, self.names, self._contributors,
+        self.segments = segments.build(self.sources, self.specs, self.names, self._contributors,
                                    self._hashed, self.chunk, offsets)  # fmt: skip
         reads = [r for seg in self.segments for r in seg.reads]
         self.checks = StreamCheck(self.sources, reads, checksums)

@@ -1,5 +1,5 @@
 """The two records a soup is made of: the `Kitchen` (ingredients, opened and checked) and the
-`Plan` (what the recipe decided to write). Plain data, shared by cook and provenance.
+`Mixture` (what the recipe decided to mix). Plain data, shared by cook and provenance.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ class Kitchen:
 
 
 @dataclass
-class Plan:
-    """What to write: a streamed weighted mean of `sources`, or a state already in memory."""
+class Mixture:
+    """What the recipe decided: a weighted mean of `sources` to stream (weights None: uniform),
+    or a state already mixed in memory (`learned` per layer)."""
 
     sources: list[Source]
     weights: list[float] | None = None

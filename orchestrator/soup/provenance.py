@@ -16,7 +16,7 @@ from orchestrator.soup import writer
 from orchestrator.soup.reader import verify
 
 if TYPE_CHECKING:
-    from orchestrator.soup.kitchen import Kitchen, Plan
+    from orchestrator.soup.kitchen import Kitchen, Mixture
     from orchestrator.soup.reader import Source
 
 
@@ -55,12 +55,12 @@ class Integrity:
         self.kitchen.timings.setdefault("verify_s", time.perf_counter() - t0)
 
 
-def record(kitchen: Kitchen, plan: Plan, written: writer.Written, info: dict[str, Any],
+def record(kitchen: Kitchen, mixture: Mixture, written: writer.Written, info: dict[str, Any],
             related: dict[str, Any], data_dir: str) -> dict[str, Any]:  # fmt: skip
     from orchestrator.checkpoint.manifest import library_versions
 
     cfg = kitchen.cfg
-    chosen = {id(s) for s in plan.sources}
+    chosen = {id(s) for s in mixture.sources}
     ingredients = []
     for k, (ing, src) in enumerate(zip(kitchen.ingredients, kitchen.sources, strict=True)):
         entry = {
@@ -68,15 +68,15 @@ def record(kitchen: Kitchen, plan: Plan, written: writer.Written, info: dict[str
             "manifest_checksum": ing.manifest_checksum, "why": ing.why,
             "metrics": dict(ing.metrics), "in_soup": id(src) in chosen,
         }  # fmt: skip
-        if plan.ingredient_scores:
-            entry["scores"] = plan.ingredient_scores[k]
+        if mixture.ingredient_scores:
+            entry["scores"] = mixture.ingredient_scores[k]
         ingredients.append(entry)
     files = {(f"{data_dir}/{n}" if data_dir else n): asdict(e) for n, e in written.files.items()}
     params = {k: v for k, v in asdict(cfg).items() if k not in ("enabled",)}
     return {
         "recipe": cfg.recipe,
         "params": params,
-        "details": plan.details,
+        "details": mixture.details,
         "ingredients": ingredients,
         "related_check": related,
         "tied": {k: v for k, v in info.get("ties", {}).items()},

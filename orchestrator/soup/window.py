@@ -9,8 +9,8 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from orchestrator.soup.plan import Read
 from orchestrator.soup.reader import Source
+from orchestrator.soup.segments import Read
 
 
 @dataclass

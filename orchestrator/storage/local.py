@@ -45,8 +45,8 @@ def start_writeback(fd: int) -> None:
     """Start writing the file's dirty pages to disk now, without waiting for them (Linux
     `sync_file_range(SYNC_FILE_RANGE_WRITE)`, what RocksDB's bytes_per_sync does): a writer
     that calls this as it goes overlaps the disk's work with its own, and its final fsync waits
-    only for the rest. make bench: ~1.15x on one 155 MB stream. Durability is still the
-    fsync's; where the call is missing or fails, nothing happens."""
+    only for the rest (figures: bench/README.md, "Sync save: done", writeback). Durability is
+    still the fsync's; where the call is missing or fails, nothing happens."""
     call = _sync_file_range()
     if call is not None:
         call(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # offset 0, nbytes 0: the whole file
