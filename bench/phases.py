@@ -167,7 +167,7 @@ def s3_save_phase(trainee: Trainee, args: dict[str, Any]) -> None:
     local = Path(args["work"]) / "s3raw.bin"
     if dist.rank() == 0:
         raw_write(local, trainee.state())
-    fs = ckpt.run.fsspec_filesystem()
+    fs = ckpt.store.fsspec_filesystem()
     size = nbytes(trainee.state())
 
     def put() -> None:

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from orchestrator.checkpoint import dcp_write
+from orchestrator.checkpoint.background import BackgroundSaver
 from orchestrator.checkpoint.checkpointer import MANUAL, Checkpointer
 from orchestrator.checkpoint.snapshot import LazyCopy, tensor_key
 from orchestrator.state import ModelAndOptimizer, RNGState
@@ -40,6 +41,11 @@ def _checkpointer(url: str, model: nn.Module, optim: torch.optim.Optimizer, **kw
     ckpt.register("train", ModelAndOptimizer(model, optim))
     ckpt.register("rng", RNGState(), per_rank=True)
     return ckpt
+
+
+def _background(ckpt: Checkpointer) -> BackgroundSaver:
+    assert ckpt.background is not None, "an async Checkpointer has a background saver"
+    return ckpt.background
 
 
 def _state(model: nn.Module, optim: torch.optim.Optimizer) -> dict:
@@ -87,7 +93,7 @@ def test_training_during_a_held_write_leaves_the_save_as_it_was(
     slow = _SlowWrites(monkeypatch)
     ckpt.save(2)
     assert slow.inside.wait(timeout=60)
-    lazy = ckpt._lazy
+    lazy = _background(ckpt).lazy_copy
     assert lazy is not None
     threading.Timer(0.3, slow.go.set).start()
     t0 = time.perf_counter()
@@ -109,12 +115,12 @@ def test_a_write_that_ends_before_the_next_step_copies_nothing(tmp_path: Path) -
         _train(model, optim)
         states[step] = _state(model, optim)
         ckpt.save(step)
-        lazy = ckpt._lazy
+        lazy = _background(ckpt).lazy_copy
         ckpt.wait()  # written and committed before the optimizer's next step
         _train(model, optim)
         assert lazy is not None and lazy.copied_bytes == 0
     ckpt.close()
-    assert not ckpt._pool, "no staging memory was ever needed"
+    assert _background(ckpt).copy_buffer_bytes == 0, "no copy was ever needed"
     for step in (1, 2, 3):
         assert_same(states[step], _restored(str(tmp_path), step))
 
@@ -138,13 +144,14 @@ def test_copies_reuse_their_buffers_save_to_save(tmp_path: Path, monkeypatch) ->
         states[step] = _state(model, optim)
         ckpt.save(step)
         _train(model, optim)  # before the writer starts: everything is copied
-        params = [tensor_key(p) for p in model.parameters()]
-        addresses.append([ckpt._pool[k].data_ptr() for k in params])
+        buffers = [_background(ckpt).copy_buffer(p) for p in model.parameters()]
+        addresses.append([b.data_ptr() for b in buffers if b is not None])
         gate.set()
         ckpt.wait()
         gate.clear()
     ckpt.close()
-    assert addresses[0] and addresses[0] == addresses[1] == addresses[2]
+    assert len(addresses[0]) == len(list(model.parameters()))
+    assert addresses[0] == addresses[1] == addresses[2]
     for step in (1, 2, 3):
         assert_same(states[step], _restored(str(tmp_path), step))
 
@@ -158,7 +165,9 @@ def test_a_model_without_optimizer_is_staged_up_front(tmp_path: Path) -> None:
     with torch.no_grad():
         model[0].weight.add_(1.0)  # nothing says when a bare model changes: it was copied
     ckpt.close()
-    assert ckpt._lazy is None and ckpt._staging["model"]["model"]["0.weight"] is not None
+    background = _background(ckpt)
+    staged = background.staged["model"]["model"]["0.weight"]
+    assert background.lazy_copy is None and staged.data_ptr() != model[0].weight.data_ptr()
     back, _ = _model()
     restore = Checkpointer(Store(str(tmp_path)))
     restore.register("model", ModelAndOptimizer(back))

@@ -1,212 +1,30 @@
-"""The Checkpointer in one process: async saves, failures, fallback, races, garbage, retention."""
+"""The Checkpointer in one process, saving: registration, failures, retention, garbage, and
+two writers racing for one step."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import logging
 import threading
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 from orchestrator.checkpoint import catalog
-from orchestrator.checkpoint.checkpointer import MANUAL, Checkpointer
+from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.checkpoint.commit import Attempt, NonceCommit, RenameCommit, commit_strategy
 from orchestrator.checkpoint.layout import MANIFEST_NAME
 from orchestrator.config.checkpoint import CheckpointConfig, KeepBest
-from orchestrator.errors import CheckpointCorrupt, CheckpointError
-from orchestrator.state import ModelAndOptimizer, RNGState
+from orchestrator.errors import CheckpointError
+from orchestrator.state import RNGState
 from orchestrator.storage import Store
-from tests.ckpt_helpers import assert_same
-
-ASYNC = dataclasses.replace(MANUAL, async_save=True)  # saves when told, deletes nothing
-
-
-class GatedStore(Store):
-    """A real Store whose manifest writes wait for a gate (or fail), to hold a commit open."""
-
-    def __init__(
-        self, url: str, gate: threading.Event | threading.Barrier | None = None, fail: bool = False
-    ) -> None:
-        super().__init__(url)
-        self.gate, self.fail = gate, fail
-
-    def write_bytes(self, rel: str, data: bytes, *, create_only: bool = False) -> None:
-        if rel.endswith(MANIFEST_NAME):
-            if self.fail:
-                raise OSError("injected: disk on fire")
-            if isinstance(self.gate, threading.Barrier):
-                self.gate.wait(timeout=60)
-            elif self.gate is not None:
-                assert self.gate.wait(timeout=60)
-        super().write_bytes(rel, data, create_only=create_only)
-
-
-def _model() -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-    return model, torch.optim.AdamW(model.parameters(), lr=0.05)
-
-
-def _train(model: nn.Module, optim: torch.optim.Optimizer, steps: int = 1) -> None:
-    for _ in range(steps):
-        model(torch.randn(4, 8)).pow(2).mean().backward()
-        optim.step()
-        optim.zero_grad()
-
-
-def _checkpointer(
-    store: Store, model: nn.Module, optim: torch.optim.Optimizer, **kw
-) -> Checkpointer:
-    ckpt = Checkpointer(store, **kw)
-    ckpt.register("train", ModelAndOptimizer(model, optim))
-    ckpt.register("rng", RNGState(), per_rank=True)
-    return ckpt
-
-
-def _fresh_restore(url: str, **kw) -> tuple[nn.Module, torch.optim.Optimizer, object]:
-    model, optim = _model()
-    with torch.no_grad():
-        model[0].weight.add_(1.0)  # differs from anything saved
-    ckpt = _checkpointer(Store(url), model, optim)
-    return model, optim, ckpt.restore(**kw)
-
-
-def test_async_save_stages_then_commits_the_state_of_the_save_step(tmp_path: Path) -> None:
-    gate = threading.Event()
-    model, optim = _model()
-    _train(model, optim, 2)
-    at_save = {k: v.clone() for k, v in model.state_dict().items()}
-    ckpt = _checkpointer(GatedStore(str(tmp_path), gate), model, optim, config=ASYNC)
-    ckpt.save(2)
-    _train(model, optim, 3)  # training continues while the save is held open
-    assert catalog.scan(Store(str(tmp_path))).committed == [], "not committed before the gate opens"
-    gate.set()
-    info = ckpt.wait()
-    assert info is not None and info.step == 2
-    ckpt.close()
-    restored, _, _ = _fresh_restore(str(tmp_path))
-    assert_same(at_save, restored.state_dict())
-    assert not torch.equal(restored[0].weight, model[0].weight)
-
-
-def test_at_most_one_save_in_flight(tmp_path: Path) -> None:
-    gate = threading.Event()
-    model, optim = _model()
-    ckpt = _checkpointer(GatedStore(str(tmp_path), gate), model, optim, config=ASYNC)
-    ckpt.save(1)
-    second = threading.Thread(target=ckpt.save, args=(2,))
-    second.start()
-    second.join(timeout=1.0)
-    assert second.is_alive(), "the second save waits for the first"
-    gate.set()
-    second.join(timeout=60)
-    ckpt.close()
-    assert [c.step for c in catalog.scan(Store(str(tmp_path))).committed] == [1, 2]
-
-
-def test_background_failure_surfaces_at_next_save_and_at_close(tmp_path: Path) -> None:
-    model, optim = _model()
-    ckpt = _checkpointer(GatedStore(str(tmp_path), fail=True), model, optim, config=ASYNC)
-    ckpt.save(1)  # returns: the failure happens in the background
-    with pytest.raises(
-        CheckpointError, match="step 1 not committed: OSError: injected: disk on fire"
-    ):
-        ckpt.save(2)  # raised before step 2 is staged: nothing new is in flight
-    ckpt.save(3)
-    with pytest.raises(CheckpointError, match="step 3 not committed"):
-        ckpt.close()
-    assert catalog.scan(Store(str(tmp_path))).committed == []
-
-
-def test_sync_failure_raises_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
-    model, optim = _model()
-    _checkpointer(Store(str(tmp_path)), model, optim).save(1)
-    with pytest.raises(CheckpointError, match="step 2 not committed"):
-        _checkpointer(GatedStore(str(tmp_path), fail=True), model, optim).save(2)
-    assert [c.step for c in catalog.scan(Store(str(tmp_path))).committed] == [1]
-
-
-def test_flipped_byte_falls_back_loudly_to_the_previous_checkpoint(tmp_path: Path, caplog) -> None:
-    model, optim = _model()
-    ckpt = _checkpointer(Store(str(tmp_path)), model, optim)
-    _train(model, optim)
-    ckpt.save(1)
-    at_one = {k: v.clone() for k, v in model.state_dict().items()}
-    _train(model, optim)
-    ckpt.save(2)
-    shard = next((tmp_path / "checkpoints/step-000000002").glob("*.distcp"))
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    shard.write_bytes(bytes(data))
-    with caplog.at_level(logging.ERROR):
-        restored, _, info = _fresh_restore(str(tmp_path))
-    assert info.step == 1
-    assert_same(at_one, restored.state_dict())
-    assert "step-000000002 FAILED verification" in caplog.text and shard.name in caplog.text
-    with pytest.raises(CheckpointCorrupt, match=f"{shard.name}: checksum mismatch"):
-        _fresh_restore(str(tmp_path), step=2)
-
-
-def _flip_a_byte(step_dir: Path) -> Path:
-    shard = next(step_dir.glob("*.distcp"))
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    shard.write_bytes(bytes(data))
-    return shard
-
-
-def test_the_newest_checkpoint_is_checked_while_it_loads(tmp_path: Path, monkeypatch) -> None:
-    """The checksum pass of the newest checkpoint runs on its own thread while the main one
-    loads (restoring.py), so the files come from disk once; the state is the saved one."""
-    model, optim = _model()
-    _train(model, optim)
-    ckpt = _checkpointer(Store(str(tmp_path)), model, optim)
-    ckpt.save(1)
-    at_one = {k: v.clone() for k, v in model.state_dict().items()}
-    threads: dict[str, set[str]] = {}
-    verify = catalog.verify
-
-    def spying(*args, **kwargs):
-        threads.setdefault("verify", set()).add(threading.current_thread().name)
-        return verify(*args, **kwargs)
-
-    monkeypatch.setattr(catalog, "verify", spying)
-    restored, _, info = _fresh_restore(str(tmp_path))
-    assert info.step == 1
-    assert_same(at_one, restored.state_dict())
-    assert threads["verify"] and threading.main_thread().name not in threads["verify"]
-
-
-def test_no_verifying_checkpoint_refuses_to_start_over(tmp_path: Path) -> None:
-    """Every committed checkpoint is bad: the restore raises with the fix instead of training
-    from scratch on a state that holds part of the newest (it was loaded while checked)."""
-    model, optim = _model()
-    ckpt = _checkpointer(Store(str(tmp_path)), model, optim)
-    for step in (1, 2):
-        _train(model, optim)
-        ckpt.save(step)
-    for step in (1, 2):
-        _flip_a_byte(tmp_path / f"checkpoints/step-{step:09d}")
-    with pytest.raises(
-        CheckpointCorrupt, match=r"none of the 2 committed checkpoint\(s\).*stockpot verify"
-    ):
-        _fresh_restore(str(tmp_path))
-
-
-def test_size_check_runs_even_with_checksums_off(tmp_path: Path) -> None:
-    model, optim = _model()
-    ckpt = _checkpointer(Store(str(tmp_path)), model, optim)
-    ckpt.save(1)
-    ckpt.save(2)
-    shard = next((tmp_path / "checkpoints/step-000000002").glob("*.distcp"))
-    shard.write_bytes(shard.read_bytes()[:-1])
-    sizes_only = dataclasses.replace(MANUAL, verify_checksums=False)
-    fresh = _checkpointer(Store(str(tmp_path)), *_model(), config=sizes_only)
-    assert fresh.restore().step == 1
+from tests.checkpointer_fixtures import (
+    GatedStore,
+    checkpointer,
+    fresh_restore,
+    model_and_optimizer,
+    train,
+)
 
 
 def test_user_registered_state_and_hooks_round_trip(tmp_path: Path) -> None:
@@ -245,18 +63,26 @@ def test_register_refuses_bad_names_and_arguments(tmp_path: Path) -> None:
         ckpt.register("x", save=dict)
 
 
+def test_sync_failure_raises_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    model, optim = model_and_optimizer()
+    checkpointer(Store(str(tmp_path)), model, optim).save(1)
+    with pytest.raises(CheckpointError, match="step 2 not committed"):
+        checkpointer(GatedStore(str(tmp_path), fail=True), model, optim).save(2)
+    assert [c.step for c in catalog.scan(Store(str(tmp_path))).committed] == [1]
+
+
 def test_saving_a_committed_step_again_is_refused(tmp_path: Path) -> None:
-    model, optim = _model()
-    ckpt = _checkpointer(Store(str(tmp_path)), model, optim)
+    model, optim = model_and_optimizer()
+    ckpt = checkpointer(Store(str(tmp_path)), model, optim)
     ckpt.save(3)
     with pytest.raises(CheckpointError, match="step-000000003 is already committed"):
         ckpt.save(3)
 
 
 def test_retention_keeps_newest_and_best(tmp_path: Path) -> None:
-    model, optim = _model()
+    model, optim = model_and_optimizer()
     cfg = CheckpointConfig(keep_last=2, keep_best=KeepBest("eval/loss", "min", 1))
-    ckpt = _checkpointer(Store(str(tmp_path)), model, optim, config=cfg)
+    ckpt = checkpointer(Store(str(tmp_path)), model, optim, config=cfg)
     for step, loss in [(1, 5.0), (2, 0.5), (3, 4.0), (4, 3.0), (5, 2.0)]:
         ckpt.save(step, {"eval/loss": loss})
     ckpt.wait()  # retention runs in the background after each commit (upkeep.py)
@@ -279,9 +105,9 @@ def test_each_save_reads_only_its_own_manifest_however_many_are_kept(tmp_path: P
     """Retention plans after every commit over every kept checkpoint: their manifests are read
     once per Checkpointer, not once per save (20 kept would be 20 GETs a save on S3). A thinned
     manifest is read again, so its new weights_only flag is seen and it is thinned only once."""
-    model, optim = _model()
+    model, optim = model_and_optimizer()
     cfg = CheckpointConfig(keep_last=2, keep_weights_every_steps=1)
-    ckpt = _checkpointer(CountingStore(str(tmp_path)), model, optim, config=cfg)
+    ckpt = checkpointer(CountingStore(str(tmp_path)), model, optim, config=cfg)
     reads = []
     for step in range(1, 11):
         before = CountingStore.manifest_reads
@@ -302,24 +128,24 @@ def test_keep_weights_improved_keeps_the_weights_of_improving_checkpoints(tmp_pa
     """`checkpoint.keep_weights_improved` on real saves: each checkpoint that improved eval/loss
     keeps its weights (its optimizer files deleted, its manifest still naming only files that
     exist); the others go; resume still picks the newest full one."""
-    model, optim = _model()
+    model, optim = model_and_optimizer()
     cfg = CheckpointConfig(keep_last=1, keep_weights_improved=("eval/loss",))
-    ckpt = _checkpointer(Store(str(tmp_path)), model, optim, config=cfg)
+    ckpt = checkpointer(Store(str(tmp_path)), model, optim, config=cfg)
     for step, loss in [(1, 0.9), (2, 0.95), (3, 0.8), (4, 0.85), (5, 0.99)]:
-        _train(model, optim)
+        train(model, optim)
         ckpt.save(step, {"eval/loss": loss})
     ckpt.close()
     found = catalog.scan(Store(str(tmp_path))).committed
     assert [(c.step, c.manifest.weights_only) for c in found] == [(1, True), (3, True), (5, False)]
     for info in found:
         assert catalog.verify(Store(str(tmp_path)).child(info.rel), info.manifest) == []
-    _, _, info = _fresh_restore(str(tmp_path))
+    _, _, info = fresh_restore(str(tmp_path))
     assert info is not None and info.step == 5
 
 
 def test_garbage_from_an_interrupted_session_is_collected_at_the_next_save(tmp_path: Path) -> None:
-    model, optim = _model()
-    _checkpointer(Store(str(tmp_path)), model, optim).save(5)
+    model, optim = model_and_optimizer()
+    checkpointer(Store(str(tmp_path)), model, optim).save(5)
     ck = tmp_path / "checkpoints"
     for name in (".tmp-step-000000006-deadbeef", "step-000000003", "step-000000009"):
         (ck / name).mkdir()
@@ -334,7 +160,7 @@ def test_garbage_from_an_interrupted_session_is_collected_at_the_next_save(tmp_p
     assert [c.step for c in scan.committed] == [5]
     assert [rel for rel, _ in scan.corrupt] == ["checkpoints/step-000000001"]
     assert "escapes the checkpoint" in scan.corrupt[0][1]
-    _checkpointer(Store(str(tmp_path)), model, optim).save(10)
+    checkpointer(Store(str(tmp_path)), model, optim).save(10)
     left = sorted(p.name for p in ck.iterdir())
     # temp dir and the uncommitted step older than the newest commit are gone; the uncommitted
     # newer one is left (it could belong to a writer still running); the corrupt one is never touched
@@ -348,9 +174,9 @@ def test_two_writers_race_to_commit_one_step_on_s3(s3_server, s3_bucket, monkeyp
     outcomes: list[object] = []
 
     def writer() -> None:
-        model, optim = _model()
+        model, optim = model_and_optimizer()
         try:
-            _checkpointer(GatedStore(url, barrier), model, optim).save(7)
+            checkpointer(GatedStore(url, barrier), model, optim).save(7)
             outcomes.append("committed")
         except CheckpointError as exc:
             outcomes.append(exc)
@@ -365,31 +191,13 @@ def test_two_writers_race_to_commit_one_step_on_s3(s3_server, s3_bucket, monkeyp
     assert "another writer committed" in str(loser) and "step-000000007 first" in str(loser)
     (info,) = catalog.scan(Store(url)).committed
     assert catalog.verify(Store(url).child(info.rel), info.manifest) == []
-    _, _, restored = _fresh_restore(url)
+    _, _, restored = fresh_restore(url)
     assert restored.step == 7
     # the loser's attempt is garbage inside the committed step; the next session removes it
     assert len(Store(url).list(info.rel)) == 3
-    model, optim = _model()
-    _checkpointer(Store(url), model, optim).save(8)
+    model, optim = model_and_optimizer()
+    checkpointer(Store(url), model, optim).save(8)
     assert sorted(Store(url).list(info.rel)) == sorted([MANIFEST_NAME, info.manifest.data_dir])
-
-
-def test_tampered_dcp_metadata_cannot_run_code(tmp_path: Path) -> None:
-    import os
-    import pickle
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("touch " + str(tmp_path / "pwned"),))
-
-    model, optim = _model()
-    _checkpointer(Store(str(tmp_path)), model, optim).save(1)
-    (tmp_path / "checkpoints/step-000000001/.metadata").write_bytes(pickle.dumps(Evil()))
-    from orchestrator.checkpoint import dcp_io
-
-    with pytest.raises(CheckpointCorrupt, match=r"refusing to load posix\.system"):
-        dcp_io.read_metadata(Store(str(tmp_path)), "checkpoints/step-000000001")
-    assert not (tmp_path / "pwned").exists()
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])

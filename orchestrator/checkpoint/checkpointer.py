@@ -1,10 +1,10 @@
 """The Checkpointer: register what must survive, save on a schedule, `restore()`; async, retention.
 
 Every rank calls the same methods in the same order. One rank (the leader, global rank 0) picks
-where a checkpoint is written and commits it by writing MANIFEST.json last (through the commit
-protocol of `commit.py`), applies retention (in the background, `upkeep.py`) and collects
-garbage; each decision is broadcast (`dist.leader_decides`) so every rank returns or raises
-alike.
+where a checkpoint is written and commits it by writing MANIFEST.json last, applies retention
+and collects garbage (`committer.py`); each decision is broadcast (`dist.leader_decides`) so
+every rank returns or raises alike. With async_save a save is written on a thread of its own
+while training goes on (`background.py`); without it, `save` returns once it is committed.
 
     ckpt = Checkpointer(Store(run_dir),
                         config=CheckpointConfig(every_steps=100, keep_last=3, async_save=True))
@@ -19,29 +19,27 @@ alike.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from orchestrator import dist
-from orchestrator.checkpoint import catalog, dcp_io, rank_state, restoring, snapshot
+from orchestrator.checkpoint import dcp_io, rank_state, restoring
+from orchestrator.checkpoint.background import BackgroundSaver
 from orchestrator.checkpoint.catalog import CheckpointInfo
-from orchestrator.checkpoint.commit import Attempt, commit_strategy, gathered_files
-from orchestrator.checkpoint.layout import MANIFEST_NAME, rank_state_name, step_rel
-from orchestrator.checkpoint.manifest import FileEntry, Manifest, hash_bytes
+from orchestrator.checkpoint.commit import Attempt
+from orchestrator.checkpoint.committer import Committer
+from orchestrator.checkpoint.layout import rank_state_name
+from orchestrator.checkpoint.manifest import FileEntry, hash_bytes
 from orchestrator.checkpoint.retention import NO_HOOKS, RetentionHooks
 from orchestrator.checkpoint.schedule import due
-from orchestrator.checkpoint.snapshot import Key, LazyCopy, live_tensors, stage
-from orchestrator.checkpoint.stateful import Handle, Hooks, Stateful
-from orchestrator.checkpoint.upkeep import BackgroundRetention, collect_garbage
+from orchestrator.checkpoint.snapshot import Snapshot
+from orchestrator.checkpoint.stateful import Hooks, Stateful
 from orchestrator.config.checkpoint import CheckpointConfig
-from orchestrator.dist import one_line
-from orchestrator.errors import CheckpointCorrupt, CheckpointError, StockpotError
+from orchestrator.dist import Group, one_line
+from orchestrator.errors import CheckpointCorrupt, CheckpointError
 from orchestrator.logs import LEADER_ONLY
 from orchestrator.storage import Store
 
@@ -52,20 +50,14 @@ log = logging.getLogger(__name__)
 MANUAL = CheckpointConfig(every_steps=None, keep_last=None)
 
 
-@dataclass
-class _Snapshot:
-    step: int
-    metrics: dict[str, float]
-    shared: dict[str, Any]  # DCP state: sharded or replicated tensors and small objects
-    per_rank: bytes | None  # this rank's JSON blob
-    timings: dict[str, float] = field(default_factory=dict)
-    lazy: LazyCopy | None = None  # the live tensors in `shared`, copied before they change
-
-
 class Checkpointer:
+    """What to save (`register`), and every rank's part of a save and a restore. With async_save
+    the writes run on `background` (a BackgroundSaver); the leader's part of each save is the
+    Committer's."""
+
     def __init__(
         self,
-        run: Store,
+        store: Store,
         *,
         config: CheckpointConfig = MANUAL,
         retention_hooks: RetentionHooks = NO_HOOKS,
@@ -79,35 +71,17 @@ class Checkpointer:
         its RetentionPolicy (and `retention_hooks`, the Python API's predicates) retention.
         `before_save` runs first in every save: what it writes (the metrics lines of the steps
         the checkpoint covers, which a resume never runs again) is durable by the commit."""
-        self.run = run
+        self.store = store
         self.config = config
         self._before_save = before_save
-        self._on_commit = on_commit  # (step, timings), on the leader, after each commit
-        self.async_save = config.async_save
-        self.verify_checksums = config.verify_checksums
-        # Committed manifests already read (retention's scans): each save reads only its own.
-        self._manifests: dict[str, CheckpointInfo] = {}
-        self.parallel, self.config_hash = parallel, config_hash
         self._clock = clock
         self._entries: dict[str, tuple[Stateful, bool]] = {}
-        self._commits = commit_strategy(run, MANIFEST_NAME)
-        # Background saves talk on their own gloo group (collective: created by every rank).
-        self._group = dist.new_gloo_group() if self.async_save else None
-        self._executor = (
-            ThreadPoolExecutor(1, "stockpot-ckpt", initializer=snapshot.yield_to_training)
-            if self.async_save
-            else None
-        )
-        self._in_flight: Future[CheckpointInfo] | None = None
-        self._in_flight_step: int | None = None
-        self._staging: Any = None  # host copy of the last async save, reused by the next
-        # Objects that say before their tensors change (`before_change`) are saved in the
-        # background without a copy up front (snapshot.LazyCopy); the rest are staged.
-        self._guards: dict[str, Handle] = {}
-        self._lazy: LazyCopy | None = None  # of the save in flight
-        self._pool: dict[Key, torch.Tensor] = {}  # LazyCopy's buffers, reused save to save
-        self._collected_garbage = False
-        self._retention = BackgroundRetention(run, config, retention_hooks, self._manifests, log)
+        # With async_save (collective: created by every rank alike); a sync save has none.
+        self.background = BackgroundSaver() if config.async_save else None
+        self._committer = Committer(
+            store, config, retention_hooks, parallel=parallel, config_hash=config_hash,
+            on_commit=on_commit, log=log,
+        )  # fmt: skip
         # The step whose state was last saved or restored (a fresh start, step 0, needs no
         # save), and when: what the schedule and `save_final` go by.
         self._saved_step, self._saved_time = 0, clock()
@@ -135,12 +109,10 @@ class Checkpointer:
             )
         if name in self._entries or "." in name or not name:
             raise ValueError(f"checkpoint state name {name!r} is empty, has a dot, or is taken")
-        self._entries[name] = (obj if obj is not None else Hooks(save, load), per_rank)  # type: ignore[arg-type]
-        guard = getattr(obj, "before_change", None)
-        if self.async_save and not per_rank and guard is not None:
-            handle = guard(self._freeze)
-            if handle is not None:
-                self._guards[name] = handle
+        entry = obj if obj is not None else Hooks(save, load)  # type: ignore[arg-type]
+        self._entries[name] = (entry, per_rank)
+        if self.background is not None and not per_rank:
+            self.background.guard(name, entry)
 
     # -- saving ---------------------------------------------------------------------------
 
@@ -173,77 +145,55 @@ class Checkpointer:
             self._before_save()
         self.wait()  # at most one save in flight; its failure surfaces here
         t0 = time.perf_counter()
-        snap = self._snapshot(step, metrics or {}, detach=self.async_save)
+        snap = self._snapshot(step, metrics or {})
         snap.timings["stage_s"] = time.perf_counter() - t0
-        if self._executor is None:
+        if self.background is None:
             self._write(snap)
         else:
-            self._in_flight_step = step
-            self._in_flight = self._executor.submit(self._write_guarded, snap)
+            self.background.submit(step, functools.partial(self._write, snap))
         self._saved_step, self._saved_time = step, self._clock()
 
     def wait(self) -> CheckpointInfo | None:
         """Block until the save in flight (if any) is committed and the retention after it is
         done (on the leader, upkeep.py); raise the save's error if it failed."""
-        future, self._in_flight, self._in_flight_step = self._in_flight, None, None
         try:
-            return future.result() if future is not None else None
+            return self.background.wait() if self.background is not None else None
         finally:
-            self._retention.wait()
+            self._committer.wait()
 
     def close(self) -> None:
-        """Commit the save in flight, then stop the background thread."""
+        """Commit the save in flight, then stop the background threads."""
         try:
             self.wait()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-            self._retention.close()
-            for handle in self._guards.values():
-                handle.remove()
-            self._guards.clear()
+            if self.background is not None:
+                self.background.close()
+            self._committer.close()
 
-    def _freeze(self) -> None:
-        """A guarded object is about to change its tensors: what the save in flight has not
-        written yet is copied now (on the training thread; the writer waits for nothing)."""
-        lazy = self._lazy
-        if lazy is not None:
-            lazy.freeze()
+    @property
+    def _group(self) -> Group:
+        """What saves and restores talk on: the background saver's group, or the default."""
+        return self.background.group if self.background is not None else None
 
-    def _snapshot(self, step: int, metrics: Mapping[str, float], *, detach: bool) -> _Snapshot:
+    def _snapshot(self, step: int, metrics: Mapping[str, float]) -> Snapshot:
         shared: dict[str, Any] = {}
         mine: dict[str, Any] = {}
         for name, (obj, per_rank) in self._entries.items():
             (mine if per_rank else shared)[name] = obj.state_dict()
         lazy = None
-        if detach:  # training goes on while the save is written: copies, now or lazily
-            eager = {k: v for k, v in shared.items() if k not in self._guards}
-            self._staging = stage(eager, self._staging)
-            found: list[torch.Tensor] = []
-            guarded = {k: live_tensors(v, found) for k, v in shared.items() if k in self._guards}
-            shared = {**self._staging, **guarded}
-            lazy = self._lazy = LazyCopy(found, self._pool) if found else None
+        if self.background is not None:  # training goes on while the save is written
+            shared, lazy = self.background.detach(shared)
         blob = rank_state.encode(mine) if mine else None
         metric_values = {k: float(v) for k, v in metrics.items()}
-        return _Snapshot(step, metric_values, shared, blob, lazy=lazy)
+        return Snapshot(step, metric_values, shared, blob, lazy=lazy)
 
-    def _write_guarded(self, snap: _Snapshot) -> CheckpointInfo:
-        try:
-            return self._write(snap)
-        except BaseException as exc:  # DCP's CheckpointException is a BaseException
-            if isinstance(exc, StockpotError):
-                raise
-            raise CheckpointError(
-                f"background save of step {snap.step} failed: {one_line(exc)}"
-            ) from exc
-
-    def _write(self, snap: _Snapshot) -> CheckpointInfo:
+    def _write(self, snap: Snapshot) -> CheckpointInfo:
         group = self._group
         t0 = time.perf_counter()
-        attempt = dist.leader_decides(lambda: self._prepare(snap.step), group)
+        attempt = dist.leader_decides(lambda: self._committer.prepare(snap.step), group)
         where = attempt.or_raise(CheckpointError, f"step {snap.step} not saved: ")
         try:
-            records = dcp_io.save_shards(snap.shared, self.run, where.write_rel, group, snap.lazy)
+            records = dcp_io.save_shards(snap.shared, self.store, where.write_rel, group, snap.lazy)
         finally:
             if snap.lazy is not None:
                 snap.lazy.done()
@@ -262,56 +212,16 @@ class Checkpointer:
             return {}, None
         name = rank_state_name(dist.rank())
         try:
-            self.run.write_bytes(f"{rel}/{name}", blob)
+            self.store.write_bytes(f"{rel}/{name}", blob)
         except Exception as exc:  # reported through the gather: a raise here would hang the others
             return {}, f"rank {dist.rank()}: {one_line(exc)}"
         return {name: hash_bytes(blob)}, None
 
-    # -- the leader's part (run through dist.leader_decides) ----------------------------------
-
-    def _prepare(self, step: int) -> Attempt:
-        if not self._collected_garbage:
-            collect_garbage(self.run, self._commits)
-            self._collected_garbage = True
-        # A bad checkpoint that the restore fell back past: this run writes its step again.
-        if catalog.drop_if_bad(self.run, step_rel(step), checksums=self.verify_checksums):
-            self._manifests.pop(step_rel(step), None)
-        return self._commits.prepare(step_rel(step))
-
-    def _commit(self, attempt: Attempt, snap: _Snapshot, gathered: Any) -> CheckpointInfo:
-        files = gathered_files(attempt, gathered)
-        t0 = time.perf_counter()
-        timings = dict(snap.timings)
-        manifest = Manifest(
-            step=snap.step,
-            files=files,
-            world_size=dist.world_size(),
-            parallel=self.parallel,
-            config_hash=self.config_hash,
-            metrics=snap.metrics,
-            timings=timings,
-            data_dir=attempt.data_dir,
-        )
-        self._commits.commit(attempt, manifest.to_json())
-        timings["commit_s"] = time.perf_counter() - t0
-        copied = (
-            f", copied at the next step {snap.lazy.copied_bytes / 1e6:.1f} MB" if snap.lazy else ""
-        )
-        log.info(
-            "committed %s (%.1f MB, %s%s)",
-            self.run.path(attempt.final_rel),
-            manifest.total_bytes / 1e6,
-            ", ".join(f"{k} {v:.3f}" for k, v in timings.items()),
-            copied,
-        )
-        if self._on_commit is not None:
-            self._on_commit(snap.step, timings)
-        info = self._manifests[attempt.final_rel] = CheckpointInfo(
-            snap.step, attempt.final_rel, manifest
-        )  # retention's scan need not read back what was just written
-        self._retention.start(
-            protected=() if self._in_flight_step is None else (self._in_flight_step,)
-        )
+    def _commit(self, attempt: Attempt, snap: Snapshot, gathered: Any) -> CheckpointInfo:
+        """On the leader; the retention pass after it spares the save in flight."""
+        info = self._committer.commit(attempt, snap, gathered)
+        in_flight = self.background.in_flight_step if self.background is not None else None
+        self._committer.start_retention(protected=() if in_flight is None else (in_flight,))
         return info
 
     # -- restoring ------------------------------------------------------------------------
@@ -322,7 +232,7 @@ class Checkpointer:
         (restoring.py: the newest is checked while it loads, so it is read once).
         Returns what was loaded, or None if nothing is committed; raises CheckpointCorrupt
         when committed checkpoints exist and none verifies."""
-        listed = dist.leader_decides(lambda: restoring.candidates(self.run, step), self._group)
+        listed = dist.leader_decides(lambda: restoring.candidates(self.store, step), self._group)
         infos = listed.or_raise(CheckpointCorrupt)  # newest first
         shared = {
             name: obj.state_dict()
@@ -331,11 +241,11 @@ class Checkpointer:
         }
 
         def load(info: CheckpointInfo) -> None:
-            dcp_io.load_shards(shared, self.run, info.data_rel, self._group)
+            dcp_io.load_shards(shared, self.store, info.data_rel, self._group)
 
         info = restoring.newest_loaded(
-            self.run, infos, load if shared else None, self._group,
-            checksums=self.verify_checksums, exact=step is not None,
+            self.store, infos, load if shared else None, self._group,
+            checksums=self.config.verify_checksums, exact=step is not None,
         )  # fmt: skip
         if info is None:
             return None
@@ -343,7 +253,7 @@ class Checkpointer:
             self._entries[name][0].load_state_dict(state)
         self._restore_rank_state(info)
         self._saved_step, self._saved_time = info.step, self._clock()
-        log.info("restored %s (step %d)", self.run.path(info.rel), info.step, extra=LEADER_ONLY)
+        log.info("restored %s (step %d)", self.store.path(info.rel), info.step, extra=LEADER_ONLY)
         return info
 
     def _restore_rank_state(self, info: CheckpointInfo) -> None:
@@ -360,7 +270,7 @@ class Checkpointer:
                 ", ".join(per_rank),
             )
             return
-        state = rank_state.decode(self.run.read_bytes(f"{info.rel}/{name}"))
+        state = rank_state.decode(self.store.read_bytes(f"{info.rel}/{name}"))
         for key in per_rank:
             if key in state:
                 self._entries[key][0].load_state_dict(state[key])

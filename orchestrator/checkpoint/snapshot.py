@@ -1,4 +1,5 @@
-"""What a background save writes while training goes on: copies made up front, or made lazily.
+"""What a save writes: the state taken at its step (`Snapshot`); for a background save, which
+goes on while training does, copies of it made up front, or made lazily.
 
 `stage` copies every tensor into host buffers before the save call returns (the previous save's
 buffers, reused). It is always right, and it costs a memory copy of the whole state inside the
@@ -23,6 +24,7 @@ import os
 import threading
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +32,18 @@ from torch.distributed.tensor import DTensor
 
 Key = tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype]
 BACKGROUND_NICE = 10  # the background writer's nice value, relative to training's
+
+
+@dataclass
+class Snapshot:
+    """One save's state, taken on the training thread at `step`."""
+
+    step: int
+    metrics: dict[str, float]
+    shared: dict[str, Any]  # DCP state: sharded or replicated tensors and small objects
+    per_rank: bytes | None  # this rank's JSON blob
+    timings: dict[str, float] = field(default_factory=dict)
+    lazy: LazyCopy | None = None  # the live tensors in `shared`, copied before they change
 
 
 def yield_to_training() -> None:

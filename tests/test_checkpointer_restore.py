@@ -1,0 +1,110 @@
+"""The Checkpointer in one process, restoring: verification, fallback past a bad checkpoint,
+and what a tampered or truncated file cannot do."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+
+from orchestrator.checkpoint import catalog
+from orchestrator.checkpoint.checkpointer import MANUAL
+from orchestrator.errors import CheckpointCorrupt
+from orchestrator.storage import Store
+from tests.checkpointer_fixtures import (
+    checkpointer,
+    flip_a_byte,
+    fresh_restore,
+    model_and_optimizer,
+    train,
+)
+from tests.ckpt_helpers import assert_same
+
+
+def test_flipped_byte_falls_back_loudly_to_the_previous_checkpoint(tmp_path: Path, caplog) -> None:
+    model, optim = model_and_optimizer()
+    ckpt = checkpointer(Store(str(tmp_path)), model, optim)
+    train(model, optim)
+    ckpt.save(1)
+    at_one = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, optim)
+    ckpt.save(2)
+    shard = flip_a_byte(tmp_path / "checkpoints/step-000000002")
+    with caplog.at_level(logging.ERROR):
+        restored, _, info = fresh_restore(str(tmp_path))
+    assert info.step == 1
+    assert_same(at_one, restored.state_dict())
+    assert "step-000000002 FAILED verification" in caplog.text and shard.name in caplog.text
+    with pytest.raises(CheckpointCorrupt, match=f"{shard.name}: checksum mismatch"):
+        fresh_restore(str(tmp_path), step=2)
+
+
+def test_the_newest_checkpoint_is_checked_while_it_loads(tmp_path: Path, monkeypatch) -> None:
+    """The checksum pass of the newest checkpoint runs on its own thread while the main one
+    loads (restoring.py), so the files come from disk once; the state is the saved one."""
+    model, optim = model_and_optimizer()
+    train(model, optim)
+    ckpt = checkpointer(Store(str(tmp_path)), model, optim)
+    ckpt.save(1)
+    at_one = {k: v.clone() for k, v in model.state_dict().items()}
+    threads: dict[str, set[str]] = {}
+    verify = catalog.verify
+
+    def spying(*args, **kwargs):
+        threads.setdefault("verify", set()).add(threading.current_thread().name)
+        return verify(*args, **kwargs)
+
+    monkeypatch.setattr(catalog, "verify", spying)
+    restored, _, info = fresh_restore(str(tmp_path))
+    assert info.step == 1
+    assert_same(at_one, restored.state_dict())
+    assert threads["verify"] and threading.main_thread().name not in threads["verify"]
+
+
+def test_no_verifying_checkpoint_refuses_to_start_over(tmp_path: Path) -> None:
+    """Every committed checkpoint is bad: the restore raises with the fix instead of training
+    from scratch on a state that holds part of the newest (it was loaded while checked)."""
+    model, optim = model_and_optimizer()
+    ckpt = checkpointer(Store(str(tmp_path)), model, optim)
+    for step in (1, 2):
+        train(model, optim)
+        ckpt.save(step)
+    for step in (1, 2):
+        flip_a_byte(tmp_path / f"checkpoints/step-{step:09d}")
+    with pytest.raises(
+        CheckpointCorrupt, match=r"none of the 2 committed checkpoint\(s\).*stockpot verify"
+    ):
+        fresh_restore(str(tmp_path))
+
+
+def test_size_check_runs_even_with_checksums_off(tmp_path: Path) -> None:
+    model, optim = model_and_optimizer()
+    ckpt = checkpointer(Store(str(tmp_path)), model, optim)
+    ckpt.save(1)
+    ckpt.save(2)
+    shard = next((tmp_path / "checkpoints/step-000000002").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-1])
+    sizes_only = dataclasses.replace(MANUAL, verify_checksums=False)
+    fresh = checkpointer(Store(str(tmp_path)), *model_and_optimizer(), config=sizes_only)
+    assert fresh.restore().step == 1
+
+
+def test_tampered_dcp_metadata_cannot_run_code(tmp_path: Path) -> None:
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    model, optim = model_and_optimizer()
+    checkpointer(Store(str(tmp_path)), model, optim).save(1)
+    (tmp_path / "checkpoints/step-000000001/.metadata").write_bytes(pickle.dumps(Evil()))
+    from orchestrator.checkpoint import dcp_io
+
+    with pytest.raises(CheckpointCorrupt, match=r"refusing to load posix\.system"):
+        dcp_io.read_metadata(Store(str(tmp_path)), "checkpoints/step-000000001")
+    assert not (tmp_path / "pwned").exists()
