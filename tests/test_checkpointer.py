@@ -14,7 +14,7 @@ import torch.nn as nn
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.checkpoint.commit import Attempt, NonceCommit, RenameCommit, commit_strategy
-from orchestrator.checkpoint.layout import MANIFEST_NAME
+from orchestrator.checkpoint.format import MANIFEST_NAME
 from orchestrator.checkpoint.retention import KeepBest, RetentionPolicy
 from orchestrator.errors import CheckpointCorrupt, CheckpointError
 from orchestrator.state import ModelAndOptimizer, RNGState
@@ -381,10 +381,10 @@ def test_tampered_dcp_metadata_cannot_run_code(tmp_path: Path) -> None:
     model, optim = _model()
     _checkpointer(Store(str(tmp_path)), model, optim).save(1)
     (tmp_path / "checkpoints/step-000000001/.metadata").write_bytes(pickle.dumps(Evil()))
-    from orchestrator.checkpoint import dcp_io
+    from orchestrator.checkpoint.format import stored_items
 
     with pytest.raises(CheckpointCorrupt, match=r"refusing to load posix\.system"):
-        dcp_io.read_metadata(Store(str(tmp_path)), "checkpoints/step-000000001")
+        stored_items(Store(str(tmp_path)), "checkpoints/step-000000001")
     assert not (tmp_path / "pwned").exists()
 
 

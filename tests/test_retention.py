@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator import config
-from orchestrator.checkpoint.layout import step_dirname
+from orchestrator.checkpoint.format import step_dirname
 from orchestrator.checkpoint.retention import (
     Candidate,
     KeepBest,

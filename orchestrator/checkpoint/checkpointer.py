@@ -29,11 +29,21 @@ from typing import Any
 import torch
 
 from orchestrator import dist
-from orchestrator.checkpoint import catalog, dcp_io, rank_state, restoring, snapshot
+from orchestrator.checkpoint import catalog, restoring, snapshot
 from orchestrator.checkpoint.catalog import CheckpointInfo
 from orchestrator.checkpoint.commit import Attempt, commit_strategy, gathered_files
-from orchestrator.checkpoint.layout import MANIFEST_NAME, rank_state_name, step_rel
-from orchestrator.checkpoint.manifest import FileEntry, Manifest, hash_bytes
+from orchestrator.checkpoint.format import (
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    decode_rank_state,
+    encode_rank_state,
+    hash_bytes,
+    load_shards,
+    rank_state_name,
+    save_shards,
+    step_rel,
+)
 from orchestrator.checkpoint.retention import RetentionPolicy
 from orchestrator.checkpoint.schedule import SaveSchedule
 from orchestrator.checkpoint.snapshot import Key, LazyCopy, live_tensors, stage
@@ -219,14 +229,14 @@ class Checkpointer:
             guarded = {k: live_tensors(v, found) for k, v in shared.items() if k in self._guards}
             shared = {**self._staging, **guarded}
             lazy = self._lazy = LazyCopy(found, self._pool) if found else None
-        blob = rank_state.encode(mine) if mine else None
+        blob = encode_rank_state(mine) if mine else None
         metric_values = {k: float(v) for k, v in metrics.items()}
         return _Snapshot(step, metric_values, shared, blob, lazy=lazy)
 
     def _write_guarded(self, snap: _Snapshot) -> CheckpointInfo:
         try:
             return self._write(snap)
-        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        except BaseException as exc:  # even another rank's interrupt: training must hear of it
             if isinstance(exc, StockpotError):
                 raise
             raise CheckpointError(
@@ -239,7 +249,7 @@ class Checkpointer:
         attempt = dist.leader_decides(lambda: self._prepare(snap.step), group)
         where = attempt.or_raise(CheckpointError, f"step {snap.step} not saved: ")
         try:
-            records = dcp_io.save_shards(snap.shared, self.run, where.write_rel, group, snap.lazy)
+            records = save_shards(snap.shared, self.run, where.write_rel, group, snap.lazy)
         finally:
             if snap.lazy is not None:
                 snap.lazy.done()
@@ -327,7 +337,7 @@ class Checkpointer:
         }
 
         def load(info: CheckpointInfo) -> None:
-            dcp_io.load_shards(shared, self.run, info.data_rel, self._group)
+            load_shards(shared, self.run, info.data_rel, self._group)
 
         info = restoring.newest_loaded(
             self.run, infos, load if shared else None, self._group,
@@ -356,7 +366,7 @@ class Checkpointer:
                 ", ".join(per_rank),
             )
             return
-        state = rank_state.decode(self.run.read_bytes(f"{info.rel}/{name}"))
+        state = decode_rank_state(self.run.read_bytes(f"{info.rel}/{name}"))
         for key in per_rank:
             if key in state:
                 self._entries[key][0].load_state_dict(state[key])

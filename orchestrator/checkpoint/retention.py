@@ -7,7 +7,7 @@ weights rule does (keep_weights_every_steps, keep_weights_if: soup ingredients) 
 optimizer state: AdamW's is ~2x the model. Any other is deleted.
 
 Dropping the optimizer part never leaves a manifest naming a missing file: the optimizer state
-is in files of its own (layout.py), so a new manifest naming only the rest (weights_only, a
+is in files of its own (format/layout.py), so a new manifest naming only the rest (weights_only, a
 newer version) replaces the old one atomically (a temp file renamed over it; one PUT on S3)
 BEFORE those files are deleted. A kill in between leaves unnamed optimizer files, which the
 next sweep removes; resume never picks a weights-only checkpoint.
@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from orchestrator.checkpoint.layout import MANIFEST_NAME, is_optimizer_file, step_rel
+from orchestrator.checkpoint.format import MANIFEST_NAME, is_optimizer_file, step_rel
 from orchestrator.errors import require
 from orchestrator.metric_rules import improved_any
 

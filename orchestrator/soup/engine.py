@@ -27,12 +27,12 @@ import numpy as np
 import torch
 import xxhash
 
+from orchestrator.checkpoint.format import HEAD_BYTES
 from orchestrator.errors import UsageError
 from orchestrator.soup import plan
 from orchestrator.soup.checks import StreamCheck
 from orchestrator.soup.plan import Read, Segment
 from orchestrator.soup.reader import (
-    HEAD_BYTES,
     Source,
     TensorSpec,
     accumulator_dtype,
