@@ -54,6 +54,10 @@ FIXES: dict[str, str] = {
     "model.init_from": "`model.init_from` must come from the same architecture: match the "
     "model's config to the checkpoint's, or start without init_from.",
     "not committed": "See CheckpointError below; the previous commit is intact.",
+    "failed (rank": "A rank's DCP read or write failed, as the message says. Loading: the "
+    "registered state does not fit the checkpoint (a model or optimizer changed since it was "
+    "saved; resume with the config it was saved with). Writing: check free space and write "
+    "access of run.dir.",
     "task._target_": "The import path must name a class or function importable from the "
     "directory `stockpot run` starts in (`stockpot init NAME` makes one that is).",
     "overrides": "key=value overrides apply to a config: pass the YAML config, not a dir.",

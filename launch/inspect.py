@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from launch.jobs import JOBS_NAME, job_state, read_jobs
-from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, MANIFEST_NAME  # re only: light
+from orchestrator.checkpoint.format import CHECKPOINTS_DIR, MANIFEST_NAME  # no torch: light
 from orchestrator.errors import CheckpointCorrupt, UsageError
 
 if TYPE_CHECKING:
@@ -220,7 +220,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _verify_checkpoint(ckpt: Store) -> dict[str, Any]:
     from orchestrator.checkpoint import catalog
-    from orchestrator.checkpoint.layout import parse_step_dirname
+    from orchestrator.checkpoint.format import parse_step_dirname
 
     try:
         info = catalog.load_info(ckpt)
@@ -231,7 +231,7 @@ def _verify_checkpoint(ckpt: Store) -> dict[str, Any]:
 
 def _verify_run(run: Store) -> list[dict[str, Any]]:
     from orchestrator.checkpoint import catalog
-    from orchestrator.checkpoint.layout import parse_step_dirname
+    from orchestrator.checkpoint.format import parse_step_dirname
 
     found = catalog.scan(run)
     checked = []

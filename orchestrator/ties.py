@@ -11,13 +11,11 @@ No torch import here: `stockpot export` reads the ties without building the mode
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from orchestrator.storage import Store
 
 TIED_KEY = "tied"  # beside `model` and `optim` in ModelAndOptimizer's state
 
@@ -43,16 +41,3 @@ def truly_missing(missing: Iterable[str], groups: Iterable[Sequence[str]]) -> li
     absent = set(missing)
     loaded_via_tie = {name for group in groups if not absent.issuperset(group) for name in group}
     return [name for name in missing if name not in loaded_via_tie]
-
-
-def recorded_aliases(
-    ckpt: Store, data: str, metadata: Mapping[str, Any], model_prefix: str
-) -> dict[str, str]:
-    """alias -> owner, from the ties recorded beside the model under `model_prefix`
-    (`train.model.` -> `train.tied`); empty for a model without ties."""
-    from orchestrator.checkpoint import dcp_io
-
-    key = model_prefix.removesuffix("model.") + TIED_KEY
-    if key not in metadata:
-        return {}
-    return aliases(dcp_io.load_flat(ckpt, data, [key])[key])

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from orchestrator.checkpoint.checkpointer import Checkpointer
-from orchestrator.checkpoint.layout import MANIFEST_NAME
+from orchestrator.checkpoint.format import MANIFEST_NAME
 from orchestrator.state import ModelAndOptimizer, RNGState
 from orchestrator.storage import Store
 

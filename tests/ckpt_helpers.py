@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from orchestrator.checkpoint import catalog, dcp_io
+from orchestrator.checkpoint import catalog
+from orchestrator.checkpoint.format import load_flat, stored_items
 from orchestrator.storage import Store
 
 
@@ -51,5 +52,5 @@ def state_at(run_dir: Path | str, step: int, prefix: str = "train.model.") -> di
 
 
 def _load(store: Store, data_rel: str, prefix: str) -> dict[str, Any]:
-    keys = list(dcp_io.read_metadata(store, data_rel).state_dict_metadata)
-    return dcp_io.load_flat(store, data_rel, [k for k in keys if k.startswith(prefix)])
+    keys = list(stored_items(store, data_rel))
+    return load_flat(store, data_rel, [k for k in keys if k.startswith(prefix)])

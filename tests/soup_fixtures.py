@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from safetensors.torch import load
 
-from orchestrator.checkpoint import catalog, dcp_io
+from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.checkpointer import Checkpointer
+from orchestrator.checkpoint.format import load_flat, stored_items
 from orchestrator.config import load as load_config
 from orchestrator.config import to_yaml
 from orchestrator.state import ModelAndOptimizer
@@ -97,9 +98,9 @@ def dcp_model(ckpt: Path | str) -> dict[str, torch.Tensor]:
     """A committed checkpoint's model tensors, loaded by DCP itself (the independent path)."""
     store = Store(str(ckpt))
     info = catalog.load_info(store)
-    keys = list(dcp_io.read_metadata(store, info.data_rel).state_dict_metadata)
+    keys = list(stored_items(store, info.data_rel))
     model_keys = [k for k in keys if k.startswith("train.model.")]
-    loaded = dcp_io.load_flat(store, info.data_rel, model_keys)
+    loaded = load_flat(store, info.data_rel, model_keys)
     return {k.removeprefix("train.model."): v for k, v in loaded.items()}
 
 

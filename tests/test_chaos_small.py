@@ -16,8 +16,7 @@ import torch
 
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.checkpointer import Checkpointer
-from orchestrator.checkpoint.dcp_io import DiskFull
-from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, TMP_PREFIX
+from orchestrator.checkpoint.format import CHECKPOINTS_DIR, TMP_PREFIX, DiskFull
 from orchestrator.storage import Store
 from orchestrator.storage.check import StorageSetupError
 from tests.runs import REPO

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import pytest
 
 from orchestrator.checkpoint import catalog
-from orchestrator.checkpoint.layout import (
+from orchestrator.checkpoint.format import (
     CHECKPOINTS_DIR,
     MANIFEST_NAME,
     TMP_PREFIX,

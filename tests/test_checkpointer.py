@@ -13,7 +13,7 @@ import torch
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.checkpoint.commit import Attempt, NonceCommit, RenameCommit, commit_strategy
-from orchestrator.checkpoint.layout import MANIFEST_NAME
+from orchestrator.checkpoint.format import MANIFEST_NAME
 from orchestrator.config.checkpoint import CheckpointConfig, KeepBest
 from orchestrator.errors import CheckpointError
 from orchestrator.state import RNGState

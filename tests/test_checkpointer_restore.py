@@ -103,8 +103,8 @@ def test_tampered_dcp_metadata_cannot_run_code(tmp_path: Path) -> None:
     model, optim = model_and_optimizer()
     checkpointer(Store(str(tmp_path)), model, optim).save(1)
     (tmp_path / "checkpoints/step-000000001/.metadata").write_bytes(pickle.dumps(Evil()))
-    from orchestrator.checkpoint import dcp_io
+    from orchestrator.checkpoint.format import stored_items
 
     with pytest.raises(CheckpointCorrupt, match=r"refusing to load posix\.system"):
-        dcp_io.read_metadata(Store(str(tmp_path)), "checkpoints/step-000000001")
+        stored_items(Store(str(tmp_path)), "checkpoints/step-000000001")
     assert not (tmp_path / "pwned").exists()

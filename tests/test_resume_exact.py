@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.checkpoint import catalog, dcp_io
+from orchestrator.checkpoint import catalog
+from orchestrator.checkpoint.format import load_flat, stored_items
 from orchestrator.metrics import last_per_step, read_metrics
 from orchestrator.storage import Store
 from tests import runs
@@ -95,7 +96,7 @@ def test_world_size_two_to_one_continues_from_the_same_global_sample(tmp_path: P
     assert stockpot_run(run_dir, "trainer.max_steps=12", log=log) == 0
     store = Store(str(run_dir))
     at_two = catalog.scan(store).latest()
-    two = dcp_io.load_flat(store, at_two.data_rel, ["sampler.samples_seen", "train.model.0.weight"])
+    two = load_flat(store, at_two.data_rel, ["sampler.samples_seen", "train.model.0.weight"])
     assert (
         stockpot_run(
             run_dir,
@@ -109,7 +110,7 @@ def test_world_size_two_to_one_continues_from_the_same_global_sample(tmp_path: P
     )
     one = catalog.scan(store).latest()
     assert (one.step, one.manifest.world_size) == (16, 1)
-    after = dcp_io.load_flat(store, one.data_rel, ["sampler.samples_seen"])
+    after = load_flat(store, one.data_rel, ["sampler.samples_seen"])
     # 2 ranks x 64 per step for 12 steps, then 1 rank x 128 per step for 4 more
     assert two["sampler.samples_seen"] == 12 * 128
     assert after["sampler.samples_seen"] == 16 * 128
@@ -159,8 +160,8 @@ def _flatten(tree, prefix: str = "") -> dict:
 
 def final_state_at(store: Store, step: int) -> dict:
     (info,) = [c for c in catalog.scan(store).committed if c.step == step]
-    keys = list(dcp_io.read_metadata(store, info.data_rel).state_dict_metadata)
-    return dcp_io.load_flat(store, info.data_rel, [k for k in keys if k.startswith("train.model.")])
+    keys = list(stored_items(store, info.data_rel))
+    return load_flat(store, info.data_rel, [k for k in keys if k.startswith("train.model.")])
 
 
 def test_config_drift_is_refused_with_a_diff_but_max_steps_may_change(tmp_path: Path) -> None:

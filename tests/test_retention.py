@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator.checkpoint.layout import step_dirname
+from orchestrator.checkpoint.format import step_dirname
 from orchestrator.checkpoint.retention import (
     NO_HOOKS,
     Candidate,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.checkpoint.manifest import Manifest
+from orchestrator.checkpoint.format import Manifest
 from orchestrator.config import SoupConfig
 from orchestrator.errors import ConfigError, UsageError
 from orchestrator.metric_rules import improved_any, metric_mode

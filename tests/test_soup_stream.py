@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from orchestrator.checkpoint.checkpointer import Checkpointer
+from orchestrator.checkpoint.format import Piece
 from orchestrator.errors import CheckpointCorrupt
 from orchestrator.soup import engine
 from orchestrator.soup.ingredients import Ingredient
-from orchestrator.soup.reader import Piece, TensorSpec, open_source, plain_data_offset
+from orchestrator.soup.reader import TensorSpec, open_source
 from orchestrator.soup.writer import _ModelOnly
 from orchestrator.storage import Store
 
@@ -94,22 +95,6 @@ def _stored(tensor: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     torch.save(tensor, buf)
     return buf.getvalue()
-
-
-def test_plain_pieces_are_found_and_anything_else_is_not() -> None:
-    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
-    spec = TensorSpec("t", torch.float32, (3, 4))
-    piece = Piece("f", 0, len(_stored(t)), (0, 0), (3, 4))
-    raw = _stored(t)
-    at = plain_data_offset(raw[:4096], spec, piece)
-    assert at is not None and raw[at : at + 48] == t.numpy().tobytes()
-    transposed = torch.arange(12, dtype=torch.float32).reshape(4, 3).t()  # a strided view
-    assert plain_data_offset(_stored(transposed), spec, piece) is None
-    view = torch.arange(24, dtype=torch.float32)[12:].reshape(3, 4)  # storage holds more
-    assert plain_data_offset(_stored(view), spec, piece) is None
-    as_double = TensorSpec("t", torch.float64, (3, 4))
-    assert plain_data_offset(raw, as_double, piece) is None
-    assert plain_data_offset(b"not a zip at all", spec, piece) is None
 
 
 def test_a_piece_that_is_not_plain_is_read_whole_and_loaded(ckpts: list[Path]) -> None:

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.checkpointer import Checkpointer
-from orchestrator.checkpoint.layout import MANIFEST_NAME, is_optimizer_file
+from orchestrator.checkpoint.format import MANIFEST_NAME, is_optimizer_file
 from orchestrator.checkpoint.retention import Candidate, plan_retention
 from orchestrator.config.checkpoint import CheckpointConfig, RetentionPolicy
 from orchestrator.errors import CheckpointCorrupt

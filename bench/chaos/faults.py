@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.chaos import jobs
 from bench.chaos.jobs import EVERY, MAX_STEPS, Trial, argv_for, check
-from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, TMP_PREFIX
+from orchestrator.checkpoint.format import CHECKPOINTS_DIR, TMP_PREFIX
 from orchestrator.storage import Store
 
 KILL_VARIANTS = ("ddp-sync", "fsdp-async", "ddp-async", "fsdp-sync")

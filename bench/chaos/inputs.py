@@ -20,7 +20,7 @@ from pathlib import Path
 from bench.chaos import jobs
 from bench.chaos.jobs import EVERY, Trial, argv_for, check
 from orchestrator.checkpoint import catalog
-from orchestrator.checkpoint.layout import MANIFEST_NAME, rank_state_name
+from orchestrator.checkpoint.format import MANIFEST_NAME, rank_state_name
 from orchestrator.storage import Store
 
 TARGETS = ("MANIFEST.json", ".metadata", "shard", "rank-state", "config.yaml")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.checkpoint import catalog, dcp_io
-from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, TMP_PREFIX
+from orchestrator.checkpoint import catalog
+from orchestrator.checkpoint.format import CHECKPOINTS_DIR, TMP_PREFIX, load_flat, stored_items
 from orchestrator.storage import Store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,8 +135,8 @@ def final_weights(store: Store) -> dict[str, torch.Tensor]:
     found = [c for c in scan.committed if c.step == MAX_STEPS]
     check(bool(found), f"no committed checkpoint at step {MAX_STEPS}")
     rel = found[0].data_rel
-    keys = [k for k in dcp_io.read_metadata(store, rel).state_dict_metadata if ".model." in k]
-    return dcp_io.load_flat(store, rel, keys)
+    keys = [k for k in stored_items(store, rel) if ".model." in k]
+    return load_flat(store, rel, keys)
 
 
 def judge(store: Store, reference: Store, log: Path, *, verify: bool = True) -> None:

@@ -113,7 +113,7 @@ class BackgroundSaver:
     def _write_guarded(step: int, write: Callable[[], CheckpointInfo]) -> CheckpointInfo:
         try:
             return write()
-        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        except BaseException as exc:  # even another rank's interrupt: training must hear of it
             if isinstance(exc, StockpotError):
                 raise
             raise CheckpointError(

@@ -11,8 +11,13 @@ import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, MANIFEST_NAME, parse_step_dirname
-from orchestrator.checkpoint.manifest import Manifest, hash_stream
+from orchestrator.checkpoint.format import (
+    CHECKPOINTS_DIR,
+    MANIFEST_NAME,
+    Manifest,
+    hash_stream,
+    parse_step_dirname,
+)
 from orchestrator.errors import CheckpointCorrupt
 from orchestrator.logs import LEADER_ONLY
 from orchestrator.metric_rules import finite

@@ -26,13 +26,20 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from orchestrator import dist
-from orchestrator.checkpoint import dcp_io, rank_state, restoring
+from orchestrator.checkpoint import restoring
 from orchestrator.checkpoint.background import BackgroundSaver
 from orchestrator.checkpoint.catalog import CheckpointInfo
 from orchestrator.checkpoint.commit import Attempt
 from orchestrator.checkpoint.committer import Committer
-from orchestrator.checkpoint.layout import rank_state_name
-from orchestrator.checkpoint.manifest import FileEntry, hash_bytes
+from orchestrator.checkpoint.format import (
+    FileEntry,
+    decode_rank_state,
+    encode_rank_state,
+    hash_bytes,
+    load_shards,
+    rank_state_name,
+    save_shards,
+)
 from orchestrator.checkpoint.retention import NO_HOOKS, RetentionHooks
 from orchestrator.checkpoint.schedule import due
 from orchestrator.checkpoint.snapshot import Snapshot
@@ -183,7 +190,7 @@ class Checkpointer:
         lazy = None
         if self.background is not None:  # training goes on while the save is written
             shared, lazy = self.background.detach(shared)
-        blob = rank_state.encode(mine) if mine else None
+        blob = encode_rank_state(mine) if mine else None
         metric_values = {k: float(v) for k, v in metrics.items()}
         return Snapshot(step, metric_values, shared, blob, lazy=lazy)
 
@@ -193,7 +200,7 @@ class Checkpointer:
         attempt = dist.leader_decides(lambda: self._committer.prepare(snap.step), group)
         where = attempt.or_raise(CheckpointError, f"step {snap.step} not saved: ")
         try:
-            records = dcp_io.save_shards(snap.shared, self.store, where.write_rel, group, snap.lazy)
+            records = save_shards(snap.shared, self.store, where.write_rel, group, snap.lazy)
         finally:
             if snap.lazy is not None:
                 snap.lazy.done()
@@ -241,7 +248,7 @@ class Checkpointer:
         }
 
         def load(info: CheckpointInfo) -> None:
-            dcp_io.load_shards(shared, self.store, info.data_rel, self._group)
+            load_shards(shared, self.store, info.data_rel, self._group)
 
         info = restoring.newest_loaded(
             self.store, infos, load if shared else None, self._group,
@@ -270,7 +277,7 @@ class Checkpointer:
                 ", ".join(per_rank),
             )
             return
-        state = rank_state.decode(self.store.read_bytes(f"{info.rel}/{name}"))
+        state = decode_rank_state(self.store.read_bytes(f"{info.rel}/{name}"))
         for key in per_rank:
             if key in state:
                 self._entries[key][0].load_state_dict(state[key])

@@ -39,8 +39,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.checkpoint.layout import TMP_PREFIX
-from orchestrator.checkpoint.manifest import FileEntry
+from orchestrator.checkpoint.format import TMP_PREFIX, FileEntry
 from orchestrator.dist import one_line
 from orchestrator.errors import CheckpointError
 from orchestrator.storage import Store

@@ -15,8 +15,7 @@ from orchestrator import dist
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.catalog import CheckpointInfo
 from orchestrator.checkpoint.commit import Attempt, commit_strategy, gathered_files
-from orchestrator.checkpoint.layout import MANIFEST_NAME, step_rel
-from orchestrator.checkpoint.manifest import Manifest
+from orchestrator.checkpoint.format import MANIFEST_NAME, Manifest, step_rel
 from orchestrator.checkpoint.retention import RetentionHooks
 from orchestrator.checkpoint.snapshot import Snapshot
 from orchestrator.checkpoint.upkeep import BackgroundRetention, collect_garbage

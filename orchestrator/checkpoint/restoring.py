@@ -19,8 +19,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from torch.distributed.checkpoint.api import CheckpointException
-
 from orchestrator import dist
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.catalog import CheckpointInfo
@@ -97,7 +95,7 @@ def _load_while_verifying(
         failed: BaseException | None = None
         try:
             load(info)
-        except (Exception, CheckpointException) as exc:  # CheckpointException: BaseException
+        except Exception as exc:
             failed = exc
         found = checking.result()
     problems = _everyones(found, group)

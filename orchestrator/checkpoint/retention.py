@@ -9,7 +9,7 @@ keep_weights_improved, keep_weights_if: soup ingredients) loses its optimizer st
 ~2x the model. Any other is deleted.
 
 Dropping the optimizer part never leaves a manifest naming a missing file: the optimizer state
-is in files of its own (layout.py), so a new manifest naming only the rest (weights_only, a
+is in files of its own (format/layout.py), so a new manifest naming only the rest (weights_only, a
 newer version) replaces the old one atomically (a temp file renamed over it; one PUT on S3)
 BEFORE those files are deleted. A kill in between leaves unnamed optimizer files, which the
 next sweep removes; resume never picks a weights-only checkpoint.
@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from orchestrator.checkpoint.layout import MANIFEST_NAME, is_optimizer_file, step_rel
+from orchestrator.checkpoint.format import MANIFEST_NAME, is_optimizer_file, step_rel
 from orchestrator.config.checkpoint import KeepBest, RetentionPolicy
 from orchestrator.metric_rules import improved_any
 

@@ -112,9 +112,10 @@ class LazyCopy:
     """The live tensors of one background save, copied only when they are about to change.
 
     The writer threads call `take(t)` for each tensor they write (the copy, if one was made)
-    and `release()` when done with a file; `expect(keys)` says which tensors this rank writes
-    (DCP gives each replicated tensor to one rank). The owner's thread calls `freeze()` before
-    the tensors change; `done()` once the save is over (`freeze()` is then a no-op)."""
+    and `release()` when done with a file; `expect(tensors)` says which tensors this rank
+    writes (DCP gives each replicated tensor to one rank): the shard writer's
+    `format.LazyTensors`. The owner's thread calls `freeze()` before the tensors change;
+    `done()` once the save is over (`freeze()` is then a no-op)."""
 
     def __init__(self, tensors: Iterable[torch.Tensor], pool: dict[Key, torch.Tensor]) -> None:
         self._live = {tensor_key(t): t for t in tensors}
@@ -131,7 +132,8 @@ class LazyCopy:
         self._cond = threading.Condition()
         self.copied_bytes = 0
 
-    def expect(self, keys: Iterable[Key]) -> None:
+    def expect(self, tensors: Iterable[torch.Tensor]) -> None:
+        keys = (tensor_key(t) for t in tensors)
         with self._cond:
             self._remaining = Counter(k for k in keys if k in self._live)
 

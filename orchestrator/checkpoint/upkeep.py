@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from orchestrator.checkpoint import catalog, snapshot
 from orchestrator.checkpoint.catalog import CheckpointInfo
 from orchestrator.checkpoint.commit import CommitStrategy
-from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, parse_step_dirname
+from orchestrator.checkpoint.format import CHECKPOINTS_DIR, parse_step_dirname
 from orchestrator.checkpoint.retention import RetentionHooks, apply_retention, sweep_dropped
 from orchestrator.config.checkpoint import RetentionPolicy
 from orchestrator.storage import Store

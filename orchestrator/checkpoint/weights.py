@@ -1,7 +1,8 @@
 """Model weights out of a checkpoint with no model code: find them, read them by plain name.
 
 `ModelAndOptimizer` registered under a name (e.g. `train`) stores the model's tensors under the
-flat DCP keys `<name>.model.<param>`. Used by `stockpot export` and by `model.init_from`.
+flat DCP keys `<name>.model.<param>`, and its ties beside them (`<name>.tied`, ties.py). Used
+by `stockpot export`, the soup and `model.init_from`.
 """
 
 from __future__ import annotations
@@ -9,14 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.checkpoint.format import MODEL_KEY
 from orchestrator.errors import CheckpointCorrupt, UsageError
+from orchestrator.ties import TIED_KEY, aliases
 
 if TYPE_CHECKING:
     import torch
 
-    from orchestrator.storage import S3Options
-
-MODEL_KEY = ".model."  # ModelAndOptimizer's flat DCP keys: <registered name>.model.<param>
+    from orchestrator.storage import S3Options, Store
 
 
 def model_prefixes(keys: Iterable[str]) -> list[str]:
@@ -60,8 +61,13 @@ def _listed(names: list[str]) -> str:
 def read_weights(url: str, s3: S3Options | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """Plain-named model weights from a `.safetensors` file, a committed checkpoint, or a run dir
     (its newest checkpoint that verifies), local or s3://; and a description of the source."""
-    from orchestrator.checkpoint import catalog, dcp_io
-    from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, MANIFEST_NAME
+    from orchestrator.checkpoint import catalog
+    from orchestrator.checkpoint.format import (
+        CHECKPOINTS_DIR,
+        MANIFEST_NAME,
+        load_flat,
+        stored_items,
+    )
     from orchestrator.storage import Store
 
     if url.endswith(".safetensors"):
@@ -83,10 +89,10 @@ def read_weights(url: str, s3: S3Options | None = None) -> tuple[dict[str, torch
     if problems:
         raise CheckpointCorrupt(f"{ckpt.path()}: {problems[0]}")
     data = info.manifest.data_dir
-    metadata = dcp_io.read_metadata(ckpt, data).state_dict_metadata
-    prefix = choose_prefix(metadata, "auto")
-    keys = [k for k, meta in metadata.items() if k.startswith(prefix) and hasattr(meta, "size")]
-    loaded = dcp_io.load_flat(ckpt, data, keys)
+    items = stored_items(ckpt, data)
+    prefix = choose_prefix(items, "auto")
+    keys = [k for k, stored in items.items() if k.startswith(prefix) and stored is not None]
+    loaded = load_flat(ckpt, data, keys)
     return {k[len(prefix) :]: loaded[k] for k in keys}, f"{ckpt.path()} (step {info.step})"
 
 
@@ -97,3 +103,17 @@ def _read_safetensors(url: str, s3: S3Options | None) -> dict[str, torch.Tensor]
 
     parent, _, name = url.rpartition("/")
     return load(Store(parent or ".", s3).read_bytes(name))
+
+
+def recorded_aliases(
+    ckpt: Store, data: str, items: Mapping[str, Any], model_prefix: str
+) -> dict[str, str]:
+    """alias -> owner, from the ties recorded beside the model under `model_prefix`
+    (`train.model.` -> `train.tied`) among the checkpoint's `items` (`format.stored_items`);
+    empty for a model without ties."""
+    from orchestrator.checkpoint.format import load_flat
+
+    key = model_prefix.removesuffix("model.") + TIED_KEY
+    if key not in items:
+        return {}
+    return aliases(load_flat(ckpt, data, [key])[key])

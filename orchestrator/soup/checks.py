@@ -14,7 +14,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from orchestrator.checkpoint.manifest import Hasher
+from orchestrator.checkpoint.format import Hasher
 from orchestrator.soup.reader import Source
 from orchestrator.soup.segments import Read
 

@@ -226,7 +226,7 @@ def _cook_checked(kitchen: Kitchen, progress: Callable[[int], object] | None,
 
         png = report.plot(record, kitchen.judge.metric if kitchen.judge else "eval/loss")
         parent.write_bytes(f"{attempt.write_rel}/{report.PNG}", png)
-        from orchestrator.checkpoint.manifest import hash_bytes
+        from orchestrator.checkpoint.format import hash_bytes
 
         record["files"][attempt.final_name(report.PNG)] = asdict(hash_bytes(png))
     integrity.check()

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 import xxhash
 
+from orchestrator.checkpoint.format import HEAD_BYTES
 from orchestrator.errors import UsageError
 from orchestrator.soup import segments
 from orchestrator.soup.checks import StreamCheck
 from orchestrator.soup.reader import (
-    HEAD_BYTES,
     Source,
     TensorSpec,
     accumulator_dtype,

@@ -143,7 +143,7 @@ def resolve(
 
 
 def _classify(url: str, s3: S3Options | None) -> str:
-    from orchestrator.checkpoint.layout import CHECKPOINTS_DIR, MANIFEST_NAME
+    from orchestrator.checkpoint.format import CHECKPOINTS_DIR, MANIFEST_NAME
     from orchestrator.storage import Store
 
     if url.endswith(".safetensors"):
@@ -162,7 +162,7 @@ def _classify(url: str, s3: S3Options | None) -> str:
 
 
 def _sweep_runs(store: Store) -> list[Store]:
-    from orchestrator.checkpoint.layout import CHECKPOINTS_DIR
+    from orchestrator.checkpoint.format import CHECKPOINTS_DIR
 
     children = [store.child(name) for name in sorted(store.list(""))]
     return [child for child in children if child.exists(CHECKPOINTS_DIR)]
@@ -183,8 +183,7 @@ def _single(url: str, kind: str, s3: S3Options | None) -> Ingredient:
 
 
 def _from_info(ckpt: Store, info: CheckpointInfo, why: str, run: str | None) -> Ingredient:
-    from orchestrator.checkpoint.layout import MANIFEST_NAME
-    from orchestrator.checkpoint.manifest import hash_bytes
+    from orchestrator.checkpoint.format import MANIFEST_NAME, hash_bytes
 
     checksum = hash_bytes(ckpt.read_bytes(MANIFEST_NAME)).checksum
     return Ingredient(

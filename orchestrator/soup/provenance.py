@@ -57,7 +57,7 @@ class Integrity:
 
 def record(kitchen: Kitchen, mixture: Mixture, written: writer.Written, info: dict[str, Any],
             related: dict[str, Any], data_dir: str) -> dict[str, Any]:  # fmt: skip
-    from orchestrator.checkpoint.manifest import library_versions
+    from orchestrator.checkpoint.format import library_versions
 
     cfg = kitchen.cfg
     chosen = {id(s) for s in mixture.sources}

@@ -5,7 +5,7 @@ contributing ingredient and mixed before the next is read, so memory is bounded 
 segment size, not by the tensor:
 
 - a piece of at most `chunk` bytes is one segment, read whole (one request);
-- a bigger plain piece (`reader.plain_data_offset`) is cut into `chunk`-byte segments, each
+- a bigger plain piece (`format.plain_data_offset`) is cut into `chunk`-byte segments, each
   one ranged read per ingredient. The first read of a piece also covers its zip records
   before the data and the last one those after it, so the reads of one file, in plan order,
   cover every byte of the pieces they touch (the stream checksums rely on it);
@@ -25,7 +25,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Literal
 
-from orchestrator.soup.reader import HEAD_BYTES, Piece, Source, TensorSpec, plain_data_offset
+from orchestrator.checkpoint.format import HEAD_BYTES, Piece, plain_data_offset
+from orchestrator.soup.reader import Source, TensorSpec
 
 MIN_CHUNK, MAX_CHUNK = 256 << 10, 16 << 20
 
@@ -102,7 +103,7 @@ def head_offsets(sources: Sequence[Source], specs: Mapping[str, TensorSpec],
 
     def one(source: Source, p: Piece, spec: TensorSpec) -> int | None:
         head = source.read_range(p.file, p.offset, p.offset + min(HEAD_BYTES, p.length))
-        return plain_data_offset(bytes(head), spec, p)
+        return plain_data_offset(bytes(head), p, spec.dtype)
 
     futures = [(key, pool.submit(one, s, p, spec)) for key, s, p, spec in wanted]
     return {key: future.result() for key, future in futures}

@@ -18,8 +18,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.checkpoint.export import TensorEntry, safetensors_header, write_safetensors_parts
-from orchestrator.checkpoint.manifest import FileEntry, Hasher
+from orchestrator.checkpoint.format import (
+    DTYPE_CODES,
+    FileEntry,
+    Hasher,
+    TensorEntry,
+    dtype_name,
+    hash_bytes,
+    safetensors_header,
+    write_safetensors_parts,
+)
 from orchestrator.errors import CheckpointCorrupt, UsageError
 
 if TYPE_CHECKING:
@@ -70,11 +78,9 @@ def plan_shards(specs: Mapping[str, TensorSpec], shard_bytes: int,
                 order: Mapping[str, int] | None = None) -> list[list[TensorEntry]]:  # fmt: skip
     """The output tensors in file order (see `safetensors_header`), split into consecutive
     shards of <= shard_bytes."""
-    from orchestrator.checkpoint.export import DTYPE_CODES
-
     entries = []
     for name, spec in specs.items():
-        dtype = str(spec.dtype).removeprefix("torch.")
+        dtype = dtype_name(spec.dtype)
         if dtype not in DTYPE_CODES:
             raise UsageError(f"{name} has dtype {dtype}, which safetensors cannot hold")
         entries.append(TensorEntry(name, name, dtype, spec.shape, spec.dtype.itemsize))
@@ -124,8 +130,6 @@ def write_files(
         body = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         raw_index = (json.dumps(body, indent=1) + "\n").encode()
         store.write_bytes(f"{write_rel}/{INDEX}", raw_index)
-        from orchestrator.checkpoint.manifest import hash_bytes
-
         files[INDEX] = hash_bytes(raw_index)
     return Written(files, names, total)
 
@@ -179,7 +183,7 @@ def write_checkpoint(out: Store, run_url: str, step: int, s3: S3Options | None,
     """Write the committed soup at `out` as a committed stockpot checkpoint (model only) of
     the run dir `run_url`, at `step`; returns its path. Holds the model in memory once."""
     from orchestrator.checkpoint.checkpointer import Checkpointer
-    from orchestrator.checkpoint.layout import step_rel
+    from orchestrator.checkpoint.format import step_rel
     from orchestrator.storage import Store
 
     run = Store(run_url, s3)

@@ -126,7 +126,7 @@ def _dump(state: dict, path: str | None) -> None:
 def _slow_writes() -> None:
     import time
 
-    from orchestrator.checkpoint import dcp_write
+    from orchestrator.checkpoint.format import dcp_write
 
     original = dcp_write.HashingStream.write
 

@@ -4,9 +4,9 @@ DCP writes each tensor piece as `torch.save` of the tensor: a small zip whose re
 pickle (`data.pkl`), the byte order, then the storage (`data/0`, 64-byte aligned), then a few
 trailing records. For a plain piece (one contiguous little-endian tensor whose storage holds
 exactly its elements, which is what DCP writes) the tensor is the bytes at `data_offset`, so a
-reader can copy them straight into place (the restore, `dcp_io`) or read them in byte ranges
-(the soup, `soup/reader.py`) instead of `torch.load`ing the piece. Anything else: None, and
-the caller `torch.load(weights_only=True)`s the piece as DCP does.
+reader can copy them straight into place (the restore, `load_piece`) or read them in byte
+ranges (the soup, `plain_data_offset` and `decode_piece`) instead of `torch.load`ing the piece.
+Anything else: None, and the piece is `torch.load(weights_only=True)`ed as DCP does.
 
 The pickle is read by torch's weights_only unpickler with storages on the meta device, so
 nothing but the layout is ever built from storage.
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from orchestrator.checkpoint.format.stored import Piece
 
 HEAD_BYTES = 4096  # a torch.save piece's zip records before its tensor data fit in this
 
@@ -62,6 +64,36 @@ def tensor_layout(head: bytes, length: int) -> Layout | None:
         and data + layout.nbytes <= length
     )
     return layout if plain else None
+
+
+def plain_data_offset(head: bytes, piece: Piece, dtype: torch.dtype) -> int | None:
+    """Where the raw bytes of a stored piece's tensor start within the piece, if the piece is
+    what DCP writes for a plain tensor of the piece's shape and `dtype` (`tensor_layout`):
+    then the piece can be read in byte ranges and viewed in place. None otherwise (read it
+    whole, `decode_piece`). `head` is the piece's first bytes (HEAD_BYTES of them suffice)."""
+    layout = tensor_layout(head, piece.length)
+    if layout is None or layout.dtype != dtype or layout.shape != piece.shape:
+        return None
+    return layout.data_offset
+
+
+def decode_piece(raw: memoryview, piece: Piece, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor in a whole stored piece's bytes: a view of them when the piece is plain,
+    else `torch.load(weights_only=True)`. ValueError (why, in a few words, for the caller to
+    name the file and tensor) when they hold no tensor of the piece's shape."""
+    at = plain_data_offset(bytes(raw[:HEAD_BYTES]), piece, dtype)
+    count = math.prod(piece.shape)
+    if at is not None and count == 0:
+        return torch.empty(piece.shape, dtype=dtype)
+    if at is not None:
+        return torch.frombuffer(raw, dtype=dtype, count=count, offset=at).reshape(piece.shape)
+    try:
+        tensor = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or altered piece: the caller names it, never a traceback
+        raise ValueError(type(exc).__name__) from None
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != piece.shape:
+        raise ValueError("not the piece its metadata declares")
+    return tensor
 
 
 def _zip_records(head: bytes) -> dict[str, int]:

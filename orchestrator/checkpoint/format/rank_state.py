@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 
-def encode(value: Any) -> bytes:
+def encode_rank_state(value: Any) -> bytes:
     return json.dumps(_to_json(value), separators=(",", ":")).encode()
 
 
-def decode(raw: bytes) -> Any:
+def decode_rank_state(raw: bytes) -> Any:
     return _from_json(json.loads(raw))
 
 

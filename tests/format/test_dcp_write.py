@@ -1,4 +1,4 @@
-"""The shard writer (checkpoint/dcp_write.py): each tensor piece is torch.save's bytes, written
+"""The shard writer (checkpoint/format/dcp_write.py): each tensor piece is torch.save's bytes, written
 from the tensor's memory without torch.save's CRC pass, so torch.load, DCP's own reader and
 ours read what it wrote; tensors torch.save lays out differently take torch.save itself."""
 
@@ -12,9 +12,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-from orchestrator.checkpoint import dcp_io
-from orchestrator.checkpoint.dcp_write import _cpu_piece, write_tensor
-from orchestrator.checkpoint.pieces import _zip_records, tensor_layout
+from orchestrator.checkpoint.format import save_shards, tensor_layout
+from orchestrator.checkpoint.format.dcp_write import _cpu_piece, write_tensor
+from orchestrator.checkpoint.format.pieces import _zip_records
 from orchestrator.storage import Store
 
 TENSORS = {
@@ -63,7 +63,7 @@ def test_a_saved_checkpoint_loads_with_plain_dcp(tmp_path: Path) -> None:
     state = {f"model.{k}": _cpu_piece(v) for k, v in TENSORS.items()}
     state["train.optim.state.0.exp_avg"] = torch.randn(64, 64)  # the optimizer file (layout.py)
     state["note"] = "a byte item"  # written by torch.save as bytes, ahead of the tensors
-    dcp_io.save_shards(state, Store(str(tmp_path)), "ckpt")
+    save_shards(state, Store(str(tmp_path)), "ckpt")
     back = {k: torch.full_like(v, 3) if isinstance(v, torch.Tensor) else None
             for k, v in state.items()}  # fmt: skip
     back["note"] = ""

@@ -1,4 +1,4 @@
-"""Reading one stored DCP piece (checkpoint/pieces.py): straight into place when plain, through
+"""Reading one stored DCP piece (checkpoint/format/pieces.py): straight into place when plain, through
 `torch.load` otherwise, a part of it when resharding, and a clear error when it is cut short."""
 
 from __future__ import annotations
@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.checkpoint import dcp_io
-from orchestrator.checkpoint.pieces import load_piece, tensor_layout
+from orchestrator.checkpoint.format import (
+    Piece,
+    decode_piece,
+    load_shards,
+    plain_data_offset,
+    save_shards,
+    tensor_layout,
+)
+from orchestrator.checkpoint.format.pieces import load_piece
 from orchestrator.errors import CheckpointCorrupt
 from orchestrator.storage import Store
 
@@ -33,6 +40,29 @@ def test_a_plain_piece_lands_in_place(dtype: torch.dtype) -> None:
     address = target.data_ptr()
     load_piece(stream, at, length, ([0, 0], [3, 2000]), target)
     assert torch.equal(target, t) and target.data_ptr() == address
+
+
+def test_plain_pieces_are_found_and_anything_else_is_not() -> None:
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    raw = _stored(t, pad=0)[0].getvalue()
+    piece = Piece("f", 0, len(raw), (0, 0), (3, 4))
+    at = plain_data_offset(raw[:4096], piece, torch.float32)
+    assert at is not None and raw[at : at + 48] == t.numpy().tobytes()
+    assert torch.equal(decode_piece(memoryview(bytearray(raw)), piece, torch.float32), t)
+    transposed = torch.arange(12, dtype=torch.float32).reshape(4, 3).t()  # a strided view
+    strided = _stored(transposed, pad=0)[0].getvalue()
+    assert plain_data_offset(strided, piece, torch.float32) is None
+    assert torch.equal(
+        decode_piece(memoryview(bytearray(strided)), piece, torch.float32), transposed
+    )
+    view = torch.arange(24, dtype=torch.float32)[12:].reshape(3, 4)  # storage holds more
+    assert plain_data_offset(_stored(view, pad=0)[0].getvalue(), piece, torch.float32) is None
+    assert plain_data_offset(raw, piece, torch.float64) is None
+    assert plain_data_offset(b"not a zip at all", piece, torch.float32) is None
+    with pytest.raises(ValueError, match="not the piece its metadata declares"):
+        decode_piece(
+            memoryview(bytearray(raw)), Piece("f", 0, len(raw), (0, 0), (4, 3)), torch.float32
+        )
 
 
 def test_a_part_of_a_piece_for_another_sharding() -> None:
@@ -66,12 +96,12 @@ def test_a_piece_cut_short_is_an_error() -> None:
 def test_restore_names_the_file_a_piece_is_cut_short_in(tmp_path: Path) -> None:
     store = Store(str(tmp_path))
     w = torch.arange(12000.0).reshape(3, 4000)
-    assert dcp_io.save_shards({"w": w}, store, "c")
+    assert save_shards({"w": w}, store, "c")
     state = {"w": torch.zeros(3, 4000)}
-    dcp_io.load_shards(state, store, "c")
+    load_shards(state, store, "c")
     assert torch.equal(state["w"], w)
     data = next(p for p in (tmp_path / "c").iterdir() if p.name.endswith("_0.distcp"))
     raw = bytearray(data.read_bytes())
     data.write_bytes(bytes(raw[: len(raw) // 2]))  # the file ends inside the tensor
     with pytest.raises(CheckpointCorrupt, match=r"_0\.distcp: w: a checkpoint file ended"):
-        dcp_io.load_shards({"w": torch.zeros(3, 4000)}, store, "c")
+        load_shards({"w": torch.zeros(3, 4000)}, store, "c")

@@ -18,9 +18,9 @@ import io
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any, cast
+from typing import IO, Any, Protocol, cast
 
 import torch
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecWriter
@@ -31,12 +31,10 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from orchestrator.checkpoint.layout import OPTIM_KEY, is_optimizer_item
-from orchestrator.checkpoint.manifest import FileEntry, Hasher
-from orchestrator.checkpoint.snapshot import LazyCopy, tensor_key
+from orchestrator.checkpoint.format.layout import METADATA_NAME, OPTIM_KEY, is_optimizer_item
+from orchestrator.checkpoint.format.manifest import FileEntry, Hasher
 from orchestrator.storage import Store, start_writeback
 
-METADATA_NAME = ".metadata"
 WRITEBACK_BYTES = 16 << 20  # a local file's writer starts the disk on its bytes this often
 
 
@@ -282,17 +280,29 @@ class _Around:
         pass
 
 
-class LazyPlanner(DefaultSavePlanner):
-    """DCP's planner, handing the writer each tensor through a LazyCopy (snapshot.py)."""
+class LazyTensors(Protocol):
+    """Live tensors a background save reads until they are about to change (what
+    `checkpoint/snapshot.LazyCopy` is): the writer says which of them this rank writes, takes
+    each one as it writes it (the copy, if one was made meanwhile) and releases it after."""
 
-    def __init__(self, lazy: LazyCopy) -> None:
+    def expect(self, tensors: Iterable[torch.Tensor]) -> None: ...
+
+    def take(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def release(self) -> None: ...
+
+
+class LazyPlanner(DefaultSavePlanner):
+    """DCP's planner, handing the writer each tensor through a LazyTensors."""
+
+    def __init__(self, lazy: LazyTensors) -> None:
         super().__init__()
         self.lazy = lazy
 
     def expect(self, items: list[WriteItem]) -> None:
         tensors = (super(LazyPlanner, self).lookup_object(item.index) for item in items
                    if item.type != WriteItemType.BYTE_IO)  # fmt: skip
-        self.lazy.expect(tensor_key(t) for t in tensors if isinstance(t, torch.Tensor))
+        self.lazy.expect(t for t in tensors if isinstance(t, torch.Tensor))
 
     def lookup_object(self, index: MetadataIndex) -> Any:
         found = super().lookup_object(index)

@@ -19,7 +19,7 @@ from typing import Any
 
 import xxhash
 
-from orchestrator.checkpoint.layout import MANIFEST_NAME
+from orchestrator.checkpoint.format.layout import MANIFEST_NAME
 from orchestrator.errors import CheckpointCorrupt, require
 
 FORMAT = "stockpot.checkpoint"

@@ -3,6 +3,10 @@
 Writing (each rank's files, hashed as they go out) is dcp_write.py's. DCP's `.metadata` is a
 pickle: it is read with a restricted unpickler that only builds DCP's own metadata classes,
 never arbitrary objects; tensors and byte items are loaded by DCP with `weights_only=True`.
+
+DCP reports a failure of any rank as a `CheckpointException` on every rank: a BaseException
+whose text is a traceback per rank. It stops here: what leaves this module is CheckpointCorrupt
+(a reader found a damaged file), DiskFull, or a one-line CheckpointError.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -28,10 +32,11 @@ from torch.distributed.checkpoint.planner import (
 from torch.futures import Future
 
 from orchestrator import dist
-from orchestrator.checkpoint import pieces
-from orchestrator.checkpoint.dcp_write import METADATA_NAME, LazyPlanner, ShardWriter
-from orchestrator.checkpoint.manifest import FileEntry
-from orchestrator.checkpoint.snapshot import LazyCopy
+from orchestrator.checkpoint.format import pieces
+from orchestrator.checkpoint.format.dcp_write import LazyPlanner, LazyTensors, ShardWriter
+from orchestrator.checkpoint.format.layout import METADATA_NAME
+from orchestrator.checkpoint.format.manifest import FileEntry
+from orchestrator.dist import one_line
 from orchestrator.errors import CheckpointCorrupt, CheckpointError
 from orchestrator.storage import Store
 
@@ -135,10 +140,11 @@ def save_shards(
     store: Store,
     rel: str,
     group: Any = None,
-    lazy: LazyCopy | None = None,
+    lazy: LazyTensors | None = None,
 ) -> dict[str, FileEntry]:
     """Write this rank's shards of `state` under `rel`; (size, checksum) of each file it wrote.
-    With `lazy`, the live tensors among them are read through it (snapshot.py)."""
+    With `lazy`, the live tensors among them are read through it (snapshot.LazyCopy).
+    DiskFull if any rank ran out of space, else CheckpointError if any rank's write failed."""
     writer = ShardWriter(store, rel)
     try:
         with _quiet_single_process():
@@ -149,9 +155,9 @@ def save_shards(
                 process_group=group,
                 no_dist=not dist.is_initialized(),
             )
-    except CheckpointException:
+    except CheckpointException as exc:
         _raise_if_disk_full(writer.fs.no_space, store, rel, group)
-        raise
+        _raise_ours(exc, f"writing {store.path(rel)}")
     _raise_if_disk_full(writer.fs.no_space, store, rel, group)
     return writer.fs.records
 
@@ -171,7 +177,8 @@ def _raise_if_disk_full(mine: str | None, store: Store, rel: str, group: Any) ->
 
 def load_shards(state: dict[str, Any], store: Store, rel: str, group: Any = None) -> None:
     """Fill `state` in place from the checkpoint at `rel`, resharding to this world's layout.
-    A damaged file raises CheckpointCorrupt naming it (DCP wraps what its reader raised)."""
+    A damaged file raises CheckpointCorrupt naming it (what our reader raised, on any rank);
+    any other failure (a state the checkpoint does not fit) a one-line CheckpointError."""
     try:
         with _quiet_single_process():
             dcp.load(
@@ -181,18 +188,34 @@ def load_shards(state: dict[str, Any], store: Store, rel: str, group: Any = None
                 no_dist=not dist.is_initialized(),
             )
     except CheckpointException as exc:
-        corrupt = [e for e, _ in exc.failures.values() if isinstance(e, CheckpointCorrupt)]
-        if corrupt:
-            raise corrupt[0] from None
-        raise
+        _raise_ours(exc, f"loading {store.path(rel)}")
+
+
+def _raise_ours(exc: CheckpointException, doing: str) -> NoReturn:
+    """Raise what a CheckpointException stands for: the CheckpointCorrupt a reader raised on
+    some rank, else a CheckpointError naming the first failure (DCP's per-rank tracebacks stay
+    its cause, for --debug). An interrupt (a failure that is no Exception: KeyboardInterrupt)
+    stays the BaseException it was, so no `except Exception` swallows it."""
+    failures = [failure for failure, _ in exc.failures.values()]
+    corrupt = next((e for e in failures if isinstance(e, CheckpointCorrupt)), None)
+    if corrupt is not None:
+        raise corrupt from None
+    if not all(isinstance(e, Exception) for e in failures):
+        raise exc
+    ranks = ", ".join(str(rank) for rank in sorted(exc.failures))
+    first = failures[0] if failures else exc
+    raise CheckpointError(f"{doing} failed (rank {ranks}): {one_line(first)}") from exc
 
 
 def read_metadata(store: Store, rel: str) -> Metadata:
+    """DCP's metadata of the checkpoint data at `rel`, read with the restricted unpickler;
+    CheckpointCorrupt if it is not DCP metadata."""
     return _Reader(store, rel).read_metadata()
 
 
 def load_flat(store: Store, rel: str, keys: list[str]) -> dict[str, Any]:
-    """Load the named flat keys (e.g. 'model.fc.weight') whole, with no model and no group."""
+    """Load the named flat keys (e.g. 'model.fc.weight') whole, with no model and no group;
+    errors as load_shards'."""
     md = read_metadata(store, rel)
     state: dict[str, Any] = {}
     for key in keys:
@@ -201,6 +224,9 @@ def load_flat(store: Store, rel: str, keys: list[str]) -> dict[str, Any]:
             state[key] = torch.empty(tmeta.size, dtype=tmeta.properties.dtype)
         else:  # a small object saved as bytes; DCP loads it with weights_only=True
             state[key] = None
-    with _quiet_single_process():
-        dcp.load(state, storage_reader=_Reader(store, rel), no_dist=True)
+    try:
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=_Reader(store, rel), no_dist=True)
+    except CheckpointException as exc:
+        _raise_ours(exc, f"loading {store.path(rel)}")
     return state

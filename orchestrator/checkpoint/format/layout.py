@@ -3,8 +3,9 @@
 <run.dir>/checkpoints/step-000001000/        committed iff MANIFEST.json inside parses
 <run.dir>/checkpoints/.tmp-step-000001000-<nonce>/   local disk: being written
 
-Inside a step, DCP writes each rank's optimizer state to its own file (`__<rank>_optim.distcp`)
-apart from the model's (`__<rank>_0.distcp`), so retention can drop the optimizer part of a
+Inside a step (under its manifest's data dir), DCP's `.metadata` says where every tensor piece
+is, and each rank writes its optimizer state to its own file (`__<rank>_optim.distcp`) apart
+from the model's (`__<rank>_0.distcp`), so retention can drop the optimizer part of a
 checkpoint it keeps for soups without rewriting the model part.
 """
 
@@ -14,9 +15,11 @@ import re
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST_NAME = "MANIFEST.json"
+METADATA_NAME = ".metadata"  # DCP's index of every stored piece (a pickle; dcp_io reads it)
 TMP_PREFIX = ".tmp-"
 RANK_STATE_DIR = "ranks"
 OPTIM_KEY = "optim"  # ModelAndOptimizer's flat DCP keys: <registered name>.optim.<...>
+MODEL_KEY = ".model."  # ModelAndOptimizer's flat DCP keys: <registered name>.model.<param>
 _OPTIM_FILE_RE = re.compile(r"__\d+_optim\.distcp")
 _STEP_RE = re.compile(r"step-(\d{9})")
 
