@@ -1,86 +1,15 @@
-"""DistEnv.from_environ and the Slurm syntaxes: tables, properties, and a real srun capture."""
+"""DistEnv.from_environ: what each launcher's variables mean (tables of real captures),
+the one-line errors for bad values, which launcher wins when several set variables, and
+in_managed_job."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator.env import (
-    DistEnv,
-    backend_for,
-    cpu_threads,
-    derived_master_port,
-    device_for,
-    in_managed_job,
-)
-from tests.fixtures.slurm import SlurmCluster
-
-# What task 1 of `srun -n2 -N1` saw on the dev cluster (Slurm 22.05), trimmed to what matters.
-SRUN_TASK1 = {
-    "SLURM_JOB_ID": "8",
-    "SLURM_JOBID": "8",
-    "SLURM_JOB_NODELIST": "vm",
-    "SLURM_NODELIST": "vm",
-    "SLURM_STEP_NODELIST": "vm",
-    "SLURM_JOB_NUM_NODES": "1",
-    "SLURM_NNODES": "1",
-    "SLURM_STEP_NUM_NODES": "1",
-    "SLURM_NODEID": "0",
-    "SLURM_NTASKS": "2",
-    "SLURM_NPROCS": "2",
-    "SLURM_STEP_NUM_TASKS": "2",
-    "SLURM_TASKS_PER_NODE": "2",
-    "SLURM_STEP_TASKS_PER_NODE": "2",
-    "SLURM_PROCID": "1",
-    "SLURM_LOCALID": "1",
-    "SLURM_STEP_ID": "0",
-    "SLURM_STEPID": "0",
-    "SLURM_GTIDS": "0,1",
-}
-# The sbatch -n2 batch script itself: rank-like variables, but no step.
-BATCH_SCRIPT = {
-    k: v
-    for k, v in SRUN_TASK1.items()
-    if not k.startswith(("SLURM_STEP", "SLURM_GTIDS", "SLURM_PROCID", "SLURM_LOCALID"))
-} | {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_GTIDS": "0"}
-TORCHRUN = {
-    "RANK": "3",
-    "LOCAL_RANK": "1",
-    "WORLD_SIZE": "4",
-    "LOCAL_WORLD_SIZE": "2",
-    "GROUP_RANK": "1",
-    "MASTER_ADDR": "node-a",
-    "MASTER_PORT": "29500",
-}
-# Rank 3 of a 2-node step (2 tasks per node) on the virtual cluster's n1, n2.
-TWO_NODES = SRUN_TASK1 | {
-    "SLURM_JOB_ID": "41",
-    "SLURM_JOB_NODELIST": "n[1-2]",
-    "SLURM_NODELIST": "n[1-2]",
-    "SLURM_STEP_NODELIST": "n[1-2]",
-    "SLURM_JOB_NUM_NODES": "2",
-    "SLURM_NNODES": "2",
-    "SLURM_STEP_NUM_NODES": "2",
-    "SLURM_NODEID": "1",
-    "SLURM_NTASKS": "4",
-    "SLURM_TASKS_PER_NODE": "2(x2)",
-    "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
-    "SLURM_PROCID": "3",
-    "SLURM_LOCALID": "1",
-}
-# What submitit's LocalExecutor gives task 1 of 2 (its controller's pid is the job id).
-SUBMITIT_LOCAL = {
-    "SUBMITIT_EXECUTOR": "local",
-    "SUBMITIT_LOCAL_NTASKS": "2",
-    "SUBMITIT_LOCAL_GLOBALID": "1",
-    "SUBMITIT_LOCAL_LOCALID": "1",
-    "SUBMITIT_LOCAL_JOB_ID": "4242",
-}
+from orchestrator.env import DistEnv, in_managed_job
+from tests.launcher_envs import BATCH_SCRIPT, SRUN_TASK1, SUBMITIT_LOCAL, TORCHRUN, TWO_NODES
 
 # Derived master ports, worked out by hand from the documented rule
 # 20000 + (job * 7 + restarts * 13) mod 30000, not with the code under test:
@@ -90,8 +19,6 @@ PORT_JOB_9 = 20063  # 63
 PORT_JOB_41 = 20287  # 287
 PORT_JOB_4242 = 49694  # 29694
 
-
-# ------------------------------------------------------------------------ from_environ ----
 
 FIELDS = ("source", "rank", "local_rank", "world_size", "local_world_size", "node_rank",
           "num_nodes", "master_addr", "master_port", "job_id", "restart_count")  # fmt: skip
@@ -254,36 +181,6 @@ def test_properties_and_direct_validation() -> None:
         DistEnv(0, 0, 1, 1, "h", -1, "single")
 
 
-ints = st.integers(min_value=0, max_value=10**9)
-
-
-@given(job=ints, restarts=st.integers(min_value=0, max_value=1000))
-def test_derived_port_in_range_and_moves_on_requeue(job: int, restarts: int) -> None:
-    env = SRUN_TASK1 | {"SLURM_JOB_ID": str(job), "SLURM_RESTART_COUNT": str(restarts)}
-    port = DistEnv.from_environ(env).master_port
-    assert 20000 <= port < 50000  # the documented span
-    # Every task derives the same port; the requeued run a different one.
-    assert (
-        DistEnv.from_environ(env | {"SLURM_PROCID": "0", "SLURM_LOCALID": "0"}).master_port == port
-    )
-    requeued = env | {"SLURM_RESTART_COUNT": str(restarts + 1)}
-    assert DistEnv.from_environ(requeued).master_port != port
-
-
-@pytest.mark.parametrize(
-    ("job", "restarts", "port"),
-    [(0, 0, 20000), (8, 0, 20056), (8, 1, 20069), (4285, 0, 49995), (4286, 0, 20002)],
-)
-def test_derived_master_port_by_hand(job: int, restarts: int, port: int) -> None:
-    # 4285 * 7 = 29995 is the top of the span; 4286 * 7 = 30002 wraps around to 2.
-    assert derived_master_port(job, restarts) == port
-
-
-@given(job=ints, restarts=st.integers(min_value=0, max_value=1000))
-def test_neighbouring_jobs_get_different_ports(job: int, restarts: int) -> None:
-    assert derived_master_port(job, restarts) != derived_master_port(job + 1, restarts)
-
-
 @pytest.mark.parametrize(
     ("env", "managed"),
     [
@@ -321,87 +218,3 @@ def test_precedence(present: set[str], rank: int) -> None:
     else:
         assert got.source == "single"
     assert (got.rank, got.world_size) == ((rank, 4) if got.source != "single" else (0, 1))
-
-
-# ---------------------------------------------------------------------- device, backend ----
-
-
-@pytest.mark.parametrize(
-    ("local_rank", "requested", "cuda", "device", "backend"),
-    [
-        (1, "auto", True, "cuda:1", "nccl"),
-        (1, "auto", False, "cpu", "gloo"),
-        (0, "cpu", True, "cpu", "gloo"),
-        (3, "cuda", True, "cuda:3", "nccl"),
-    ],
-)
-def test_device_and_backend(
-    local_rank: int, requested: str, cuda: bool, device: str, backend: str
-) -> None:
-    got = device_for(local_rank, requested, cuda)  # type: ignore[arg-type]
-    assert got == device
-    assert backend_for(got) == backend
-
-
-def test_device_errors() -> None:
-    with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
-        device_for(0, "cuda", False)
-    with pytest.raises(ValueError, match="device='tpu' is not one of"):
-        device_for(0, "tpu", True)  # type: ignore[arg-type]
-    assert backend_for("cuda") == "nccl"
-
-
-@pytest.mark.parametrize(
-    ("env", "cpus", "local_ranks", "threads"),
-    [
-        ({}, 2, 2, 1),  # 2 ranks on 2 cores: one each, not 2 each fighting
-        ({}, 16, 4, 4),
-        ({}, 3, 4, 1),  # never 0
-        ({"SLURM_CPUS_PER_TASK": "6"}, 64, 8, 6),  # Slurm's per-task share wins
-        ({"OMP_NUM_THREADS": "3"}, 16, 2, None),  # the user decided: torch reads it itself
-        ({"OMP_NUM_THREADS": ""}, 8, 2, 4),  # empty counts as unset
-    ],
-)
-def test_cpu_threads(env: dict[str, str], cpus: int, local_ranks: int, threads: int | None) -> None:
-    assert cpu_threads(env, cpus, local_ranks) == threads
-
-
-def test_cpu_threads_refuses_a_bad_slurm_value() -> None:
-    with pytest.raises(ValueError, match="SLURM_CPUS_PER_TASK"):
-        cpu_threads({"SLURM_CPUS_PER_TASK": "zero"}, 8, 1)
-
-
-# ------------------------------------------------------------------- real Slurm capture ----
-
-RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.mark.slurm
-def test_srun_tasks_read_as_ranks(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    # Our own SLURM_* (if pytest runs inside a job) and rank variables would leak into the step.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in RANK_VARS and (not k.startswith("SLURM_") or k == "SLURM_CONF")
-    }
-    script = f"env -0 > {tmp_path}/env.$SLURM_PROCID && hostname -s > {tmp_path}/host.$SLURM_PROCID"
-    # --overcommit: the two-node mode gives each node one CPU, and this asks for two tasks on one.
-    cmd = ["srun", "-n2", "-N1", "--overcommit", "-p", slurm_cluster.default_partition]
-    proc = subprocess.run(
-        [*cmd, "sh", "-c", script], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    dists = []
-    for task in (0, 1):
-        pairs = (item.split("=", 1) for item in (tmp_path / f"env.{task}").read_text().split("\0"))
-        task_env = dict(p for p in pairs if len(p) == 2)
-        assert "SLURM_STEP_ID" in task_env
-        dist = DistEnv.from_environ(task_env)
-        assert dist.master_addr == (tmp_path / f"host.{task}").read_text().strip()
-        dists.append(dist)
-    assert {d.rank for d in dists} == {0, 1}
-    assert {d.local_rank for d in dists} == {0, 1}
-    assert all(d.source == "slurm" and d.world_size == 2 for d in dists)
-    assert all(d.local_world_size == 2 and d.num_nodes == 1 for d in dists)
-    assert len({(d.master_addr, d.master_port, d.job_id) for d in dists}) == 1
-    assert dists[0].restart_count == 0
