@@ -1,14 +1,11 @@
-"""`stockpot submit` on the real Slurm cluster: submit, preempt, requeue, resume, arrays, afterok.
+"""The `stockpot submit` scenarios on the real Slurm cluster, and the helpers that submit,
+interrupt and watch their jobs.
 
 Every scenario is a real job submitted through the real console script; interruptions are real
 Slurm actions (`scontrol requeue`, `scancel --signal=USR2`, a job on the higher-priority `high`
-partition that needs the node) or a real SIGKILL of the job's processes. Each interrupted run must
-resume from its newest committed checkpoint and end bit-identical to the uninterrupted one.
-
-The cluster runs one 2-rank job at a time, so the scenarios run concurrently (one thread each):
-while one job waits in the queue after a requeue, another runs. All waits are bounded. Without
-Slurm accounting `job.state`/sacct are unavailable: states come from `squeue -t all`, results
-from the run dirs and submitit's result pickles.
+partition that needs the node) or a real SIGKILL of the job's processes. All waits are
+bounded. Without Slurm accounting `job.state`/sacct are unavailable: states come from
+`squeue -t all`, results from the run dirs and submitit's result pickles.
 """
 
 from __future__ import annotations
@@ -23,23 +20,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from orchestrator.checkpoint import catalog
 from orchestrator.metrics import read_metrics
 from orchestrator.storage import Store
-from tests.ckpt_helpers import assert_same, final_state
 
-# The scenarios share one node and queue behind each other: their module fixture may take
-# longer than the suite's per-test limit on a slow machine; each wait stays bounded by WAIT_S.
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1500)]
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # tests/submit_slurm/ -> the repo root
 STOCKPOT = str(Path(sys.executable).parent / "stockpot")
 MAX_STEPS = 100  # ~10 s of training at 2 ranks: room to interrupt after the first commit
 TRIGGER_STEP = 10  # interrupt once this step is committed
@@ -59,9 +48,6 @@ TERMINAL = {
 # failure of the wait, never an accepted outcome.
 GONE = "NOT_IN_QUEUE"
 LOG_TIME = "%Y-%m-%d %H:%M:%S,%f"
-
-
-# --- helpers --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -180,9 +166,6 @@ def status_json(sub: Submitted) -> dict[str, Any]:
     return report
 
 
-# --- scenarios (each runs in its own thread) --------------------------------------------------
-
-
 def plain(root: Path) -> Submitted:
     sub = submit(root, "plain")
     (sub.facts["state"],) = wait_done(sub.job_id)
@@ -281,151 +264,9 @@ SCENARIOS: dict[str, Callable[[Path], Submitted]] = {
 FIGURES: dict[str, dict[str, float]] = {}
 
 
-@pytest.fixture(scope="module")
-def scenarios(slurm_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = tmp_path_factory.mktemp("submit")
-    t0 = time.monotonic()
-    with ThreadPoolExecutor(len(SCENARIOS)) as pool:
-        futures = {name: pool.submit(run, root) for name, run in SCENARIOS.items()}
-        done: dict[str, Submitted | BaseException] = {}
-        for name, future in futures.items():
-            try:
-                done[name] = future.result()
-            except BaseException as exc:  # reported by that scenario's test
-                done[name] = exc
-    print(f"\nslurm scenarios: {time.monotonic() - t0:.1f} s wall for {len(SCENARIOS)} scenarios")
-    yield done
-    _cancel_leftovers(root, done)
-    for name, figures in FIGURES.items():
-        print(f"{name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in figures.items()))
-
-
-def _cancel_leftovers(root: Path, done: dict[str, Any]) -> None:
-    ids = [str(j["job_id"]) for p in root.rglob("jobs.json") for j in json.loads(p.read_text())]
-    ids += [s.facts["high_job"] for s in done.values() if isinstance(s, Submitted)
-            and "high_job" in s.facts]  # fmt: skip
-    alive = [i for i in set(ids) if state(i) not in (*TERMINAL, GONE)]
-    if alive:
-        sh("scancel", *alive, check=False)
-
-
 def scenario(done: dict[str, Any], name: str) -> Submitted:
     result = done[name]
     if isinstance(result, BaseException):
         raise result
     assert isinstance(result, Submitted)
     return result
-
-
-# --- tests ----------------------------------------------------------------------------------
-
-
-def test_submitted_demo_completes_on_both_ranks(scenarios: Any) -> None:
-    sub = scenario(scenarios, "plain")
-    assert sub.facts["state"] == "COMPLETED", sub.log()[-3000:]
-    results = task_results(sub)  # returns: the ranks left after writing their pickles
-    assert [(r["rank"], r["finished"], r["step"], r["restart"]) for r in results] == [
-        (0, True, MAX_STEPS, 0),
-        (1, True, MAX_STEPS, 0),
-    ]
-    latest = catalog.scan(Store(str(sub.run_dir))).latest()
-    assert latest is not None and latest.manifest.world_size == 2
-    assert {m["restart"] for m in metrics(sub)} == {0}
-    report = sub.facts["status"]
-    assert report["restarts"] == 0
-    assert [(j["job_id"], j["kind"], j["state"]) for j in report["jobs"]] == [
-        (sub.job_id, "train", "COMPLETED")
-    ]
-
-
-@pytest.mark.parametrize("name", ["requeue", "usr2", "high", "kill"])
-def test_interrupted_job_requeues_and_resumes_bit_identical(scenarios: Any, name: str) -> None:
-    sub = scenario(scenarios, name)
-    assert sub.facts["state"] == "COMPLETED", sub.log()[-3000:]
-    lines = metrics(sub)
-    resumed = [m for m in lines if m.get("event") == "resumed"]
-    assert [(m["restart"], m["resumes"]) for m in resumed] == [(1, 1)], resumed
-    if name == "kill":  # no warning: back to the newest checkpoint committed before the kill
-        assert resumed[0]["step"] == sub.facts["committed_at_kill"] >= TRIGGER_STEP
-    else:  # the stop saved the very step it stopped at
-        signal_name, step, save_s = stop_line(sub)
-        assert signal_name == ("SIGTERM" if name == "requeue" else "SIGUSR2")
-        assert resumed[0]["step"] == step
-        FIGURES.setdefault(name, {})["signal->commit"] = save_s
-    _record_requeue_figure(sub, name, lines)
-    assert [(r["rank"], r["finished"], r["restart"]) for r in task_results(sub)] == [
-        (0, True, 1),
-        (1, True, 1),
-    ]
-    assert status_json(sub)["restarts"] == 1
-    reference = scenario(scenarios, "plain")
-    assert_same(
-        final_state(sub.run_dir, MAX_STEPS),
-        final_state(reference.run_dir, MAX_STEPS),
-        f"{name} vs plain",
-    )
-    if name == "high":
-        assert sub.facts["high_out"].read_text().strip() == "high ran"
-
-
-def _record_requeue_figure(sub: Submitted, name: str, lines: list[dict[str, Any]]) -> None:
-    requeued_at = sub.facts["requeued_at"]
-    if requeued_at != requeued_at:  # nan: submitit requeued it; its log says when
-        requeued_at = log_time(sub.log(stream="out"), "Requeued job")
-    first_step = min(m["time"] for m in lines if m["restart"] == 1 and "loss" in m)
-    FIGURES.setdefault(name, {})["requeue->first logged step"] = first_step - requeued_at
-
-
-def test_max_requeues_is_honoured(scenarios: Any) -> None:
-    sub = scenario(scenarios, "budget")
-    assert sub.facts["state"] == "FAILED", sub.log()[-3000:]
-    assert max(m["restart"] for m in metrics(sub)) == 1
-    assert "NOT requeuing: this run is restart 1 and launcher.max_requeues=1" in sub.log()
-    assert newest_step(sub.run_dir) < MAX_STEPS  # stopped for good, at a committed step
-    import submitit
-
-    job: Any = submitit.SlurmJob(folder=sub.log_dir, job_id=sub.job_id, tasks=(0, 1))
-    error = job.task(0).exception()
-    assert error is not None and "checkpoint function returned None" in str(error)
-
-
-def test_array_and_chained_export(scenarios: Any) -> None:
-    """The chained job is the soup job (launch/soup_job.py): after ALL elements, one soup of
-    the three runs' final checkpoints (tests/test_soup_workflow.py has more)."""
-    sub = scenario(scenarios, "sweep")
-    train, chained = sub.jobs[:3], sub.jobs[3]
-    assert [j["array_index"] for j in train] == [0, 1, 2]
-    array_id = train[0]["job_id"].split("_")[0]
-    assert [j["job_id"] for j in train] == [f"{array_id}_{i}" for i in range(3)]
-    assert chained["kind"] == "soup" and chained["dependency"] == f"afterok:{array_id}"
-    assert sub.facts["states"] == ["COMPLETED"] * 4
-    (written,) = task_results(sub, chained["job_id"], tasks=1)
-    assert written == str(sub.run_dir / "soups" / "soup")
-    record = sub.run_dir / "soups" / "soup" / "SOUP.json"
-    assert record.stat().st_mtime >= max(_final_commit_times(sub))  # after ALL elements
-    ingredients = json.loads(record.read_text())["ingredients"]
-    assert sorted(i["step"] for i in ingredients) == [20, 20, 20]
-    assert sorted(i["run"] for i in ingredients) == sorted(j["run_dir"] for j in train)
-    for i, record in enumerate(train):
-        assert Path(record["run_dir"]).name == f"{i}-run.seed={i}"
-        assert (
-            json.loads((Path(record["run_dir"]) / "jobs.json").read_text())[0]["array_index"] == i
-        )
-
-
-def _final_commit_times(sub: Submitted) -> list[float]:
-    times = []
-    for record in sub.jobs[:3]:
-        latest = catalog.scan(Store(record["run_dir"])).latest()
-        assert latest is not None
-        times.append(latest.manifest.created_at)
-    return times
-
-
-def test_a_failed_element_never_runs_the_chained_job(scenarios: Any) -> None:
-    sub = scenario(scenarios, "sweepfail")
-    # --kill-on-invalid-dep: the chained job is cancelled, never left pending forever
-    assert sub.facts["states"] == ["COMPLETED", "FAILED", "CANCELLED"]
-    assert "task.hidden" in sub.log(job_id=sub.jobs[1]["job_id"])
-    assert not list(sub.run_dir.rglob("model.safetensors"))
-    assert not (sub.log_dir / f"{sub.jobs[2]['job_id']}_0_result.pkl").exists()
