@@ -24,7 +24,9 @@ STEPS = (1, 2)
 PLAIN_NAMES = {"0.weight", "0.bias", "2.weight", "2.bias"}
 
 
-def stockpot(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def stockpot(
+    *args: str | Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [STOCKPOT, *map(str, args)],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False, env=env,
