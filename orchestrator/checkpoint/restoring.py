@@ -127,4 +127,6 @@ def _my_share(
 ) -> list[str]:
     """Problems in this rank's share of the files `among` (default: all of them)."""
     mine = catalog.share(info.manifest, dist.rank(), dist.world_size(group), among)
+    if not mine:  # more ranks than small files: no listing (a request on S3) for nothing
+        return []
     return catalog.verify(run.child(info.rel), info.manifest, checksums=checksums, names=mine)
