@@ -3,11 +3,13 @@
 Lines carry `step`, `restart` (how many times the run had been resumed) and `time`; a run that
 is killed and resumed repeats the steps it lost, so readers take the LAST line per step.
 Special lines carry `event`: `resumed` (this life started from the checkpoint of that step) and
-`commit` (a checkpoint of that step committed, with its `checkpoint/*_s` timings).
+`commit` (a checkpoint of that step committed, with its `checkpoint/*_s` timings; a life killed
+between a commit and its next flush loses that line, and the life resumed from the commit
+records it again, without timings).
 
 Every line is also sent to the sinks `start` opens (TensorBoard: orchestrator/tensorboard.py):
 numbers as scalars, events as text and as `events/*` scalars, so restarts and commits show on
-the step axis next to the curves.
+the step axis next to the curves: each committed step's mark once, wherever kills landed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from orchestrator.storage import Store
 log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.jsonl"
+_LINE_KEYS = ("step", "event", "restart", "time")  # what `record` adds; the rest are values
 
 
 class Sink(Protocol):
@@ -78,20 +81,32 @@ class MetricsLog:
         wandb_project: str | None = None,
         name: str = "",
     ) -> None:
-        """Mark where this life begins (a `resumed` line when it restored a checkpoint) and open
-        its sinks: TensorBoard hides what earlier lives logged after `step`; W&B continues the
-        run's W&B run. Leader only; a sink whose package is missing is skipped with a warning."""
-        if self.enabled:
-            from orchestrator.tensorboard import open_writer
-            from orchestrator.wandb_log import open_wandb
+        """Open this life's sinks and, when it restored the checkpoint of `step`, mark that
+        (`_resumed`): TensorBoard hides what earlier lives logged from `step` on; W&B continues
+        the run's W&B run. Leader only; a sink whose package is missing is skipped with a
+        warning."""
+        if not self.enabled:
+            return
+        from orchestrator.tensorboard import open_writer
+        from orchestrator.wandb_log import open_wandb
 
-            opened = [
-                open_writer(self.run, enabled=tensorboard, start_step=step),
-                open_wandb(self.run, wandb_project, name or self.run.path()),
-            ]
-            self.sinks += [sink for sink in opened if sink is not None]
+        board = open_writer(self.run, enabled=tensorboard, start_step=step)
+        opened = [board, open_wandb(self.run, wandb_project, name or self.run.path())]
+        self.sinks += [sink for sink in opened if sink is not None]
         if resumes:
-            self.record(step, {}, event="resumed", resumes=resumes)
+            self._resumed(step, resumes, board)
+
+    def _resumed(self, step: int, resumes: int, board: Sink | None) -> None:
+        """This life resumed from the commit of `step`. TensorBoard's writer hid what earlier
+        lives drew at `step`: drawn again from metrics.jsonl's lines. The commit's own line is
+        missing when the life that made it was killed before its next flush: recorded here,
+        so every commit has its line and its one TensorBoard mark, wherever the kill landed."""
+        lines = self._lines_of(step)
+        if board is not None:
+            self._guarded(board, lambda: _redraw(board, step, lines))
+        if not any(line.get("event") == "commit" for line in lines):
+            self.record(step, {}, event="commit")
+        self.record(step, {}, event="resumed", resumes=resumes)
 
     def stopped(self, step: int, signal: str) -> None:
         """This life saved and stopped on a signal: `uptime_s` lets `status` tell a time-out
@@ -110,6 +125,24 @@ class MetricsLog:
                 self._pending.clear()
             for sink in list(self.sinks):
                 self._guarded(sink, sink.flush)
+
+    def _lines_of(self, step: int) -> list[dict[str, Any]]:
+        """The lines of `step` in metrics.jsonl, oldest first; a line torn by a kill is skipped."""
+        try:
+            raw = self.run.read_bytes(METRICS_NAME)
+        except FileNotFoundError:
+            return []
+        found = []
+        for text in raw.splitlines():
+            if str(step).encode() not in text:  # most lines: no JSON parse
+                continue
+            try:
+                line = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(line, dict) and line.get("step") == step:
+                found.append(line)
+        return found
 
     def _guarded(self, sink: Sink, call: Callable[[], None]) -> None:
         """A sink that fails (disk full, W&B down) is dropped with a warning: it must never
@@ -138,6 +171,23 @@ def _to_sink(
     elif event == "commit":
         writer.scalars(step, {"events/commit": 1.0})
         writer.text(step, "events", f"checkpoint of step {step} committed")
+
+
+def _redraw(board: Sink, step: int, lines: list[dict[str, Any]]) -> None:
+    """Step `step` as `lines` (metrics.jsonl's, oldest first) have it, once: the last value of
+    each metric, the commit's mark, a `stopped` event's text. Earlier lives' `resumed` marks
+    there are left out: the life drawing it records its own."""
+    values: dict[str, Any] = {}
+    events: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        event = line.get("event")
+        if event in (None, "commit"):
+            values.update({k: v for k, v in line.items() if k not in _LINE_KEYS})
+        if event in ("commit", "stopped"):
+            events[event] = line
+    _to_sink(board, step, values, {})
+    for extra in events.values():
+        _to_sink(board, step, {}, extra)
 
 
 def _finite(value: float) -> float | None:

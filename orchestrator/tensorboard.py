@@ -1,8 +1,11 @@
 """TensorBoard event files for a run, written by the leader under `<run.dir>/tb/`.
 
-A resumed run opens its writer with `purge_step` = the resumed step + 1: TensorBoard then hides
-every event an earlier life wrote past the checkpoint (the steps that were lost and are trained
-again), so each step shows once, with the value `metrics.jsonl`'s last line has for it.
+A resumed run opens its writer with `purge_step` = the resumed step: TensorBoard then hides every
+event an earlier life wrote at the checkpoint's step and past it (the steps that were lost and
+are trained again), so each step shows once, with the value `metrics.jsonl`'s last line has for
+it. The checkpoint's own step is drawn again by the resumed life (metrics._redraw), with the
+mark of the commit it resumed from: the life that committed it may have been killed before it
+flushed that mark, or after, and the mark shows once either way.
 
 Where the files go: a local run dir gets them directly in `<run.dir>/tb/`. SummaryWriter only
 writes local files, so an `s3://` run writes to a local scratch dir and uploads each event file
@@ -34,7 +37,8 @@ def available() -> bool:
 
 
 class TensorBoardWriter:
-    """Scalars and text for one life of a run; `purge_step` hides an earlier life's later steps."""
+    """Scalars and text for one life of a run; `purge_step` hides what earlier lives wrote there
+    and later."""
 
     def __init__(self, run: Store, purge_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter  # lazy: pulls tensorboard + protobuf
@@ -77,7 +81,7 @@ def open_writer(run: Store, *, enabled: bool, start_step: int) -> TensorBoardWri
     if not available():
         log.warning("logging.tensorboard: the tensorboard package is not installed; skipping")
         return None
-    return TensorBoardWriter(run, purge_step=start_step + 1)
+    return TensorBoardWriter(run, purge_step=start_step)
 
 
 def scalar_values(values: dict[str, Any]) -> dict[str, float]:

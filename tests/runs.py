@@ -82,6 +82,48 @@ def kill_at_random_steps(
     return seen
 
 
+def kill_between_commit_and_flush(
+    argv: Sequence[str], run_dir: Path, after: Sequence[int], *, log: Path
+) -> list[int]:
+    """Start `stockpot run ARGV` and SIGKILL the whole job at the unluckiest instant for its
+    metrics: a checkpoint has committed and the leader has not flushed since (the commit's own
+    line, in metrics.jsonl and TensorBoard, is still only in its memory). Once per step of
+    `after` (ascending), at the first commit at or past it (and past the previous kill's)
+    caught in that window; restarts after each kill; lets the last run finish. Returns the
+    step of the commit each kill followed: the step each following run must resume from."""
+    seen: list[int] = []
+    for target in after:
+        with open(log, "ab") as out:
+            job = subprocess.Popen(
+                [STOCKPOT, "run", *argv],
+                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        goal = max(target, seen[-1] + 1) if seen else target
+        seen.append(_stop_after_unflushed_commit(job, run_dir, goal))
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert stockpot_run(argv, log=log) == 0, log.read_text()[-3000:]
+    return seen
+
+
+def _stop_after_unflushed_commit(job: subprocess.Popen[bytes], run_dir: Path, goal: int) -> int:
+    """Stop the job (SIGSTOP) as soon as a commit at or past `goal` shows; if its commit line
+    is flushed already, let it go on (SIGCONT) to the next commit. The step it is stopped at."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert job.poll() is None, f"the run ended before a commit >= {goal} was caught unflushed"
+        if newest_step(run_dir) >= goal:
+            os.killpg(job.pid, signal.SIGSTOP)
+            step = newest_step(run_dir)
+            records = read_metrics(Store(str(run_dir)))
+            if not [r for r in records if r.get("event") == "commit" and r["step"] == step]:
+                return step
+            os.killpg(job.pid, signal.SIGCONT)
+            goal = step + 1
+        time.sleep(0.002)
+    raise AssertionError(f"no commit >= {goal} caught before its flush within 240 s")
+
+
 def assert_resumed_from(run_dir: Path | str, log_text: str, steps: Sequence[int]) -> None:
     """The run resumed exactly len(steps) times, from these steps in order, and never started
     from scratch again: the `resumed` events in metrics.jsonl and the leader's log lines."""

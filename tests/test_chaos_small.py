@@ -147,6 +147,22 @@ def test_resume_past_a_damaged_checkpoint_saves_that_step_again(tmp_path: Path) 
     assert catalog.verify(store.child(scan.committed[1].rel), scan.committed[1].manifest) == []
 
 
+def test_garbage_metadata_of_the_right_size_is_caught_with_checksums_off(tmp_path: Path) -> None:
+    """Checksums off skips hashing the shards, never the small files something parses whole:
+    a `.metadata` of random bytes is found before DCP unpickles it, and the restore falls back."""
+    store = Store(str(tmp_path / "run"))
+    first = Checkpointer(store)
+    first.register("train", _Weights())
+    first.save(1)
+    first.save(2)
+    metadata = tmp_path / "run" / CHECKPOINTS_DIR / "step-000000002" / ".metadata"
+    metadata.write_bytes(os.urandom(metadata.stat().st_size))
+    again = Checkpointer(store, verify_checksums=False)
+    again.register("train", _Weights())
+    info = again.restore()
+    assert info is not None and info.step == 1
+
+
 @pytest.mark.parametrize(
     "gloo",
     [

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.checkpoint import catalog
+from orchestrator.checkpoint import checkpointer as checkpointer_module
 from orchestrator.checkpoint.checkpointer import MANUAL
 from orchestrator.errors import CheckpointCorrupt
 from orchestrator.storage import Store
@@ -43,25 +44,35 @@ def test_flipped_byte_falls_back_loudly_to_the_previous_checkpoint(tmp_path: Pat
 
 
 def test_the_newest_checkpoint_is_checked_while_it_loads(tmp_path: Path, monkeypatch) -> None:
-    """The checksum pass of the newest checkpoint runs on its own thread while the main one
-    loads (restoring.py), so the files come from disk once; the state is the saved one."""
+    """The small files (DCP's `.metadata`, unpickled by the load; the rank's state) are checked
+    before the load starts; the shards' checksum pass runs on its own thread while the main one
+    loads them (restoring.py), so their bytes come from disk once; the state is the saved one."""
     model, optim = model_and_optimizer()
     train(model, optim)
     ckpt = checkpointer(Store(str(tmp_path)), model, optim)
     ckpt.save(1)
     at_one = {k: v.clone() for k, v in model.state_dict().items()}
-    threads: dict[str, set[str]] = {}
-    verify = catalog.verify
+    seen: list[tuple[str, bool]] = []  # (what: the files checked or "load", on the main thread)
+    verify, load_shards = catalog.verify, checkpointer_module.load_shards
 
-    def spying(*args, **kwargs):
-        threads.setdefault("verify", set()).add(threading.current_thread().name)
-        return verify(*args, **kwargs)
+    def on_main() -> bool:
+        return threading.current_thread() is threading.main_thread()
+
+    def spying(*args, names, **kwargs):
+        seen.append((" ".join(sorted(names)), on_main()))
+        return verify(*args, names=names, **kwargs)
+
+    def loading(*args, **kwargs):
+        seen.append(("load", on_main()))
+        return load_shards(*args, **kwargs)
 
     monkeypatch.setattr(catalog, "verify", spying)
+    monkeypatch.setattr(checkpointer_module, "load_shards", loading)
     restored, _, info = fresh_restore(str(tmp_path))
     assert info.step == 1
     assert_same(at_one, restored.state_dict())
-    assert threads["verify"] and threading.main_thread().name not in threads["verify"]
+    assert seen[0] == (".metadata ranks/rank-00000.json", True)
+    assert sorted(seen[1:]) == [("__0_0.distcp __0_optim.distcp", False), ("load", True)]
 
 
 def test_no_verifying_checkpoint_refuses_to_start_over(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -89,6 +90,19 @@ def test_a_flipped_byte_inside_a_ranged_read_fails_its_stream_checksum(
     _, mixer = _mix([ckpts[0], copy])
     problems = [p for p in mixer.checks.finish().values() if p]
     assert problems == [f"{shard}: checksum mismatch (xxh3_128)"]
+
+
+def test_damaged_dcp_metadata_is_refused_before_it_is_unpickled(
+    ckpts: list[Path], tmp_path: Path
+) -> None:
+    """The soup indexes an ingredient's pieces from DCP's `.metadata` (a pickle): it checks the
+    file against the manifest first, so random bytes are a checksum mismatch, never unpickled."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ckpts[1], copy)
+    metadata = copy / ".metadata"
+    metadata.write_bytes(os.urandom(metadata.stat().st_size))
+    with pytest.raises(CheckpointCorrupt, match=r"\.metadata: checksum mismatch"):
+        open_source(Ingredient(str(copy), "dcp", "test"))
 
 
 def _stored(tensor: torch.Tensor) -> bytes:

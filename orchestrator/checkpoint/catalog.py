@@ -16,6 +16,7 @@ from orchestrator.checkpoint.format import (
     MANIFEST_NAME,
     Manifest,
     hash_stream,
+    is_shard_file,
     parse_step_dirname,
 )
 from orchestrator.errors import CheckpointCorrupt
@@ -124,7 +125,9 @@ def verify(
     names: Collection[str] | None = None,
 ) -> list[str]:
     """Problems of the checkpoint at `ckpt` against its manifest, each naming a file; [] if whole.
-    `chunk`: the read size while hashing; `names`: only these files (default: all)."""
+    `chunk`: the read size while hashing; `names`: only these files (default: all).
+    `checksums=False` compares the shards' sizes only; the small files are hashed either way:
+    they are parsed whole (an unpickler, a JSON parser) and cost next to nothing to hash."""
     present = ckpt.walk_files()
     problems = []
     for name, entry in sorted(manifest.files.items()):
@@ -134,7 +137,7 @@ def verify(
             problems.append(f"{ckpt.path(name)}: missing")
         elif present[name] != entry.size:
             problems.append(f"{ckpt.path(name)}: size {present[name]} != {entry.size} in manifest")
-        elif checksums:
+        elif checksums or not is_shard_file(name):
             with ckpt.open_read(name) as stream:
                 got = hash_stream(stream, chunk=chunk)
             if got.checksum != entry.checksum:
@@ -144,12 +147,20 @@ def verify(
     return problems
 
 
-def share(manifest: Manifest, rank: int, world: int) -> set[str]:
-    """The files rank `rank` of `world` verifies on a restore, so all ranks read and hash in
-    parallel: each file to the rank with the fewest bytes so far, biggest first; every rank
-    computes the same split."""
+def small_files(manifest: Manifest) -> set[str]:
+    """The files of `manifest` that are not shards: what a restore verifies before it loads."""
+    return {name for name in manifest.files if not is_shard_file(name)}
+
+
+def share(
+    manifest: Manifest, rank: int, world: int, names: Collection[str] | None = None
+) -> set[str]:
+    """The files (of `names`, default all) rank `rank` of `world` verifies on a restore, so all
+    ranks read and hash in parallel: each file to the rank with the fewest bytes so far, biggest
+    first; every rank computes the same split."""
     loads, mine = [0] * world, set()
-    for name, entry in sorted(manifest.files.items(), key=lambda kv: (-kv[1].size, kv[0])):
+    files = [kv for kv in manifest.files.items() if names is None or kv[0] in names]
+    for name, entry in sorted(files, key=lambda kv: (-kv[1].size, kv[0])):
         who = loads.index(min(loads))
         loads[who] += entry.size
         if who == rank:

@@ -1,11 +1,14 @@
 """Which checkpoint a restore loads: the newest committed full one that verifies, read once.
 
 Verification (sizes and xxh3 of every file against the manifest) is split between the ranks
-(catalog.share). For the newest candidate it runs on a thread *while* the ranks load it: the
-load and the checksum pass read the same files, so the checkpoint comes from disk once instead
-of twice (for a checkpoint bigger than the page cache, that is a whole cold read saved). A
-candidate is used only when every rank's checks pass; a bad one is reported and the previous
-one verified first, then loaded, over whatever the bad one left in the state.
+(catalog.share). Nothing is parsed before it verifies: the small files (DCP's `.metadata`, an
+unpickler's input on every rank; the per-rank state JSON) are checked, and the outcome agreed,
+before the load starts. The shards' checksum pass, for the newest candidate, runs on a thread
+*while* the ranks load them: the load and the pass read the same bytes, so the bulk of the
+checkpoint comes from disk once instead of twice (for a checkpoint bigger than the page cache, a
+whole cold read saved). A candidate is used only when every rank's checks pass; a bad one is
+reported and the previous one verified first, then loaded, over whatever the bad one left in
+the state.
 
 When committed checkpoints exist and none verifies, the restore raises: starting the run over
 would train from scratch on top of a state that may hold part of a bad checkpoint, and its
@@ -15,7 +18,7 @@ this once. Nothing committed at all is a fresh start (None).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -87,11 +90,20 @@ def _everyones(found: list[str], group: Any) -> list[str]:
 def _load_while_verifying(
     run: Store, info: CheckpointInfo, load: Load, group: Any, *, checksums: bool
 ) -> list[str]:
-    """`load` on this thread while this rank's share is checked on another. A load that
-    fails on a checkpoint whose checks fail is one more sign it is bad; one that fails on a
-    checkpoint that verifies is raised (DCP fails every rank's load alike)."""
+    """The small files first, then `load` on this thread while this rank's share of the shards
+    is checked on another. Every rank's load unpickles `.metadata` and each rank parses its own
+    state file, so the small files are checked (split between the ranks) and the outcome agreed
+    before any load starts: a bad one is reported once, never parsed (DCP logs what its reader
+    raised with a traceback, on every rank). Only the shards, the bulk of the bytes, are read
+    once. A load that fails on a checkpoint whose checks fail is one more sign it is bad; one
+    that fails on a checkpoint that verifies is raised (DCP fails every rank's load alike)."""
+    small = catalog.small_files(info.manifest)
+    problems = _everyones(_my_share(run, info, group, checksums, small), group)
+    if problems:
+        return problems
+    shards = set(info.manifest.files) - small
     with ThreadPoolExecutor(1, "stockpot-verify") as pool:
-        checking = pool.submit(_my_share, run, info, group, checksums)
+        checking = pool.submit(_my_share, run, info, group, checksums, shards)
         failed: BaseException | None = None
         try:
             load(info)
@@ -104,6 +116,15 @@ def _load_while_verifying(
     return problems
 
 
-def _my_share(run: Store, info: CheckpointInfo, group: Any, checksums: bool) -> list[str]:
-    mine = catalog.share(info.manifest, dist.rank(), dist.world_size(group))
+def _my_share(
+    run: Store,
+    info: CheckpointInfo,
+    group: Any,
+    checksums: bool,
+    among: Collection[str] | None = None,
+) -> list[str]:
+    """Problems in this rank's share of the files `among` (default: all of them)."""
+    mine = catalog.share(info.manifest, dist.rank(), dist.world_size(group), among)
+    if not mine:  # more ranks than small files: no listing (a request on S3) for nothing
+        return []
     return catalog.verify(run.child(info.rel), info.manifest, checksums=checksums, names=mine)

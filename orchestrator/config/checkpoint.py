@@ -130,7 +130,8 @@ class CheckpointConfig(RetentionPolicy, SaveSchedule):
     # Write and commit in the background (one save in flight). Parameters and optimizer state
     # are written from live memory; what is unwritten at the next optimizer step is copied then.
     async_save: bool = False
-    # On resume, verify checksums of the chosen checkpoint (sizes are always checked).
+    # On resume, verify the checksums of the chosen checkpoint's shards (sizes, and the checksums
+    # of its small files, which are parsed whole, are always checked).
     verify_checksums: bool = True
 
     def __post_init__(self) -> None:

@@ -147,8 +147,14 @@ def _index_dcp(source: Source) -> None:
     from orchestrator.checkpoint import catalog
     from orchestrator.checkpoint.weights import choose_prefix
 
-    source.manifest = catalog.load_info(source.store).manifest
-    source.data_dir = source.manifest.data_dir
+    manifest = source.manifest = catalog.load_info(source.store).manifest
+    source.data_dir = manifest.data_dir
+    # DCP's .metadata is unpickled to index the pieces: it is verified first, never parsed
+    # unverified (the shards are checked as the soup reads them, checks.py).
+    metadata = manifest.data_path(METADATA_NAME)
+    problems = catalog.verify(source.store, manifest, checksums=True, names={metadata})
+    if problems:
+        raise CheckpointCorrupt(f"{problems[0]}; run `stockpot verify {source.ingredient.url}`")
     items = stored_items(source.store, source.data_dir)
     prefix = choose_prefix(items, "auto")
     tensors = {}

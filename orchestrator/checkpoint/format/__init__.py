@@ -8,7 +8,8 @@ stalls the shard writer):
 
 - names (layout.py): `CHECKPOINTS_DIR`, `MANIFEST_NAME`, `METADATA_NAME`, `TMP_PREFIX`,
   `MODEL_KEY`, `OPTIM_KEY`, `step_dirname`, `step_rel`, `parse_step_dirname`,
-  `rank_state_name`, `is_optimizer_item`, `optimizer_file_name`, `is_optimizer_file`
+  `rank_state_name`, `is_optimizer_item`, `optimizer_file_name`, `is_optimizer_file`,
+  `SHARD_SUFFIX`, `is_shard_file`
 - the commit record (manifest.py): `Manifest`, `FileEntry`, `Hasher`, `hash_bytes`,
   `hash_stream`, `check_confined`, `library_versions`
 - per-rank state as JSON (rank_state.py): `encode_rank_state`, `decode_rank_state`
@@ -37,9 +38,11 @@ from orchestrator.checkpoint.format.layout import (
     METADATA_NAME,
     MODEL_KEY,
     OPTIM_KEY,
+    SHARD_SUFFIX,
     TMP_PREFIX,
     is_optimizer_file,
     is_optimizer_item,
+    is_shard_file,
     optimizer_file_name,
     parse_step_dirname,
     rank_state_name,
@@ -115,6 +118,7 @@ __all__ = [
     "MODEL_KEY",
     "OPTIM_KEY",
     "SAFETENSORS_SUFFIX",
+    "SHARD_SUFFIX",
     "TMP_PREFIX",
     "DiskFull",
     "FileEntry",
@@ -138,6 +142,7 @@ __all__ = [
     "hash_stream",
     "is_optimizer_file",
     "is_optimizer_item",
+    "is_shard_file",
     "library_versions",
     "load_flat",
     "load_shards",

@@ -20,6 +20,7 @@ TMP_PREFIX = ".tmp-"
 RANK_STATE_DIR = "ranks"
 OPTIM_KEY = "optim"  # ModelAndOptimizer's flat DCP keys: <registered name>.optim.<...>
 MODEL_KEY = ".model."  # ModelAndOptimizer's flat DCP keys: <registered name>.model.<param>
+SHARD_SUFFIX = ".distcp"  # DCP's data files (its filesystem.DEFAULT_SUFFIX; dcp_write names them)
 _OPTIM_FILE_RE = re.compile(r"__\d+_optim\.distcp")
 _STEP_RE = re.compile(r"step-(\d{9})")
 
@@ -57,3 +58,9 @@ def optimizer_file_name(rank: int) -> str:
 def is_optimizer_file(name: str) -> bool:
     """A file (by its name relative to the checkpoint, data dir included) of optimizer state."""
     return _OPTIM_FILE_RE.fullmatch(name.rsplit("/", 1)[-1]) is not None
+
+
+def is_shard_file(name: str) -> bool:
+    """A DCP data file (`__0_0.distcp`): big, read piece by piece into tensors. Every other file
+    of a checkpoint (DCP's `.metadata`, the per-rank state JSON) is small and parsed whole."""
+    return name.endswith(SHARD_SUFFIX)
