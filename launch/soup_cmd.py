@@ -134,7 +134,7 @@ def cmd_soup(args: argparse.Namespace) -> int:
     sources = sources or list(soup.sources) or ([cfg.run.dir] if args.config else [])
     if not sources:
         raise UsageError("name what to soup: run dirs, checkpoints or .safetensors files")
-    s3 = _s3_options(cfg)
+    s3 = cfg.storage.s3  # whole: every field of it, as the chained soup job opens its stores
     from orchestrator.soup import cook
 
     kitchen = cook.prepare(sources, soup, s3, out="")
@@ -158,14 +158,6 @@ def _out_dir(soup: Any, kitchen: Any, config_run_dir: str | None) -> str:
     if run is None and not soup.out:
         raise UsageError("ingredients come from several places: say where to write with --out")
     return soup_out_dir(run or "", soup)  # no run: soup.out is set, the run dir is not used
-
-
-def _s3_options(cfg: Any) -> Any:
-    from orchestrator.storage import S3Options
-
-    s3 = cfg.storage.s3
-    return S3Options(endpoint_url=s3.endpoint_url, region=s3.region, profile=s3.profile,
-                     max_attempts=s3.max_attempts)  # fmt: skip
 
 
 def _cook_with_bar(cook: Any, kitchen: Any) -> dict[str, Any]:
