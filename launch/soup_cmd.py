@@ -134,10 +134,10 @@ def cmd_soup(args: argparse.Namespace) -> int:
     sources = sources or list(soup.sources) or ([cfg.run.dir] if args.config else [])
     if not sources:
         raise UsageError("name what to soup: run dirs, checkpoints or .safetensors files")
-    s3 = cfg.storage.s3  # whole: every field of it, as the chained soup job opens its stores
     from orchestrator.soup import cook
 
-    kitchen = cook.prepare(sources, soup, s3, out="")
+    # The whole storage section, as the chained soup job (soup_job.py) opens every store.
+    kitchen = cook.prepare(sources, soup, cfg.storage, out="")
     kitchen.out = _out_dir(soup, kitchen, cfg.run.dir if args.config else None)
     if args.dry_run:
         print("\n".join(cook.dry_run(kitchen)))
@@ -145,7 +145,7 @@ def cmd_soup(args: argparse.Namespace) -> int:
     record = _cook_with_bar(cook, kitchen)
     _summary(kitchen, record)
     if soup.out_checkpoint:
-        _write_checkpoint(kitchen, record, soup.out_checkpoint, s3)
+        _write_checkpoint(kitchen, record, soup.out_checkpoint)
     return 0
 
 
@@ -189,13 +189,14 @@ def _summary(kitchen: Any, record: dict[str, Any]) -> None:
         )
 
 
-def _write_checkpoint(kitchen: Any, record: dict[str, Any], run_dir: str, s3: Any) -> None:
+def _write_checkpoint(kitchen: Any, record: dict[str, Any], run_dir: str) -> None:
     from orchestrator.soup import writer
     from orchestrator.storage import Store
 
     steps = [i["step"] for i in record["ingredients"] if i["in_soup"] and i["step"] is not None]
     metrics = {k: v for k, v in (record.get("soup_scores") or {}).items() if k.startswith("eval/")}
+    storage = kitchen.storage
     path = writer.write_checkpoint(
-        Store(kitchen.out, s3), run_dir, max(steps, default=0), s3, metrics
+        Store(kitchen.out, storage), run_dir, max(steps, default=0), storage, metrics
     )
     print(f"wrote checkpoint {path} (model only; model.init_from={run_dir} starts from it)")

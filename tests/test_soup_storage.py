@@ -13,7 +13,8 @@ import pytest
 from devtools.s3server import FaultProxy, S3Server
 from launch.cli import main
 from orchestrator.config import load, to_yaml
-from orchestrator.storage import S3Options, Store
+from orchestrator.storage import Store
+from tests.fixtures.s3 import s3_storage
 from tests.soup_fixtures import train_run
 
 BACKOFF_S, MAX_BACKOFF_S = 0.02, 0.05
@@ -38,7 +39,7 @@ def test_soup_with_a_config_waits_between_retries_as_storage_s3_says(
     local = tmp_path / "run"
     train_run(local, saves=(10, 20))
     url = f"{s3_bucket}/run"
-    _upload(local, Store(url, S3Options(endpoint_url=s3_server.endpoint_url)))
+    _upload(local, Store(url, s3_storage(s3_server.endpoint_url)))
     settings = [f"run.dir={url}", f"storage.s3.endpoint_url={s3_faults.endpoint_url}"]
     settings += [f"storage.s3.backoff_s={BACKOFF_S}", f"storage.s3.max_backoff_s={MAX_BACKOFF_S}"]
     config = tmp_path / "soup.yaml"
