@@ -29,7 +29,7 @@ from orchestrator import dist
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.config.checkpoint import CheckpointConfig
 from orchestrator.state import ModelAndOptimizer
-from orchestrator.storage import S3Options, Store
+from orchestrator.storage import S3Options, StorageOptions, Store
 
 MAX_STEPS_DURING = 200  # a background save that outlasts this many steps is reported as is
 
@@ -155,7 +155,8 @@ def _leader_read(files: list[Path]) -> None:
 def _s3_checkpointer(
     args: dict[str, Any], trainee: Trainee, keep: int, prefix: str = "run"
 ) -> Checkpointer:
-    store = Store(f"s3://{args['bucket']}/{prefix}", S3Options(endpoint_url=args["endpoint"]))
+    s3 = StorageOptions(s3=S3Options(endpoint_url=args["endpoint"]))
+    store = Store(f"s3://{args['bucket']}/{prefix}", s3)
     ckpt = Checkpointer(store, config=CheckpointConfig(every_steps=None, keep_last=keep))
     ckpt.register("train", ModelAndOptimizer(trainee.model, trainee.optim))
     return ckpt

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run_dir",
         metavar="RUN",
         help="run directory (local path or s3://bucket/prefix; S3 settings from AWS_*), or the "
-        "run's YAML config (its run.dir, opened with its storage.s3)",
+        "run's YAML config (its run.dir, opened with its storage settings)",
     )
     _add_overrides(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")

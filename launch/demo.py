@@ -26,13 +26,14 @@ from orchestrator.config import Config, load
 from orchestrator.config.soup import soup_out_dir
 from orchestrator.env import EXIT_STOPPED as STOPPED
 from orchestrator.errors import UsageError
+from orchestrator.storage import Store
 
 
 def main(argv: list[str]) -> int:
     path, overrides = (argv[0], argv[1:]) if argv else ("configs/demo.yaml", [])
     cfg = load(path, overrides)
-    if cfg.run.dir.startswith("s3://"):
-        raise SystemExit("make demo trains on local disk; drop the s3:// run.dir")
+    if not Store(cfg.run.dir).local_paths:
+        raise SystemExit(f"make demo trains on local disk; give a local run.dir, not {cfg.run.dir}")
     run_dir = Path(cfg.run.dir)
     if run_dir.exists():
         print(f"demo: starting afresh: removing the previous demo run {run_dir}")

@@ -49,7 +49,9 @@ FIXES: dict[str, str] = {
     "config changed since checkpoint": "Resume with the config the run started with, or "
     "`resume.allow_config_change=true` if the change is intended, or a new `run.dir`.",
     "is not a run directory": "Give the run dir (the one that holds `checkpoints/`), or the "
-    "run's YAML config so its `run.dir` and `storage.s3` are used.",
+    "run's YAML config so its `run.dir` and `storage` settings are used.",
+    "no storage backend": "Use a local path or a URL of a scheme the message lists (a new "
+    "backend is a module of orchestrator/storage/ and its entry in storage/registry.py).",
     "does not exist": "Check the path; for `s3://` URLs also the endpoint and credentials.",
     "model.init_from": "`model.init_from` must come from the same architecture: match the "
     "model's config to the checkpoint's, or start without init_from.",

@@ -5,9 +5,10 @@ state from `squeue` when Slurm is reachable) and the restart count from metrics.
 
 Where the S3 settings come from: `status` and `verify` take a run directory URL or the run's YAML
 config (with key=value overrides, as given to `submit`). With a config, its run.dir is opened
-with its `storage.s3` (endpoint, region, profile, attempts), exactly as `run` and `submit` open
-it. With a URL there is no config to read first (the run's own config.yaml sits behind the
-endpoint), so the AWS_* environment decides (AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE).
+with its `storage` section (for S3: endpoint, region, profile, attempts), exactly as `run` and
+`submit` open it. With a URL there is no config to read first (the run's own config.yaml sits
+behind the endpoint), so the AWS_* environment decides (AWS_ENDPOINT_URL, AWS_REGION,
+AWS_PROFILE).
 
 None of them needs a process group or the model's code: they read manifests, and `export` reads
 tensors one bounded batch at a time (orchestrator/checkpoint/export.py). Heavy modules (torch,
@@ -44,14 +45,15 @@ def _store(url: str) -> Store:
 
 
 def open_target(target: str, overrides: Sequence[str] = ()) -> Store:
-    """The store a command names: a YAML config file -> its run.dir with its storage.s3 (the
-    same store `submit` and `run` open); anything else -> that URL, S3 settings from AWS_*."""
+    """The store a command names: a YAML config file -> its run.dir with its storage section
+    (the same store `submit` and `run` open); anything else -> that URL, default settings (S3's
+    from AWS_*)."""
     if target.endswith(CONFIG_SUFFIXES) and os.path.isfile(target):
         from orchestrator import config
         from orchestrator.storage import Store
 
         cfg = config.load(target, list(overrides))
-        return Store(cfg.run.dir, cfg.storage.s3)
+        return Store(cfg.run.dir, cfg.storage)
     if overrides:
         raise UsageError(
             f"key=value overrides ({overrides[0]}, ...) need a config file, not a directory"
@@ -278,8 +280,5 @@ def _progress_bar(desc: str = "export", total: int | None = None) -> Any:
 
 
 def _split_out(out: str) -> tuple[str, str]:
-    if out.startswith("s3://"):
-        parent, _, name = out.rpartition("/")
-        return parent, name
-    full = os.path.abspath(out)
-    return os.path.dirname(full), os.path.basename(full)
+    parent, _, name = _store(out).url.rpartition("/")  # the store's URL: an absolute path here
+    return parent or "/", name

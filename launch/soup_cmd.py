@@ -134,10 +134,10 @@ def cmd_soup(args: argparse.Namespace) -> int:
     sources = sources or list(soup.sources) or ([cfg.run.dir] if args.config else [])
     if not sources:
         raise UsageError("name what to soup: run dirs, checkpoints or .safetensors files")
-    s3 = _s3_options(cfg)
     from orchestrator.soup import cook
 
-    kitchen = cook.prepare(sources, soup, s3, out="")
+    # The whole storage section, as the chained soup job (soup_job.py) opens every store.
+    kitchen = cook.prepare(sources, soup, cfg.storage, out="")
     kitchen.out = _out_dir(soup, kitchen, cfg.run.dir if args.config else None)
     if args.dry_run:
         print("\n".join(cook.dry_run(kitchen)))
@@ -145,7 +145,7 @@ def cmd_soup(args: argparse.Namespace) -> int:
     record = _cook_with_bar(cook, kitchen)
     _summary(kitchen, record)
     if soup.out_checkpoint:
-        _write_checkpoint(kitchen, record, soup.out_checkpoint, s3)
+        _write_checkpoint(kitchen, record, soup.out_checkpoint)
     return 0
 
 
@@ -158,14 +158,6 @@ def _out_dir(soup: Any, kitchen: Any, config_run_dir: str | None) -> str:
     if run is None and not soup.out:
         raise UsageError("ingredients come from several places: say where to write with --out")
     return soup_out_dir(run or "", soup)  # no run: soup.out is set, the run dir is not used
-
-
-def _s3_options(cfg: Any) -> Any:
-    from orchestrator.storage import S3Options
-
-    s3 = cfg.storage.s3
-    return S3Options(endpoint_url=s3.endpoint_url, region=s3.region, profile=s3.profile,
-                     max_attempts=s3.max_attempts)  # fmt: skip
 
 
 def _cook_with_bar(cook: Any, kitchen: Any) -> dict[str, Any]:
@@ -197,13 +189,14 @@ def _summary(kitchen: Any, record: dict[str, Any]) -> None:
         )
 
 
-def _write_checkpoint(kitchen: Any, record: dict[str, Any], run_dir: str, s3: Any) -> None:
+def _write_checkpoint(kitchen: Any, record: dict[str, Any], run_dir: str) -> None:
     from orchestrator.soup import writer
     from orchestrator.storage import Store
 
     steps = [i["step"] for i in record["ingredients"] if i["in_soup"] and i["step"] is not None]
     metrics = {k: v for k, v in (record.get("soup_scores") or {}).items() if k.startswith("eval/")}
+    storage = kitchen.storage
     path = writer.write_checkpoint(
-        Store(kitchen.out, s3), run_dir, max(steps, default=0), s3, metrics
+        Store(kitchen.out, storage), run_dir, max(steps, default=0), storage, metrics
     )
     print(f"wrote checkpoint {path} (model only; model.init_from={run_dir} starts from it)")

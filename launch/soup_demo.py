@@ -28,6 +28,7 @@ from typing import Any, cast
 
 from orchestrator.config import Config, expand_sweep, load, to_yaml
 from orchestrator.config.soup import soup_out_dir
+from orchestrator.storage import Store
 
 PRETRAIN = [
     "task.split=pretrain",
@@ -49,7 +50,7 @@ def main(argv: list[str]) -> int:
     argv = [a for a in argv if a != "--readme"]
     path, overrides = (argv[0], argv[1:]) if argv else ("configs/soup-demo.yaml", [])
     cfg = load(path, overrides)
-    if cfg.run.dir.startswith("s3://") or not cfg.model.init_from or not cfg.sweep:
+    if not Store(cfg.run.dir).local_paths or not cfg.model.init_from or not cfg.sweep:
         raise SystemExit("the soup demo needs a local run.dir, model.init_from and a sweep")
     t0 = time.monotonic()
     for old in (Path(cfg.run.dir), Path(cfg.model.init_from)):
@@ -101,7 +102,7 @@ def make_soup(cfg: Config, recipe: str) -> dict[str, Any]:
         cfg.soup, recipe=cast(Any, recipe), name=recipe, report=True, out=None
     )
     out = soup_out_dir(cfg.run.dir, soup)
-    kitchen = cook.prepare([cfg.run.dir], soup, cfg.storage.s3, out=out)
+    kitchen = cook.prepare([cfg.run.dir], soup, cfg.storage, out=out)
     print(f"soup-demo: {recipe} soup of {len(kitchen.ingredients)} ingredients", flush=True)
     return dict(cook.cook(kitchen))
 

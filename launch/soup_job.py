@@ -2,8 +2,9 @@
 training job (or on the whole array of a sweep), so it starts only once every run succeeded.
 
 It holds the submitted config as plain data (`Config.to_dict()`) and the run dirs it trained, so
-it opens every run dir and the soup's output with the config's `storage.s3` (an endpoint given
-only in the config is honoured; the environment's AWS_* settings still apply underneath).
+it opens every run dir and the soup's output with the config's `storage` section (an S3
+endpoint given only in the config is honoured; the environment's AWS_* settings still apply
+underneath), as `stockpot soup --config` does.
 
 What it soups (the config's `soup:` section, as `stockpot soup --config` would):
 - `soup.sources` when given; else the trained run dirs: one run -> a checkpoint soup of its
@@ -55,13 +56,12 @@ def cook_soup(cfg: Config, run_dirs: Sequence[str]) -> str:
     from orchestrator.soup import cook, writer
     from orchestrator.storage import Store
 
-    s3 = cfg.storage.s3
     out = soup_out_dir(cfg.run.dir, cfg.soup)
-    if Store(out, s3).exists(writer.RECORD):
+    if Store(out, cfg.storage).exists(writer.RECORD):
         log.info("soup %s is already committed (a requeue after its commit): kept", out)
         return out
     t0 = time.monotonic()
-    kitchen = cook.prepare(list(cfg.soup.sources) or list(run_dirs), cfg.soup, s3, out=out)
+    kitchen = cook.prepare(list(cfg.soup.sources) or list(run_dirs), cfg.soup, cfg.storage, out=out)
     record = cook.cook(kitchen)
     chosen = sum(1 for i in record["ingredients"] if i["in_soup"])
     scores = " ".join(f"{k}={v:.4g}" for k, v in sorted((record.get("soup_scores") or {}).items()))

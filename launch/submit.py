@@ -8,7 +8,7 @@
 - Every submission is appended to `<run.dir>/jobs.json` (and to each sweep element's; the
   record is launch/jobs.py's), which `stockpot status` reads to show the jobs and their state.
 
-Every run dir is opened as `run` opens it: `Store(run.dir, storage.s3)`, so an S3 endpoint given
+Every run dir is opened as `run` opens it: `Store(run.dir, storage)`, so an S3 endpoint given
 only in the config is honoured here and by the chained job (which carries each run's config).
 """
 
@@ -25,7 +25,7 @@ from typing import IO, Any
 from launch.jobs import JOBS_NAME, append_jobs
 from orchestrator.config import Config, expand_sweep
 from orchestrator.config.soup import soup_out_dir
-from orchestrator.storage import Store
+from orchestrator.storage import StorageOptions, Store
 
 
 def submit_config(cfg: Config, *, dry_run: bool = False, out: IO[str] | None = None) -> int:
@@ -121,11 +121,11 @@ def _write_records(
     cfg: Config, elements: Sequence[Config], records: Sequence[dict[str, Any]]
 ) -> None:
     """The sweep root lists every job; each element's run dir its own and the chained one."""
-    append_jobs(Store(cfg.run.dir, cfg.storage.s3), records)
+    append_jobs(Store(cfg.run.dir, cfg.storage), records)
     if cfg.sweep:
         for element in elements:
             mine = [r for r in records if r["run_dir"] == element.run.dir or r["kind"] != "train"]
-            append_jobs(Store(element.run.dir, element.storage.s3), mine)
+            append_jobs(Store(element.run.dir, element.storage), mine)
 
 
 def summary(cfg: Config, records: Sequence[dict[str, Any]]) -> str:
@@ -143,8 +143,9 @@ def summary(cfg: Config, records: Sequence[dict[str, Any]]) -> str:
         )
     first = records[0]["job_id"]
     lines.append(f"logs: {log_folder(cfg)}/{first}_<rank>_log.out and .err (requeued runs append)")
-    # A URL alone gets its S3 settings from AWS_*; the config carries storage.s3.
-    by_config = cfg.storage.s3.endpoint_url and cfg.run.dir.startswith("s3://")
+    # A URL alone is opened with the default storage settings (S3's from AWS_*); a config
+    # that changes them is what opens the run dir as the jobs do.
+    by_config = cfg.storage != StorageOptions()
     target = "CONFIG [key=value ...]" if by_config else cfg.run.dir
     lines.append(f"jobs recorded in {Store(cfg.run.dir).path(JOBS_NAME)}; "
                  f"follow with: stockpot status {target}")  # fmt: skip

@@ -76,7 +76,7 @@ def check_storage(cfg: Config) -> None:
 
 def run_dir_store(cfg: Config) -> Store:
     """run.dir as a Store: the run's checkpoints, metrics and config."""
-    return Store(cfg.run.dir, cfg.storage.s3)
+    return Store(cfg.run.dir, cfg.storage)
 
 
 def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> TrainingRun:
@@ -195,7 +195,7 @@ def init_from(model: torch.nn.Module, source: str, store: Store) -> None:
     from orchestrator.checkpoint.weights import read_weights
     from orchestrator.ties import tied_parameters, truly_missing
 
-    weights, where = read_weights(source, store.s3)
+    weights, where = read_weights(source, store.options)
     own = model.state_dict()
     for name, tensor in weights.items():
         if name in own and tuple(own[name].shape) != tuple(tensor.shape):

@@ -13,7 +13,8 @@ from devtools.s3server import S3Server
 from launch.cli import main
 from orchestrator.soup.ingredients import Ingredient
 from orchestrator.soup.reader import open_source
-from orchestrator.storage import S3Options, Store
+from orchestrator.storage import Store
+from tests.fixtures.s3 import s3_storage
 from tests.soup_fixtures import (
     assert_close_to_rounding,
     ckpt_dir,
@@ -76,7 +77,7 @@ def _upload(local: Path, store: Store) -> None:
 def test_s3_input_gives_bit_identical_output(
     runs: dict[str, Path], s3_server: S3Server, s3_bucket: str, tmp_path: Path
 ) -> None:
-    s3 = S3Options(endpoint_url=s3_server.endpoint_url)
+    s3 = s3_storage(s3_server.endpoint_url)
     url = f"{s3_bucket}/fsdp"
     _upload(runs["fsdp"], Store(url, s3))
     endpoint = f"storage.s3.endpoint_url={s3_server.endpoint_url}"

@@ -27,7 +27,8 @@ from orchestrator.checkpoint.retention import Candidate, plan_retention
 from orchestrator.config.checkpoint import CheckpointConfig, RetentionPolicy
 from orchestrator.errors import CheckpointCorrupt
 from orchestrator.state import ModelAndOptimizer
-from orchestrator.storage import S3Options, Store
+from orchestrator.storage import Store
+from tests.fixtures.s3 import s3_storage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +132,7 @@ _DROPPER = """
 import os, sys, time
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.retention import drop_optimizer
-from orchestrator.storage import S3Options, Store
+from orchestrator.storage import Store
 
 class Stalling(Store):
     # A real store that announces the phase it reached, then stalls there to be killed.
@@ -257,7 +258,7 @@ def test_chained_soup_job_on_slurm_reads_s3_from_the_config(
             f"model.init_from={pre}", "sweep.optim.lr=[0.02,0.05,0.1]", env=env)  # fmt: skip
     _submit(tmp_path, "soupfail", f"run.dir={tmp_path / 'fail'}", "sweep.task.hidden=[16,-1]",
             env=env)  # fmt: skip
-    store = Store(url, S3Options(endpoint_url=s3_server.endpoint_url))
+    store = Store(url, s3_storage(s3_server.endpoint_url))
     jobs = json.loads(store.read_bytes("jobs.json"))
     failing = json.loads((tmp_path / "fail" / "jobs.json").read_text())
     soup_id = jobs[3]["job_id"]
@@ -283,7 +284,7 @@ def test_chained_soup_job_on_slurm_reads_s3_from_the_config(
     assert runs == sorted(j["run_dir"] for j in jobs[:3])
     assert requeued, "the soup job was never seen running"
     log = (tmp_path / "soupsweep" / "logs" / f"{soup_id}_0_log.err").read_text()
-    trained = max(catalog.scan(Store(r, store.s3)).latest().manifest.created_at
+    trained = max(catalog.scan(Store(r, store.options)).latest().manifest.created_at
                   for r in runs) - t0  # fmt: skip
     print(f"\nchained soup on Slurm: submit -> last element's final commit {trained:.0f} s; "
           f"soup job requeued at {requeued[0]:.0f} s; soup committed at {total:.0f} s (its own "

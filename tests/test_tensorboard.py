@@ -15,9 +15,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from orchestrator.metrics import MetricsLog, last_per_step, read_metrics
-from orchestrator.storage import S3Options, Store
+from orchestrator.storage import Store
 from orchestrator.tensorboard import TB_DIR
 from tests import runs
+from tests.fixtures.s3 import s3_storage
 
 MAX_STEPS = 40
 EVERY = 4
@@ -123,7 +124,7 @@ def test_the_commit_resumed_from_shows_once_whether_its_mark_was_flushed(
 
 @pytest.mark.s3
 def test_s3_run_uploads_its_event_files(tmp_path: Path, s3_server, s3_bucket: str) -> None:
-    run = Store(f"{s3_bucket}/run", S3Options(endpoint_url=s3_server.endpoint_url))
+    run = Store(f"{s3_bucket}/run", s3_storage(s3_server.endpoint_url))
     _life(run, 0, 0, range(1, 6), 0.0)
     _life(run, 3, 1, range(4, 8), 10.0)
     local = tmp_path / "tb"

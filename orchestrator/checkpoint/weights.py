@@ -17,7 +17,7 @@ from orchestrator.ties import TIED_KEY, aliases
 if TYPE_CHECKING:
     import torch
 
-    from orchestrator.storage import S3Options, Store
+    from orchestrator.storage import StorageOptions, Store
 
 
 def model_prefixes(keys: Iterable[str]) -> list[str]:
@@ -58,7 +58,9 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names) if names else "none"
 
 
-def read_weights(url: str, s3: S3Options | None = None) -> tuple[dict[str, torch.Tensor], str]:
+def read_weights(
+    url: str, storage: StorageOptions | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
     """Plain-named model weights from a `.safetensors` file, a committed checkpoint, or a run dir
     (its newest checkpoint that verifies), local or s3://; and a description of the source."""
     from orchestrator.checkpoint import catalog
@@ -71,8 +73,8 @@ def read_weights(url: str, s3: S3Options | None = None) -> tuple[dict[str, torch
     from orchestrator.storage import Store
 
     if url.endswith(".safetensors"):
-        return _read_safetensors(url, s3), url
-    store = Store(url, s3)
+        return _read_safetensors(url, storage), url
+    store = Store(url, storage)
     if store.exists(MANIFEST_NAME):
         info = catalog.load_info(store)
         ckpt = store
@@ -96,13 +98,13 @@ def read_weights(url: str, s3: S3Options | None = None) -> tuple[dict[str, torch
     return {k[len(prefix) :]: loaded[k] for k in keys}, f"{ckpt.path()} (step {info.step})"
 
 
-def _read_safetensors(url: str, s3: S3Options | None) -> dict[str, torch.Tensor]:
+def _read_safetensors(url: str, storage: StorageOptions | None) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
     from orchestrator.storage import Store
 
     parent, _, name = url.rpartition("/")
-    return load(Store(parent or ".", s3).read_bytes(name))
+    return load(Store(parent or ".", storage).read_bytes(name))
 
 
 def recorded_aliases(

@@ -18,7 +18,8 @@ from orchestrator.config.checkpoint import CheckpointConfig
 from orchestrator.config.soup import SoupConfig
 from orchestrator.config.sweeps import check_sweep
 from orchestrator.errors import require
-from orchestrator.storage.options import S3Options
+from orchestrator.storage.options import S3Options, StorageOptions
+from orchestrator.storage.registry import check_url
 
 
 def _positive_or_none(value: float | None, key: str, off_hint: str = "null to disable") -> None:
@@ -38,6 +39,7 @@ class RunConfig:
         require(
             bool(self.dir), "run.dir must not be empty; give a local path or s3://bucket/prefix"
         )
+        check_url(self.dir, "run.dir")  # a scheme no backend serves fails here, before any job
         require(bool(self.name), "run.name must not be empty")
         require(self.seed >= 0, f"run.seed must be >= 0 (got {self.seed})")
 
@@ -63,6 +65,10 @@ class ModelConfig:
     # Start from pretrained weights: a committed checkpoint, a run dir (its latest), or a
     # .safetensors file, local or s3://. Ignored once the run has checkpoints of its own.
     init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.init_from:
+            check_url(self.init_from, "model.init_from")
 
 
 @dataclass(frozen=True)
@@ -177,14 +183,10 @@ class SchedulerConfig:
         _positive_or_none(self.decay_steps, "scheduler.decay_steps", "null for trainer.max_steps")
 
 
-# One type for `storage.s3.*` and the S3 backend, so the rules are checked once, on load.
+# One type for `storage:` and the storage backends, so the rules are checked once, on load;
+# everything carries the section whole and only the backend of a URL reads its own field.
+StorageConfig = StorageOptions
 S3Config = S3Options
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    # Settings for s3:// run dirs. Credentials come only from the standard AWS variables/files.
-    s3: S3Config = field(default_factory=S3Config)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from orchestrator.errors import require
+from orchestrator.storage.registry import check_url
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,14 @@ class SoupConfig:
             self.steps is None or self.steps.count(":") == 1,
             f"soup.steps must be A:B, e.g. 100:500 or 200: (got {self.steps!r})",
         )
+        self._check_urls()
+
+    def _check_urls(self) -> None:
+        """A URL no storage backend serves fails on load, not when the soup job starts."""
+        named = [("soup.out", self.out), ("soup.out_checkpoint", self.out_checkpoint)]
+        for key, url in [*named, *(("soup.sources", s) for s in self.sources)]:
+            if url:
+                check_url(url, key)
 
 
 def soup_out_dir(run_dir: str, soup: SoupConfig) -> str:

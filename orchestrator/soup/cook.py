@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
 
     from orchestrator.config import SoupConfig
-    from orchestrator.storage import S3Options
+    from orchestrator.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,16 @@ UNRELATED_COSINE = 0.2  # below: the weights share no starting point (see engine
 EVAL_RECIPES = ("greedy", "learned")
 
 
-def prepare(sources: Sequence[str], cfg: SoupConfig, s3: S3Options | None, out: str) -> Kitchen:
+def prepare(
+    sources: Sequence[str], cfg: SoupConfig, storage: StorageOptions | None, out: str
+) -> Kitchen:
     t0 = time.perf_counter()
-    ingredients = resolve(sources, cfg, s3)
-    opened = [open_source(i, s3) for i in ingredients]
+    ingredients = resolve(sources, cfg, storage)
+    opened = [open_source(i, storage) for i in ingredients]
     engine.check_layout(opened)
     if cfg.recipe == "weighted":
         engine.normalised(cfg.weights, len(opened))
-    kitchen = Kitchen(cfg, s3, ingredients, opened, out)
+    kitchen = Kitchen(cfg, storage, ingredients, opened, out)
     kitchen.timings["plan_s"] = time.perf_counter() - t0
     return kitchen
 
@@ -92,7 +94,7 @@ def build_judge(kitchen: Kitchen) -> evaluate.Judge:
             "name run dirs or their checkpoints, not only .safetensors files"
         )
     cfg = kitchen.cfg
-    return evaluate.Judge(run, kitchen.s3, cfg.metric, cfg.mode, cfg.eval_batch_size)
+    return evaluate.Judge(run, kitchen.storage, cfg.metric, cfg.mode, cfg.eval_batch_size)
 
 
 # --- the recipes -------------------------------------------------------------------------------
@@ -159,7 +161,7 @@ def score_ingredients(kitchen: Kitchen) -> list[dict[str, float]]:
 
 def _cached_scores(kitchen: Kitchen) -> dict[str, dict[str, float]]:
     """manifest checksum -> scores, from the committed soups next to this one."""
-    parent, _ = writer.split_out(kitchen.out, kitchen.s3)
+    parent, _ = writer.split_out(kitchen.out, kitchen.storage)
     found: dict[str, dict[str, float]] = {}
     try:
         names = parent.list("")
@@ -210,7 +212,7 @@ def _cook_checked(kitchen: Kitchen, progress: Callable[[int], object] | None,
     kitchen.timings["recipe_s"] = time.perf_counter() - t0
     if kitchen.cfg.recompute_bn:
         mixture = _recompute_bn(kitchen, mixture)
-    parent, name = writer.split_out(kitchen.out, kitchen.s3)
+    parent, name = writer.split_out(kitchen.out, kitchen.storage)
     strategy = commit_strategy(parent, writer.RECORD)
     attempt = strategy.prepare(name)
     t0 = time.perf_counter()

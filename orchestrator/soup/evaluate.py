@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from orchestrator.soup.reader import Source
-    from orchestrator.storage import S3Options
+    from orchestrator.storage import StorageOptions
 
 State = dict[str, torch.Tensor]
 CHECK_BATCHES = 4  # held-out batches the shared-starting-point check scores
@@ -63,11 +63,11 @@ def mean_state(states: Sequence[State], weights: Sequence[float] | None = None) 
 class Judge:
     """The run's task and a model to load candidate soups into, and their scores."""
 
-    def __init__(self, run_url: str, s3: S3Options | None, metric: str | None,
+    def __init__(self, run_url: str, storage: StorageOptions | None, metric: str | None,
                  mode: str | None, batch_size: int) -> None:  # fmt: skip
         from orchestrator.tasks import build_task
 
-        cfg = _run_config(run_url, s3)
+        cfg = _run_config(run_url, storage)
         self.task = build_task(cfg.task.target, dict(cfg.task.params))
         torch.manual_seed(cfg.run.seed)
         self.model: nn.Module = self.task.build_model()
@@ -154,11 +154,11 @@ def check_related(judge: Judge, sources: Sequence[Source], labels: Sequence[str]
     return {"method": "midpoint", "pairs": pairs}
 
 
-def _run_config(run_url: str, s3: S3Options | None) -> Any:
+def _run_config(run_url: str, storage: StorageOptions | None) -> Any:
     from orchestrator import config
     from orchestrator.storage import Store
 
-    store = Store(run_url, s3)
+    store = Store(run_url, storage)
     try:
         raw = store.read_bytes("config.yaml")
     except FileNotFoundError:

@@ -27,7 +27,7 @@ from orchestrator.metric_rules import finite, improved_any, metric_mode
 if TYPE_CHECKING:
     from orchestrator.checkpoint.catalog import CheckpointInfo
     from orchestrator.config import SoupConfig
-    from orchestrator.storage import S3Options, Store
+    from orchestrator.storage import StorageOptions, Store
 
 Kind = Literal["dcp", "safetensors"]
 
@@ -116,7 +116,7 @@ def require_two(count: int, trail: Sequence[str], where: str) -> None:
 
 
 def resolve(
-    sources: Sequence[str], cfg: SoupConfig, s3: S3Options | None = None
+    sources: Sequence[str], cfg: SoupConfig, storage: StorageOptions | None = None
 ) -> list[Ingredient]:
     """The ingredients named by `sources` under `cfg`'s rules; UsageError if fewer than two."""
     from orchestrator.storage import Store
@@ -126,13 +126,13 @@ def resolve(
     runs: list[Store] = []
     found: list[Ingredient] = []
     for url in sources:
-        kind = _classify(url, s3)
+        kind = _classify(url, storage)
         if kind == "run":
-            runs.append(Store(url, s3))
+            runs.append(Store(url, storage))
         elif kind == "sweep":
-            runs += _sweep_runs(Store(url, s3))
+            runs += _sweep_runs(Store(url, storage))
         else:
-            found.append(_single(url, kind, s3))
+            found.append(_single(url, kind, storage))
     if len(runs) == 1 and not found:
         return _checkpoint_soup(runs[0], cfg)
     found += [_run_pick(run, cfg) for run in runs]
@@ -142,13 +142,13 @@ def resolve(
     return found
 
 
-def _classify(url: str, s3: S3Options | None) -> str:
+def _classify(url: str, storage: StorageOptions | None) -> str:
     from orchestrator.checkpoint.format import CHECKPOINTS_DIR, MANIFEST_NAME
     from orchestrator.storage import Store
 
     if url.endswith(".safetensors"):
         return "safetensors"
-    store = Store(url, s3)
+    store = Store(url, storage)
     if store.exists(MANIFEST_NAME):
         return "checkpoint"
     if store.exists(CHECKPOINTS_DIR):
@@ -168,16 +168,16 @@ def _sweep_runs(store: Store) -> list[Store]:
     return [child for child in children if child.exists(CHECKPOINTS_DIR)]
 
 
-def _single(url: str, kind: str, s3: S3Options | None) -> Ingredient:
+def _single(url: str, kind: str, storage: StorageOptions | None) -> Ingredient:
     from orchestrator.checkpoint import catalog
     from orchestrator.storage import Store
 
     if kind == "safetensors":
         parent, _, name = url.rpartition("/")
-        if not Store(parent or ".", s3).exists(name):
+        if not Store(parent or ".", storage).exists(name):
             raise UsageError(f"{url}: no such .safetensors file")
         return Ingredient(url, "safetensors", "named on the command line")
-    store = Store(url, s3)
+    store = Store(url, storage)
     info = catalog.load_info(store)
     return _from_info(store, info, "named on the command line", run=None)
 

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from orchestrator.soup.evaluate import Judge
     from orchestrator.soup.ingredients import Ingredient
     from orchestrator.soup.reader import Source
-    from orchestrator.storage import S3Options
+    from orchestrator.storage import StorageOptions
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Kitchen:
     """What a soup is made from, after the pre-flight checks."""
 
     cfg: SoupConfig
-    s3: S3Options | None
+    storage: StorageOptions | None
     ingredients: list[Ingredient]
     sources: list[Source]
     out: str

@@ -37,7 +37,7 @@ from orchestrator.soup.ingredients import Ingredient
 
 if TYPE_CHECKING:
     from orchestrator.checkpoint.format import Manifest
-    from orchestrator.storage import S3Options, Store
+    from orchestrator.storage import StorageOptions, Store
 
 VERIFY_BLOCK = 256 << 10  # bytes hashed at a time: verification memory stays tiny
 
@@ -123,15 +123,15 @@ class Source:
         return sorted(files)
 
 
-def open_source(ingredient: Ingredient, s3: S3Options | None = None) -> Source:
+def open_source(ingredient: Ingredient, storage: StorageOptions | None = None) -> Source:
     from orchestrator.storage import Store
 
     if ingredient.kind == "safetensors":
         parent, _, name = ingredient.url.rpartition("/")
-        source = Source(ingredient, Store(parent or ".", s3))
+        source = Source(ingredient, Store(parent or ".", storage))
         _index_safetensors(source, name)
     else:
-        source = Source(ingredient, Store(ingredient.url, s3))
+        source = Source(ingredient, Store(ingredient.url, storage))
         _index_dcp(source)
     if not source.specs:
         raise UsageError(f"{ingredient.url}: no model tensors")

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import torch
 
     from orchestrator.soup.reader import TensorSpec
-    from orchestrator.storage import S3Options, Store
+    from orchestrator.storage import StorageOptions, Store
 
 RECORD = "SOUP.json"
 SINGLE = "model.safetensors"
@@ -61,7 +61,7 @@ class _HashingFile:
         return memoryview(data).nbytes
 
 
-def split_out(url: str, s3: S3Options | None) -> tuple[Store, str]:
+def split_out(url: str, storage: StorageOptions | None) -> tuple[Store, str]:
     """(the store of the out dir's parent, the out dir's name)."""
     from orchestrator.storage import Store
 
@@ -69,9 +69,7 @@ def split_out(url: str, s3: S3Options | None) -> tuple[Store, str]:
     parent, _, name = trimmed.rpartition("/")
     if not name or name in (".", ".."):
         raise UsageError(f"--out must name a directory, e.g. runs/demo/soups/uniform (got {url!r})")
-    if not parent and not trimmed.startswith("s3://"):
-        parent = "."
-    return Store(parent, s3), name
+    return Store(parent or ".", storage), name  # no "/" at all: a name in the working dir
 
 
 def plan_shards(specs: Mapping[str, TensorSpec], shard_bytes: int,
@@ -178,7 +176,7 @@ class _ModelOnly:
         self.tensors = dict(state["model"])
 
 
-def write_checkpoint(out: Store, run_url: str, step: int, s3: S3Options | None,
+def write_checkpoint(out: Store, run_url: str, step: int, storage: StorageOptions | None,
                      metrics: Mapping[str, float]) -> str:  # fmt: skip
     """Write the committed soup at `out` as a committed stockpot checkpoint (model only) of
     the run dir `run_url`, at `step`; returns its path. Holds the model in memory once."""
@@ -186,7 +184,7 @@ def write_checkpoint(out: Store, run_url: str, step: int, s3: S3Options | None,
     from orchestrator.checkpoint.format import step_rel
     from orchestrator.storage import Store
 
-    run = Store(run_url, s3)
+    run = Store(run_url, storage)
     if run.exists(f"{step_rel(step)}/MANIFEST.json"):
         raise UsageError(f"{run.path(step_rel(step))} is already committed; choose another dir")
     ckpt = Checkpointer(run)

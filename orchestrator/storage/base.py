@@ -2,8 +2,9 @@
 
 As in fsspec, a backend takes full paths (`/abs/dir/file` or `s3://bucket/key`) and raises the
 standard exceptions (`FileNotFoundError`, `FileExistsError`, `PermissionError`); `Store` owns the
-root and the relative-path rules. As in torchtitan's CheckpointStorage, callers ask a backend
-what it can do (`renames_dirs`, `fsyncs`) instead of which backend it is.
+root and the relative-path rules, and the registry (registry.py) picks a backend by URL scheme.
+As in torchtitan's CheckpointStorage, callers ask a backend what it can do (`renames_dirs`,
+`fsyncs`, `local_paths`) instead of which backend it is.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class Backend(Protocol):
     renames_dirs: bool
     # fsync is what makes a write durable; where False, a write is durable when it returns.
     fsyncs: bool
+    # Paths are files on this machine, which libraries that only write local files may use.
+    local_paths: bool
 
     def root_url(self, url: str) -> str:
         """The canonical form of a root URL (absolute path, no trailing slash); checks it."""
@@ -69,11 +72,10 @@ class Backend(Protocol):
 
     def abort_multipart_uploads(self, path: str, older_than_s: float) -> int: ...
 
-    def storage_options(self) -> dict[str, Any]:
-        """fsspec keyword arguments that rebuild this backend's filesystem (no secrets)."""
+    def fsspec_filesystem(self) -> Any:
+        """The fsspec filesystem over the same storage, for torch DCP's shard files: built once
+        per backend and reused (no secrets in it that the backend does not hold)."""
         ...
-
-    def fsspec_filesystem(self) -> Any: ...
 
 
 @dataclass

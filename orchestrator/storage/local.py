@@ -85,9 +85,11 @@ class LocalBackend:
 
     renames_dirs = True
     fsyncs = True
+    local_paths = True
 
     def root_url(self, url: str) -> str:
-        return os.path.abspath(url)
+        _, scheme, path = url.partition("://")  # file:///abs/path
+        return os.path.abspath(path if scheme else url)
 
     # --- files -------------------------------------------------------------------------------
 
@@ -177,9 +179,6 @@ class LocalBackend:
         return 0  # local writes have no half-finished uploads to collect
 
     # --- fsspec, for torch DCP ---------------------------------------------------------------
-
-    def storage_options(self) -> dict[str, Any]:
-        return {}
 
     def fsspec_filesystem(self) -> Any:
         import fsspec

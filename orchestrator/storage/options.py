@@ -1,13 +1,18 @@
-"""S3 settings: one frozen dataclass that is both the config schema `storage.s3.*` and what the
-S3 backend reads, so the rules are checked in one place, when the config is loaded.
+"""Storage settings: frozen dataclasses that are both the config's `storage:` section and what
+the backends read, so the rules are checked in one place, when the config is loaded.
 
-Unset fields fall back to the standard AWS_* environment. Credentials are not settings: botocore
-finds them itself (environment, profile, instance role) in every process that talks to S3.
+`StorageOptions` holds one field per backend that has settings (`s3`). Everything above this
+package carries it whole and never reads a field: only the backend a URL's scheme picks
+(registry.py) reads its own, as fsspec's `storage_options` are read by the backend alone.
+
+S3: unset fields fall back to the standard AWS_* environment. Credentials are not settings:
+botocore finds them itself (environment, profile, instance role) in every process that talks
+to S3.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from orchestrator.errors import require
 
@@ -34,3 +39,9 @@ class S3Options:
         for key in ("backoff_s", "max_backoff_s"):
             value = getattr(self, key)
             require(value >= 0, f"storage.s3.{key} must be >= 0 (got {value}); 0 retries at once")
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    # Settings for s3:// URLs. Credentials come only from the standard AWS variables/files.
+    s3: S3Options = field(default_factory=S3Options)

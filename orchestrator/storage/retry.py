@@ -17,14 +17,25 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from orchestrator.errors import StorageError
-from orchestrator.storage.options import S3Options
 
 # One logger for the whole package, so `orchestrator.storage` is the one name to filter on.
 log = logging.getLogger("orchestrator.storage")
 T = TypeVar("T")
+
+
+class RetryPolicy(Protocol):
+    """What the loop reads of a backend's settings (S3Options has these; so may the next's)."""
+
+    @property
+    def max_attempts(self) -> int: ...
+    @property
+    def backoff_s(self) -> float: ...
+    @property
+    def max_backoff_s(self) -> float: ...
+
 
 _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 # fmt: off
@@ -103,7 +114,7 @@ def redact(text: str) -> str:
     return _SIGNED_PARAM.sub(r"\1***", text)
 
 
-def with_retries(op: str, where: str, fn: Callable[[], T], policy: S3Options) -> T:
+def with_retries(op: str, where: str, fn: Callable[[], T], policy: RetryPolicy) -> T:
     """Run `fn`, retrying transient errors up to `policy.max_attempts` tries in all.
 
     Permanent errors (404, 403, 412, ...) pass through unchanged, as the standard exceptions

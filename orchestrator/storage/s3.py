@@ -3,8 +3,8 @@
 Retries: whole small-object operations (read_bytes, write_bytes, list, ...) are retried HERE on
 transient errors (`retry.with_retries`), and botocore/s3fs retries are switched off for them so
 that `max_attempts` means what it says. Streams (`open_read`/`open_write`) and the filesystem
-handed to torch DCP cannot be replayed from outside, so they use botocore's own "standard" retry
-mode with the same attempt budget, per HTTP request.
+handed to torch DCP (`fsspec_filesystem`, the shard files) cannot be replayed from outside, so
+they use botocore's own "standard" retry mode with the same attempt budget, per HTTP request.
 
 Credentials are never held here: botocore reads them (env, profile, instance role) in each
 process, so the kwargs built here carry none and logs cannot show them.
@@ -34,8 +34,7 @@ def _quiet_s3fs_retries() -> None:
     """Turn off s3fs's own retry loop, process-wide: it is a class attribute, not an option.
 
     Left on, it multiplies with botocore's and ours (5 x 5 tries of a dead endpoint). This
-    package is the only s3fs user, and this also covers filesystems DCP builds from
-    storage_options().
+    package is the only s3fs user.
     """
     import s3fs
 
@@ -52,6 +51,7 @@ class S3Backend:
 
     renames_dirs = False  # a "rename" on S3 is copy + delete: never atomic
     fsyncs = False  # a PUT is durable when it returns
+    local_paths = False
 
     def __init__(self, options: S3Options) -> None:
         self.options = options
@@ -64,15 +64,12 @@ class S3Backend:
 
     # --- filesystems -------------------------------------------------------------------------
 
-    def storage_options(self) -> dict[str, Any]:
-        """fsspec kwargs (no secrets), with botocore retries per request: for DCP and streams."""
-        _quiet_s3fs_retries()
-        return self._s3_kwargs(self.options.max_attempts)
-
     def fsspec_filesystem(self) -> Any:
+        """The streams' filesystem: botocore retries per request (DCP's shard files)."""
         return self._fs(streaming=True)
 
     def _s3_kwargs(self, attempts: int) -> dict[str, Any]:
+        """fsspec kwargs; no secrets: botocore finds the credentials itself."""
         env, opts = os.environ.get, self.options
         endpoint = opts.endpoint_url or env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL")
         region = opts.region or env("AWS_REGION") or env("AWS_DEFAULT_REGION")

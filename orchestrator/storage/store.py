@@ -1,11 +1,11 @@
 """`Store`: a directory-like root (local path or s3://bucket/prefix) with small, safe operations.
 
-The facade picks its backend once, from the URL, and owns what every backend shares: the root,
-the rule that paths are relative and stay inside it, and pickling. What differs between local
-disk and S3 lives in the backends; what a caller may rely on is asked through the capabilities
-`renames_dirs` and `fsyncs`, never by testing which backend this is.
+The facade asks the registry for its backend once, by the URL's scheme, and owns what every
+backend shares: the root, the rule that paths are relative and stay inside it, and pickling.
+What differs between backends lives in them; what a caller may rely on is asked through the
+capabilities `renames_dirs`, `fsyncs` and `local_paths`, never by testing which backend this is.
 
-A pickled Store is its URL and S3Options only: no filesystem, no client, no credentials.
+A pickled Store is its URL and StorageOptions only: no filesystem, no client, no credentials.
 """
 
 from __future__ import annotations
@@ -13,14 +13,9 @@ from __future__ import annotations
 import builtins
 from typing import IO, Any
 
+from orchestrator.storage import registry
 from orchestrator.storage.base import AtomicWriter, Backend
-from orchestrator.storage.local import LocalBackend
-from orchestrator.storage.options import S3Options
-from orchestrator.storage.s3 import S3Backend
-
-
-def is_s3_url(url: str) -> bool:
-    return url.startswith("s3://")
+from orchestrator.storage.options import StorageOptions
 
 
 def _clean_rel(rel: str) -> str:
@@ -31,20 +26,21 @@ def _clean_rel(rel: str) -> str:
 
 
 class Store:
-    """A directory-like root (local path or s3://bucket/prefix) with small, safe operations."""
+    """A directory-like root (local path or s3://bucket/prefix) with small, safe operations.
 
-    def __init__(self, url: str, s3: S3Options | None = None) -> None:
-        url = url.removeprefix("file://")
-        self.s3 = s3 or S3Options()
-        self.is_s3 = is_s3_url(url)  # for tests and repr-like checks; callers use capabilities
-        self._backend: Backend = S3Backend(self.s3) if self.is_s3 else LocalBackend()
+    `options` is the config's whole `storage:` section; only the URL's backend reads it. A URL
+    no backend serves is a ConfigError naming the schemes there are (registry.py)."""
+
+    def __init__(self, url: str, options: StorageOptions | None = None) -> None:
+        self.options = options or StorageOptions()
+        self._backend: Backend = registry.open_backend(url, self.options)
         self.url = self._backend.root_url(url)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
 
-    def __reduce__(self) -> tuple[type[Store], tuple[str, S3Options]]:
-        return Store, (self.url, self.s3)  # rebuilt in the new process, filesystems lazily
+    def __reduce__(self) -> tuple[type[Store], tuple[str, StorageOptions]]:
+        return Store, (self.url, self.options)  # rebuilt in the new process, filesystems lazily
 
     # --- capabilities: what callers may rely on, instead of asking which backend this is -----
 
@@ -58,10 +54,15 @@ class Store:
         """True where fsync makes writes durable (local disk); S3 writes are durable on return."""
         return self._backend.fsyncs
 
+    @property
+    def local_paths(self) -> bool:
+        """True where `path()` names a file on this machine (local disk), not on S3."""
+        return self._backend.local_paths
+
     # --- paths and filesystems ---------------------------------------------------------------
 
     def child(self, *parts: str) -> Store:
-        return Store(self.path("/".join(parts)), self.s3)
+        return Store(self.path("/".join(parts)), self.options)
 
     def path(self, rel: str = "") -> str:
         rel = _clean_rel(rel)
@@ -70,14 +71,11 @@ class Store:
     def local_path(self, rel: str = "") -> str | None:
         """`rel` as a path on this machine, for libraries that only write local files
         (TensorBoard's writer); None where the store is not a local filesystem (S3)."""
-        return None if self.is_s3 else self.path(rel)
-
-    def storage_options(self) -> dict[str, Any]:
-        """fsspec kwargs for this store (no secrets), with botocore retries per request."""
-        return self._backend.storage_options()
+        return self.path(rel) if self.local_paths else None
 
     def fsspec_filesystem(self) -> Any:
-        """The fsspec filesystem for torch DCP's FsspecWriter/Reader and streams."""
+        """The backend's own fsspec filesystem, for torch DCP's shard writer and reader: the
+        shard bytes go through the same backend, settings and retries as everything else."""
         return self._backend.fsspec_filesystem()
 
     def check_writable(self) -> None:

@@ -13,7 +13,8 @@ from safetensors.torch import load
 from devtools.s3server import S3Server
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.export import export_checkpoint
-from orchestrator.storage import S3Options, Store
+from orchestrator.storage import Store
+from tests.fixtures.s3 import s3_storage
 from tests.inspect_cli.saved_run import (
     PLAIN_NAMES,
     REPO,
@@ -35,7 +36,7 @@ def test_status_verify_export_on_s3(
     s3_server: S3Server, s3_bucket: str, s3_env: dict[str, str], tmp_path: Path
 ) -> None:
     url = f"{s3_bucket}/run"
-    store = Store(url, S3Options(endpoint_url=s3_server.endpoint_url))
+    store = Store(url, s3_storage(s3_server.endpoint_url))
     weights = train_and_save(store)
     store.write_bytes("checkpoints/step-000000099/__0_0.distcp", b"uncommitted shard")
 
@@ -55,7 +56,7 @@ def test_status_verify_export_on_s3(
     dst = f"{s3_bucket}/exports/model.safetensors"
     export = stockpot("export", src, "--out", dst, env=s3_env)
     assert export.returncode == 0, export.stderr
-    exports = Store(f"{s3_bucket}/exports", S3Options(endpoint_url=s3_server.endpoint_url))
+    exports = Store(f"{s3_bucket}/exports", s3_storage(s3_server.endpoint_url))
     assert exports.list() == ["model.safetensors"]
     tensors = load(exports.read_bytes("model.safetensors"))
     assert set(tensors) == PLAIN_NAMES
@@ -67,7 +68,7 @@ def test_s3_endpoint_given_only_in_the_config(
     s3_server: S3Server, s3_bucket: str, tmp_path: Path
 ) -> None:
     """`submit`'s jobs record, `status` and an export open the run dir with the config's
-    storage.s3, as `run` does: no AWS_ENDPOINT_URL anywhere (the s3_server fixture removes it).
+    storage section, as `run` does: no AWS_ENDPOINT_URL anywhere (the s3_server fixture removes it).
     The chained soup job's own test is in tests/test_soup_workflow.py."""
     from launch import submit
     from orchestrator import config
@@ -76,7 +77,7 @@ def test_s3_endpoint_given_only_in_the_config(
     url = f"{s3_bucket}/run"
     overrides = [f"run.dir={url}", f"storage.s3.endpoint_url={s3_server.endpoint_url}"]
     cfg = config.load(str(REPO / "configs" / "demo.yaml"), overrides)
-    store = Store(url, S3Options(endpoint_url=s3_server.endpoint_url))
+    store = Store(url, s3_storage(s3_server.endpoint_url))
     weights = train_and_save(store)
 
     submit._write_records(cfg, [cfg], [{"job_id": "7", "kind": "train", "executor": "local"}])

@@ -1,4 +1,5 @@
-"""Sharded tensor I/O on torch.distributed.checkpoint (DCP), through fsspec, with checksums.
+"""Sharded tensor I/O on torch.distributed.checkpoint (DCP), with checksums, through the
+store's own fsspec filesystem (the backend's: its settings and retries).
 
 Writing (each rank's files, hashed as they go out) is dcp_write.py's. DCP's `.metadata` is a
 pickle: it is read with a restricted unpickler that only builds DCP's own metadata classes,
@@ -20,8 +21,8 @@ from typing import Any, NoReturn
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import (
     LoadItemType,
@@ -33,7 +34,12 @@ from torch.futures import Future
 
 from orchestrator import dist
 from orchestrator.checkpoint.format import pieces
-from orchestrator.checkpoint.format.dcp_write import LazyPlanner, LazyTensors, ShardWriter
+from orchestrator.checkpoint.format.dcp_write import (
+    LazyPlanner,
+    LazyTensors,
+    ShardWriter,
+    StoreFileSystem,
+)
 from orchestrator.checkpoint.format.layout import METADATA_NAME
 from orchestrator.checkpoint.format.manifest import FileEntry
 from orchestrator.dist import one_line
@@ -77,9 +83,13 @@ class _SafeMetadataUnpickler(pickle.Unpickler):
         return False
 
 
-class _Reader(FsspecReader):
+class _Reader(FileSystemReader):
+    """DCP's reader on the store's filesystem (what its FsspecReader is on one it builds)."""
+
     def __init__(self, store: Store, rel: str) -> None:
-        super().__init__(store.path(rel), **store.storage_options())
+        super().__init__(store.path(rel))
+        self.fs: StoreFileSystem = StoreFileSystem(store)  # type: ignore[assignment]
+        self.path = store.path(rel)  # a str: a URL is no Path
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self.fs.concat_path(self.path, METADATA_NAME)

@@ -23,9 +23,9 @@ from contextlib import contextmanager
 from typing import IO, Any, Protocol, cast
 
 import torch
-from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystemWriter, _StorageInfo
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
@@ -73,19 +73,33 @@ class HashingStream:
         self.closed = True
 
 
-class HashingFileSystem(FileSystem):
-    """DCP's fsspec FileSystem, recording (size, checksum) of each file by its name under `root`.
+class StoreFileSystem(FileSystem):
+    """DCP's fsspec FileSystem over the filesystem the store's backend owns, so the shard bytes
+    go through the same backend, settings and retries as every other byte. DCP's own
+    FsspecWriter/Reader would build one from the URL and keyword arguments (`url_to_fs`)."""
 
-    `root` is always a fresh attempt directory no one else writes (commit.py), so the checks
+    def __init__(self, store: Store) -> None:
+        super().__init__()
+        self.fs = store.fsspec_filesystem()
+
+    def init_path(self, path: str | os.PathLike, **kwargs: Any) -> str | os.PathLike:
+        return path  # DCP's reset(checkpoint_id) must not build another filesystem
+
+
+class HashingFileSystem(StoreFileSystem):
+    """The store's filesystem for DCP, recording (size, checksum) of each file by its name under
+    the attempt directory `rel`.
+
+    `rel` is always a fresh attempt directory no one else writes (commit.py), so the checks
     DCP makes there are skipped: whether `.metadata` exists (never, yet), and the write of
     `.metadata.tmp` renamed to `.metadata` goes to `.metadata` directly (the commit is the
     manifest, written later). On S3 those were a dozen requests of a save's ~30 (a rename is a
     copy and a delete there), and `mkdir` (a bucket HEAD per rank) is skipped as well."""
 
-    def __init__(self, root: str, *, directories: bool) -> None:
-        super().__init__()
-        self.root = root
-        self._directories = directories  # False on S3: nothing to create
+    def __init__(self, store: Store, rel: str) -> None:
+        super().__init__(store)
+        self.root = store.path(rel)
+        self._directories = store.renames_dirs  # False on S3: nothing to create
         self.records: dict[str, FileEntry] = {}
         self.no_space: str | None = None  # the first file a write failed on with ENOSPC
         self.on_closed: Callable[[], None] = lambda: None  # in the writer thread, per file
@@ -134,15 +148,17 @@ class HashingFileSystem(FileSystem):
         return os.path.relpath(os.fspath(path), self.root).replace(os.sep, "/")
 
 
-class ShardWriter(FsspecWriter):
-    """DCP's fsspec writer, with its per-file writing loop replaced (`_write_file`)."""
+class ShardWriter(FileSystemWriter):
+    """DCP's writer on the store's filesystem (what its FsspecWriter is on one it builds), with
+    its per-file writing loop replaced (`_write_file`)."""
 
     def __init__(self, store: Store, rel: str) -> None:
         # Without fsync (S3), DCP's sync_files would fall back to os.sync() of the whole machine.
-        super().__init__(store.path(rel), sync_files=store.fsyncs, **store.storage_options())
-        hashing = HashingFileSystem(os.fspath(self.path), directories=store.renames_dirs)
-        hashing.fs = self.fs.fs
-        self.fs: HashingFileSystem = hashing  # type: ignore[assignment]
+        super().__init__(store.path(rel), sync_files=store.fsyncs)
+        self.fs: HashingFileSystem = HashingFileSystem(store, rel)  # type: ignore[assignment]
+        # A str, as FsspecWriter keeps it (not the Path FileSystemWriter made): it is pickled
+        # into `.metadata` as the checkpoint id, and a URL is no Path.
+        self.path = store.path(rel)
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """This rank's optimizer state in one file (`__<rank>_optim.distcp`), the rest in
