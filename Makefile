@@ -5,20 +5,23 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stockpot-installed
+# Debian's python3 lacks venv and ensurepip until python3-venv is installed.
+NEED_VENV := $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip; }
 
-.PHONY: venv demo soup-demo test lint bench chaos services clean
+.PHONY: venv demo soup-demo test test-torch lint bench chaos services clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip; }
+$(STAMP): pyproject.toml constraints/dev.txt
+	@$(NEED_VENV)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch alone first: that takes the CPU build on this disk; resolved together with the rest,
 	# pip's backtracking (s3fs/aiobotocore vs boto3) has picked PyPI's multi-GB CUDA build instead.
-	$(BIN)/python -m pip install -q "torch==2.13.0"
-	# Then everything else in one command: s3fs and moto must resolve together (aiobotocore pins botocore).
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints/dev.txt torch
+	# Then everything else in one command: s3fs and moto must resolve together (aiobotocore pins
+	# botocore). The constraint keeps the torch above: the package itself accepts a range.
+	$(BIN)/python -m pip install -q -c constraints/dev.txt -e '.[dev]'
 	@touch $(STAMP)
 
 # Trains configs/demo.yaml on 2 local ranks, interrupts it with SIGUSR2 midway, resumes it,
@@ -41,6 +44,35 @@ test: venv services
 services:
 	slurm/dev-cluster start
 
+# The tests that lean on torch's checkpoint (DCP), FSDP2 and serialization APIs, against another
+# torch in a venv of its own (.venv-torch-<version>), installed as a user would: that torch
+# first, then this package with no constraint, which must leave it in place. No Slurm tests: the
+# cluster's jobs run the main venv. CI runs it for the newest torch pip serves (.ci/run).
+TORCH ?= 2.14.1
+TORCH_VENV := .venv-torch-$(TORCH)
+TORCH_TESTS := tests/format tests/test_checkpointer.py tests/test_checkpointer_async.py \
+	tests/test_checkpointer_restore.py tests/test_checkpoint_dist.py \
+	tests/test_checkpoint_kills.py tests/test_async_snapshot.py tests/test_resume_exact.py \
+	tests/test_retention.py tests/test_sharding.py tests/test_training_options.py \
+	tests/test_library_models.py tests/test_soup.py tests/test_soup_dist.py \
+	tests/test_soup_rules.py tests/test_soup_stream.py tests/test_soup_memory.py \
+	tests/test_strict_warnings.py
+
+test-torch: $(TORCH_VENV)/.stockpot-installed
+	$(TORCH_VENV)/bin/python -m pytest -m "not slurm" $(TORCH_TESTS)
+
+$(TORCH_VENV)/.stockpot-installed: pyproject.toml
+	@$(NEED_VENV)
+	@test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
+	@start=$$SECONDS; set -e; \
+	$(TORCH_VENV)/bin/python -m pip install -q --upgrade pip; \
+	$(TORCH_VENV)/bin/python -m pip install -q "torch==$(TORCH)"; \
+	$(TORCH_VENV)/bin/python -m pip install -q -e '.[dev]'; \
+	echo "torch $(TORCH) and stockpot installed in $$(( SECONDS - start )) s"
+	@$(TORCH_VENV)/bin/python -c 'import sys, torch; v = torch.__version__.split("+")[0]; \
+	sys.exit(None if v == "$(TORCH)" else f"pip install -e . replaced torch $(TORCH) by {v}: widen the torch range in pyproject.toml")'
+	@touch $@
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -60,4 +92,4 @@ chaos: venv
 	$(BIN)/python -m bench.chaos $(if $(TRIALS),--trials $(TRIALS)) $(if $(README),--readme) $(CHAOS_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-torch-* .pytest_cache .mypy_cache .ruff_cache *.egg-info

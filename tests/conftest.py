@@ -4,11 +4,19 @@ test module imports another."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.slurm", "tests.fixtures.sbatch"]
+
+# Every Python process a test starts (ranks, the CLI; all that inherit the environment) turns
+# torch's deprecations into errors, as this one does (pyproject.toml's filterwarnings): see
+# the sitecustomize.py there.
+_PATH = [str(Path(__file__).parent / "strict_warnings"), os.environ.get("PYTHONPATH")]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, _PATH))
 
 # Tests whose service may be missing outside CI; under CI=true their fixtures fail instead.
 SERVICES = {"slurm": "Slurm", "s3": "S3"}
