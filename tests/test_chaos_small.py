@@ -4,6 +4,7 @@ trials (a SIGKILL and a bad set-up through `stockpot run`) judged like the full 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from orchestrator.checkpoint import catalog
-from orchestrator.checkpoint.checkpointer import Checkpointer
+from orchestrator.checkpoint.checkpointer import MANUAL, Checkpointer
 from orchestrator.checkpoint.format import CHECKPOINTS_DIR, TMP_PREFIX, DiskFull
 from orchestrator.storage import Store
 from orchestrator.storage.check import StorageSetupError
@@ -157,7 +158,7 @@ def test_garbage_metadata_of_the_right_size_is_caught_with_checksums_off(tmp_pat
     first.save(2)
     metadata = tmp_path / "run" / CHECKPOINTS_DIR / "step-000000002" / ".metadata"
     metadata.write_bytes(os.urandom(metadata.stat().st_size))
-    again = Checkpointer(store, verify_checksums=False)
+    again = Checkpointer(store, config=dataclasses.replace(MANUAL, verify_checksums=False))
     again.register("train", _Weights())
     info = again.restore()
     assert info is not None and info.step == 1

@@ -186,6 +186,7 @@ def cook(kitchen: Kitchen, progress: Callable[[int], object] | None = None) -> d
     t_start = time.perf_counter()
     engine.keep_big_allocations_mapped()
     engine.warm_up(kitchen.sources[0].specs)
+    provenance.reset_peak_rss()
     rss0 = provenance.rss_bytes()
     integrity = provenance.Integrity(kitchen)
     try:

@@ -53,12 +53,10 @@ def keep_big_allocations_mapped() -> None:
     own mapping, returned to the system when freed.
     """
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
+    try:  # libc is loaded already: no find_library (it runs `ldconfig -p` in a subprocess)
+        libc = ctypes.CDLL(None)
+        if hasattr(libc, "mallopt"):
             libc.mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(128 * 1024))
     except OSError:
         pass

@@ -100,8 +100,19 @@ def rss_bytes() -> int:
         return 0
 
 
+def reset_peak_rss() -> None:
+    """Start the RSS high-water mark afresh from the RSS now (Linux: writing 5 to
+    /proc/self/clear_refs resets VmHWM), so a peak read later is the peak since this call,
+    not a transient of what ran before (opening and checking the ingredients); no-op elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_bytes() -> int:
-    """This process's RSS high-water mark. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
+    """This process's RSS high-water mark (since `reset_peak_rss`). VmHWM, not ru_maxrss: Linux carries ru_maxrss over
     fork and exec, so a soup started by a big parent would report the parent's peak."""
     try:
         with open("/proc/self/status") as f:
