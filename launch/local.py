@@ -71,9 +71,9 @@ def spawn_local(
 ) -> int:
     """Run `argv` as `nproc` ranks on this machine; wait; return the job's exit code.
 
-    0 if every child exits 0; otherwise the code of the first child to fail (lowest rank on a
-    tie): the others usually fail because of it (a lost peer, or our SIGTERM), so theirs would
-    hide the cause. nproc=1 still runs a child, so signals behave the same at every size.
+    0 if every child exits 0; otherwise the code of the first child to fail (`first_failure`
+    on a tie): the others usually fail because of it (a lost peer, or our SIGTERM), so theirs
+    would hide the cause. nproc=1 still runs a child, so signals behave the same at every size.
     """
     if nproc < 1:
         raise ValueError(f"nproc={nproc} must be >= 1")
@@ -91,6 +91,17 @@ def spawn_local(
             return children.wait(grace_s)
         finally:
             children.kill_running()
+
+
+def first_failure(codes: list[int | None]) -> int | None:
+    """The job's exit code from the ranks' return codes seen failed in one poll (None: none
+    failed yet). A rank killed by a signal comes first: a SIGKILL (the OOM killer, a kill -9)
+    gives its peers no chance to say anything but "lost a peer" (exit 1) a moment later, often
+    within the same poll. Then the lowest rank."""
+    failed = [c for c in codes if c is not None and c != 0]
+    if not failed:
+        return None
+    return exit_code(min(failed, key=lambda c: c >= 0))  # stable: the lowest rank of a kind
 
 
 class _Children:
@@ -112,9 +123,8 @@ class _Children:
             self.forward_pending()
             codes = [p.poll() for p in self.procs]
             if failure is None:
-                failed = [c for c in codes if c is not None and c != 0]
-                if failed:
-                    failure = exit_code(failed[0])
+                failure = first_failure(codes)
+                if failure is not None:
                     deadline = time.monotonic() + grace_s
             if all(c is not None for c in codes):
                 return failure or 0

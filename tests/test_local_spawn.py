@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.local import spawn_local
+from launch.local import first_failure, spawn_local
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -137,6 +137,23 @@ def test_sigkill_after_ignored_sigterm(tmp_path: Path) -> None:
 def test_killed_child_maps_to_128_plus_signal(tmp_path: Path) -> None:
     code = "if rank == 1: os.kill(os.getpid(), signal.SIGKILL)"
     assert spawn_local(child(code, tmp_path), 2, grace_s=1) == 137
+
+
+@pytest.mark.parametrize(
+    ("codes", "want"),
+    [
+        ([None, None], None),
+        ([0, None], None),
+        ([1, -9], 137),  # rank 1's SIGKILL is why rank 0 lost its peer, seen in one poll
+        ([-9, 1], 137),
+        ([2, 1], 2),  # no signal: the lowest rank
+        ([None, 3, -15, -9], 143),  # signals first, then the lowest rank among them
+    ],
+)
+def test_first_failure_puts_a_killed_rank_before_its_peers_errors(
+    codes: list[int | None], want: int | None
+) -> None:
+    assert first_failure(codes) == want
 
 
 def test_handlers_are_restored(tmp_path: Path) -> None:
