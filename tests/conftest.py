@@ -29,7 +29,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("two_nodes") is not None)
 
 
+# Seconds spent per test file (set-up, call and tear-down), for the closing summary.
+_FILE_SECONDS: Counter[str] = Counter()
+SLOWEST_FILES = 5
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _FILE_SECONDS[report.nodeid.split("::", 1)[0]] += report.duration
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    _slowest_files(terminalreporter)
+    _skipped_services(terminalreporter)
+
+
+def _slowest_files(terminalreporter: pytest.TerminalReporter) -> None:
+    """Where the suite's time goes, by file: `make test` must stay under 15 minutes on 2 cores
+    as tests are added, and a file, not a test, is what one splits or trims."""
+    if not _FILE_SECONDS:
+        return
+    total = sum(_FILE_SECONDS.values())
+    terminalreporter.write_sep("-", f"slowest test files ({total:.0f} s in all)")
+    for name, seconds in _FILE_SECONDS.most_common(SLOWEST_FILES):
+        terminalreporter.write_line(f"{seconds:8.1f} s  {name}")
+
+
+def _skipped_services(terminalreporter: pytest.TerminalReporter) -> None:
     """A loud closing line when Slurm or S3 tests were skipped because their service could not
     start: a green `make test` must not hide that those tests never ran."""
     skipped: Counter[tuple[str, str]] = Counter()
