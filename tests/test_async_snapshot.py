@@ -66,19 +66,21 @@ def _restored(url: str, step: int) -> dict:
 
 
 class _SlowWrites:
-    """Each file DCP writes stalls after its first bytes until `go` is set: the writer is then
-    inside a tensor, with the rest of the state not yet read."""
+    """Each tensor the shard writer starts to write stalls until `go` is set: the writer is
+    then inside a tensor it has taken (LazyCopy.take), with the rest of the state not yet read.
+    (Stalling the first bytes of a file instead could catch the optimizer file's byte items
+    first, before any tensor is taken: then the step has nothing to wait for.)"""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.go, self.inside = threading.Event(), threading.Event()
-        original = dcp_write.HashingStream.write
+        original = dcp_write.write_tensor
 
-        def write(stream, b):
+        def write_tensor(stream, tensor):
             self.inside.set()
             assert self.go.wait(timeout=60)
-            return original(stream, b)
+            return original(stream, tensor)
 
-        monkeypatch.setattr(dcp_write.HashingStream, "write", write)
+        monkeypatch.setattr(dcp_write, "write_tensor", write_tensor)
 
 
 def test_training_during_a_held_write_leaves_the_save_as_it_was(
