@@ -64,11 +64,7 @@ def kill_at_random_steps(
     targets = sorted(rng.sample(range(every, max_steps // 2, every), kills))
     seen: list[int] = []
     for target in targets:
-        with open(log, "ab") as out:
-            job = subprocess.Popen(
-                [STOCKPOT, "run", *argv],
-                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+        job = _start_job(argv, log)
         goal = max(target, seen[-1] + 1 if seen else 0)
         deadline = time.monotonic() + 240
         while newest_step(run_dir) < goal and job.poll() is None and time.monotonic() < deadline:
@@ -82,6 +78,16 @@ def kill_at_random_steps(
     return seen
 
 
+def _start_job(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+    """`stockpot run ARGV` in a session of its own (so one killpg ends spawner and ranks),
+    its output appended to `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [STOCKPOT, "run", *argv],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
 def kill_between_commit_and_flush(
     argv: Sequence[str], run_dir: Path, after: Sequence[int], *, log: Path
 ) -> list[int]:
@@ -93,11 +99,7 @@ def kill_between_commit_and_flush(
     step of the commit each kill followed: the step each following run must resume from."""
     seen: list[int] = []
     for target in after:
-        with open(log, "ab") as out:
-            job = subprocess.Popen(
-                [STOCKPOT, "run", *argv],
-                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+        job = _start_job(argv, log)
         goal = max(target, seen[-1] + 1) if seen else target
         seen.append(_stop_after_unflushed_commit(job, run_dir, goal))
         os.killpg(job.pid, signal.SIGKILL)
