@@ -85,21 +85,34 @@ def newest_step(run_dir: Path) -> int:
 
 
 def killed_then_resumed(config: Path, run_dir: Path, rng: random.Random, log: Path) -> int:
-    """SIGKILL the whole job (spawner and ranks) soon after its first commit, then run it
-    again to the end. Returns the step it resumed from."""
-    with open(log, "ab") as out:
-        job = subprocess.Popen(
-            [STOCKPOT, "run", str(config), f"run.dir={run_dir}"],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while newest_step(run_dir) < 2 and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0.0, 0.3))  # in the next steps, or inside the next save
-    assert job.poll() is None, f"the run ended before the kill: {log.read_text()[-2000:]}"
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    resumed_from = newest_step(run_dir)
+    """SIGKILL the whole job (spawner and ranks) a random moment after its first commit, before
+    its last, then run it again to the end. Returns the step it resumed from.
+
+    The job is frozen (SIGSTOP) before the kill, so the newest commit read then is the one the
+    kill follows. One that had already committed its last step (a loaded machine ran the six
+    steps within the random wait) is not a kill mid-run: it is started afresh with a shorter
+    wait, at most three times."""
+    window = 0.3
+    for _attempt in range(3):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        with open(log, "ab") as out:
+            job = subprocess.Popen(
+                [STOCKPOT, "run", str(config), f"run.dir={run_dir}"],
+                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while newest_step(run_dir) < 2 and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, window))  # in the next steps, or inside the next save
+        assert job.poll() is None, f"the run ended before the kill: {log.read_text()[-2000:]}"
+        os.killpg(job.pid, signal.SIGSTOP)
+        resumed_from = newest_step(run_dir)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        if resumed_from < STEPS:
+            break
+        window /= 4
+    assert 2 <= resumed_from < STEPS, f"three kills all came after the last commit ({STEPS})"
     assert run(config, run_dir, log=log) == 0, log.read_text()[-3000:]
     return resumed_from
 

@@ -60,13 +60,13 @@ def test_signal_saves_at_the_next_step_and_resume_finishes(
 def test_make_demo_driver_interrupts_resumes_and_summarises(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "launch.demo", "configs/demo.yaml", f"run.dir={tmp_path / 'demo'}",
-         "trainer.max_steps=60", "checkpoint.every_steps=10", "trainer.eval_every=10", *SMALL],
+         "trainer.max_steps=100", "checkpoint.every_steps=10", "trainer.eval_every=10", *SMALL],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "sending SIGUSR2 to the job" in out.stdout
     assert "the job saved and stopped (exit 75)" in out.stdout
-    assert "steps trained  60 of 60" in out.stdout
+    assert "steps trained  100 of 100" in out.stdout
     assert "restarts       1 (resumed from step" in out.stdout
     assert "held-out acc" in out.stdout
     assert "=== checkpoint soup (uniform over steps" in out.stdout

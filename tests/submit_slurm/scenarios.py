@@ -199,14 +199,50 @@ def by_usr2(sub: Submitted) -> float:
 
 
 def by_high_priority_job(sub: Submitted) -> float:
+    """Submit a job to the `high` partition that needs the node. The ranks are frozen (SIGSTOP)
+    until Slurm acts on the preemption (it sends SIGCONT with the job's --signal), so a loaded
+    machine cannot finish the run before the preemption lands; they are let go after at most
+    WAIT_S in any case, and the test then asserts the resume that proves it landed."""
     out = sub.log_dir.parent / "high.out"
-    high = sh(
-        "sbatch", "--parsable", "-p", "high", "-N1", "-n2", "-J", "high", "-o", str(out),
-        "--wrap", "echo high ran",
-    ).stdout.strip()  # fmt: skip
+    ranks = task_pids(sub.job_id)
+    for pid in ranks:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        high = sh(
+            "sbatch", "--parsable", "-p", "high", "-N1", "-n2", "-J", "high", "-o", str(out),
+            "--wrap", "echo high ran",
+        ).stdout.strip()  # fmt: skip
+        wait_until(
+            lambda: any(_signalled(pid) for pid in ranks), "the preemption's signal", timeout=120
+        )
+    finally:
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
     sub.facts["high_job"] = high
     sub.facts["high_out"] = out
     return float("nan")
+
+
+def task_pids(job_id: str) -> list[int]:
+    """The job's task processes (the ranks): `scontrol listpids` rows of a step's local tasks."""
+    rows = [line.split() for line in sh("scontrol", "listpids", job_id).stdout.splitlines()[1:]]
+    pids = [int(row[0]) for row in rows if len(row) >= 4 and row[2] != "batch" and row[3] != "-"]
+    assert pids, f"no task processes for job {job_id}"
+    return pids
+
+
+def _signalled(pid: int) -> bool:
+    """Whether a frozen rank was continued, or has USR2 pending (or is gone)."""
+    try:
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    usr2 = 1 << (signal.SIGUSR2 - 1)
+    pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
+    return not status["State"].strip().startswith("T") or bool(pending & usr2)
 
 
 def by_sigkill(sub: Submitted) -> float:
