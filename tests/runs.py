@@ -169,3 +169,35 @@ def catches(pid: int, signum: int) -> bool:
         return False
     mask = next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1]
     return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+def reached(pid: int, signum: int) -> bool:
+    """Whether a signal sent to a frozen (SIGSTOPped) process got there: `signum` is pending,
+    or something continued the process (Slurm sends SIGCONT with a preemption's signal), or
+    the process is gone. Tests freeze ranks before a stop signal so a fast run cannot finish
+    before it lands, and let them go once this is true."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return True
+    status = dict(line.split(":", 1) for line in lines if ":" in line)
+    pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
+    return not status["State"].strip().startswith("T") or bool(pending >> (signum - 1) & 1)
+
+
+def rank_pids(run_dir: Path) -> list[int]:
+    """The ranks Slurm started for this run: python processes running `-m launch run ...
+    run.dir=RUN_DIR` (the sbatch script's srun; on the two virtual nodes too: one PID space)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if (
+            Path(argv[0]).name.startswith("python")
+            and argv[1:3] == ["-m", "launch"]
+            and f"run.dir={run_dir}" in argv
+        ):
+            pids.append(int(proc.name))
+    return pids

@@ -7,8 +7,11 @@ The `sbatch` fixture that submits these jobs lives in tests/fixtures/sbatch.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import re
+import signal
 import subprocess
 import time
 from datetime import datetime
@@ -20,7 +23,7 @@ from orchestrator.checkpoint import catalog
 from orchestrator.metrics import read_metrics
 from orchestrator.storage import Store
 from tests.ckpt_helpers import assert_same, final_state
-from tests.runs import REPO, STOCKPOT, losses
+from tests.runs import REPO, STOCKPOT, losses, rank_pids, reached, wait_until
 
 SCRIPT = REPO / "slurm" / "train.sbatch"
 MAX_STEPS = 40
@@ -95,12 +98,27 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def preempt_once(job: SbatchJob) -> dict[str, float]:
+def preempt_once(job: SbatchJob, run_dir: Path) -> dict[str, float]:
     """USR2 to the batch shell after SIGNAL_AFTER_STEP; wait for the stop, the requeue and the
-    end. Returns timings (s): signal -> commit, requeue -> first step of the resumed run."""
+    end. Returns timings (s): signal -> commit, requeue -> first step of the resumed run.
+
+    The ranks are frozen (SIGSTOP) from SIGNAL_AFTER_STEP until the script's forwarded USR2 has
+    reached them, so the stop lands mid-run however fast the steps go (an idle machine trains
+    ~100 steps/s: the signal once came after the last of the 40)."""
     job.wait_for(rf"\[rank 0\] INFO orchestrator\.loop: step {SIGNAL_AFTER_STEP}/", START_TIMEOUT_S)
-    signalled = time.time()
-    subprocess.run(["scancel", "--batch", "--signal=USR2", job.job_id], timeout=30, check=True)
+    ranks = rank_pids(run_dir)
+    assert ranks, f"job {job.job_id}: no rank processes for {run_dir}"
+    for pid in ranks:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        signalled = time.time()
+        subprocess.run(["scancel", "--batch", "--signal=USR2", job.job_id], timeout=30, check=True)
+        wait_until(lambda: all(reached(pid, signal.SIGUSR2) for pid in ranks),
+                   "the forwarded SIGUSR2 at every rank", REQUEUE_TIMEOUT_S)  # fmt: skip
+    finally:
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
     stop = job.wait_for(
         r"^(\S+ \S+) .*stop requested \(SIGUSR2\): step (\d+) committed", REQUEUE_TIMEOUT_S
     )

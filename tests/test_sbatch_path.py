@@ -21,7 +21,7 @@ from orchestrator.checkpoint import catalog
 from orchestrator.metrics import read_metrics
 from orchestrator.storage import Store
 from tests.ckpt_helpers import assert_same, final_state
-from tests.runs import catches, wait_until
+from tests.runs import catches, rank_pids, wait_until
 from tests.sbatch_jobs import (
     FINISH_TIMEOUT_S,
     MAX_STEPS,
@@ -44,7 +44,7 @@ def test_trap_forwards_usr2_requeues_once_and_resumes_bit_identical(
     run_dir = tmp_path / "run"
     # Both ranks from srun on the one node; the python is the default, the submit dir's .venv.
     job = sbatch(run_dir, "--ntasks-per-node=2")
-    timings = preempt_once(job)
+    timings = preempt_once(job, run_dir)
     check_resumed_and_identical(job, run_dir, reference, int(timings["stopped_at_step"]))
 
 
@@ -92,7 +92,7 @@ def test_usr2_caught_during_start_up_stops_after_step_one_and_requeues(
     job = sbatch(run_dir, "--ntasks-per-node=2")
     wait_until(
         lambda: (
-            len(pids := _rank_pids(run_dir)) == 2
+            len(pids := rank_pids(run_dir)) == 2
             and all(catches(pid, signal.SIGUSR2) for pid in pids)
         ),
         "both ranks to catch SIGUSR2",
@@ -142,20 +142,3 @@ def test_usr2_before_the_ranks_catch_it_still_requeues(
     records = read_metrics(Store(str(run_dir)))
     assert {r["restart"] for r in records if "loss" in r} == {1}, "every step trained after it"
     assert_same(final_state(reference), final_state(run_dir))
-
-
-def _rank_pids(run_dir: Path) -> list[int]:
-    """The ranks of this run: python processes running `-m launch run ... run.dir=RUN_DIR`."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if (
-            Path(argv[0]).name.startswith("python")
-            and argv[1:3] == ["-m", "launch"]
-            and f"run.dir={run_dir}" in argv
-        ):
-            pids.append(int(proc.name))
-    return pids

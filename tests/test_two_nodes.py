@@ -70,7 +70,7 @@ def test_two_nodes_preempted_once_resume_on_both_and_end_bit_identical(
         "--ntasks-per-node=1",
         env={"STOCKPOT_PYTHON": str(host_logging_python), "OMP_NUM_THREADS": "1"},
     )
-    timings = preempt_once(job)
+    timings = preempt_once(job, run_dir)
     log = job.log()
     for restart in (0, 1):
         hosts = dict(re.findall(rf"^host-check: rank (\d) on (\S+) restart {restart}$", log, re.M))

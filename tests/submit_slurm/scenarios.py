@@ -27,6 +27,7 @@ from typing import Any
 from orchestrator.checkpoint import catalog
 from orchestrator.metrics import read_metrics
 from orchestrator.storage import Store
+from tests import runs
 
 REPO = Path(__file__).resolve().parents[2]  # tests/submit_slurm/ -> the repo root
 STOCKPOT = str(Path(sys.executable).parent / "stockpot")
@@ -213,7 +214,9 @@ def by_high_priority_job(sub: Submitted) -> float:
             "--wrap", "echo high ran",
         ).stdout.strip()  # fmt: skip
         wait_until(
-            lambda: any(_signalled(pid) for pid in ranks), "the preemption's signal", timeout=120
+            lambda: any(runs.reached(pid, signal.SIGUSR2) for pid in ranks),
+            "the preemption's signal",
+            timeout=120,
         )
     finally:
         for pid in ranks:
@@ -230,19 +233,6 @@ def task_pids(job_id: str) -> list[int]:
     pids = [int(row[0]) for row in rows if len(row) >= 4 and row[2] != "batch" and row[3] != "-"]
     assert pids, f"no task processes for job {job_id}"
     return pids
-
-
-def _signalled(pid: int) -> bool:
-    """Whether a frozen rank was continued, or has USR2 pending (or is gone)."""
-    try:
-        status = dict(
-            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-        )
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    usr2 = 1 << (signal.SIGUSR2 - 1)
-    pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
-    return not status["State"].strip().startswith("T") or bool(pending & usr2)
 
 
 def by_sigkill(sub: Submitted) -> float:
