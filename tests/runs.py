@@ -7,6 +7,7 @@ sbatch tests, so no test module imports another.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -14,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from orchestrator.checkpoint import catalog
@@ -201,3 +202,17 @@ def rank_pids(run_dir: Path) -> list[int]:
         ):
             pids.append(int(proc.name))
     return pids
+
+
+@contextlib.contextmanager
+def frozen(pids: Sequence[int]) -> Iterator[None]:
+    """The processes stopped (SIGSTOP) inside the block and continued (SIGCONT) after it, even
+    when it fails: a signal sent inside lands before they train another step."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)

@@ -7,9 +7,7 @@ The `sbatch` fixture that submits these jobs lives in tests/fixtures/sbatch.py.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import re
 import signal
 import subprocess
@@ -23,7 +21,7 @@ from orchestrator.checkpoint import catalog
 from orchestrator.metrics import read_metrics
 from orchestrator.storage import Store
 from tests.ckpt_helpers import assert_same, final_state
-from tests.runs import REPO, STOCKPOT, losses, rank_pids, reached, wait_until
+from tests.runs import REPO, STOCKPOT, frozen, losses, rank_pids, reached, wait_until
 
 SCRIPT = REPO / "slurm" / "train.sbatch"
 MAX_STEPS = 40
@@ -108,17 +106,11 @@ def preempt_once(job: SbatchJob, run_dir: Path) -> dict[str, float]:
     job.wait_for(rf"\[rank 0\] INFO orchestrator\.loop: step {SIGNAL_AFTER_STEP}/", START_TIMEOUT_S)
     ranks = rank_pids(run_dir)
     assert ranks, f"job {job.job_id}: no rank processes for {run_dir}"
-    for pid in ranks:
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    with frozen(ranks):
         signalled = time.time()
         subprocess.run(["scancel", "--batch", "--signal=USR2", job.job_id], timeout=30, check=True)
         wait_until(lambda: all(reached(pid, signal.SIGUSR2) for pid in ranks),
                    "the forwarded SIGUSR2 at every rank", REQUEUE_TIMEOUT_S)  # fmt: skip
-    finally:
-        for pid in ranks:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
     stop = job.wait_for(
         r"^(\S+ \S+) .*stop requested \(SIGUSR2\): step (\d+) committed", REQUEUE_TIMEOUT_S
     )

@@ -203,12 +203,10 @@ def by_high_priority_job(sub: Submitted) -> float:
     """Submit a job to the `high` partition that needs the node. The ranks are frozen (SIGSTOP)
     until Slurm acts on the preemption (it sends SIGCONT with the job's --signal), so a loaded
     machine cannot finish the run before the preemption lands; they are let go after at most
-    WAIT_S in any case, and the test then asserts the resume that proves it landed."""
+    120 s in any case, and the test then asserts the resume that proves it landed."""
     out = sub.log_dir.parent / "high.out"
     ranks = task_pids(sub.job_id)
-    for pid in ranks:
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    with runs.frozen(ranks):
         high = sh(
             "sbatch", "--parsable", "-p", "high", "-N1", "-n2", "-J", "high", "-o", str(out),
             "--wrap", "echo high ran",
@@ -218,10 +216,6 @@ def by_high_priority_job(sub: Submitted) -> float:
             "the preemption's signal",
             timeout=120,
         )
-    finally:
-        for pid in ranks:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
     sub.facts["high_job"] = high
     sub.facts["high_out"] = out
     return float("nan")
