@@ -104,6 +104,10 @@ class TrainerConfig:
     batch_size: int = 32
     # Micro-batches accumulated into one optimizer step.
     grad_accum_steps: int = 1
+    # Data-loading worker processes per rank (a torch DataLoader); 0 loads in the training
+    # process. The batches, their order and their random augmentations are the same for any
+    # value, so it may change between resumes (orchestrator/loader.py).
+    num_workers: int = 0
     # Clip the global gradient norm to this value; null disables clipping.
     grad_clip: float | None = None
     # `bf16` autocasts (FSDP2: a bf16 MixedPrecisionPolicy); `no` trains in float32.
@@ -119,6 +123,12 @@ class TrainerConfig:
     # Seconds a rank waits in a collective for its peers (a hung or stopped rank) before it
     # fails naming the wait, so the job exits instead of holding its allocation.
     collective_timeout_s: float = 600.0
+    # `torch.compile` the model before it is wrapped for data parallelism (each FSDP unit, or
+    # the whole model under DDP); the first steps pay the compilation.
+    compile: bool = False
+    # Recompute each FSDP unit's activations in backward instead of keeping them (the same
+    # units as trainer.fsdp.shard_modules chooses, under DDP too): less memory, ~1/3 more compute.
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         require(self.max_steps >= 0, f"trainer.max_steps must be >= 0 (got {self.max_steps})")
@@ -129,6 +139,9 @@ class TrainerConfig:
             f"trainer.grad_accum_steps must be >= 1 (got {self.grad_accum_steps})",
         )
         _positive_or_none(self.grad_clip, "trainer.grad_clip")
+        require(
+            self.num_workers >= 0, f"trainer.num_workers must be >= 0 (got {self.num_workers})"
+        )
         require(self.log_every >= 1, f"trainer.log_every must be >= 1 (got {self.log_every})")
         _positive_or_none(self.eval_every, "trainer.eval_every", "null to evaluate only at the end")
         t = self.collective_timeout_s
@@ -265,6 +278,11 @@ class ResumeConfig:
 
 @dataclass(frozen=True)
 class Config:
+    # Your own training script instead of the built-in loop: `package.module:function`, called
+    # on every rank with this Config (`function(cfg)`); it trains through
+    # `orchestrator.training(cfg)`. Its own settings go in the `task:` block. null: the
+    # built-in loop trains `task`.
+    entrypoint: str | None = None
     run: RunConfig = field(default_factory=RunConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -285,6 +303,13 @@ class Config:
     sweep: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.entrypoint is not None:
+            module, _, function = self.entrypoint.partition(":")
+            require(
+                bool(module.strip()) and function.isidentifier(),
+                "entrypoint must be 'package.module:function' "
+                f"(got {self.entrypoint!r}); null runs the built-in loop",
+            )
         # The defaults' own keys are what a sweep may name; computed only for a sweep, since
         # building the defaults runs this method again (with an empty sweep).
         keys = _schema_keys() if self.sweep else frozenset()
