@@ -3,7 +3,7 @@
 
 Every rank runs the same sequence of collectives: the stop check (posted before a step,
 answered after it: every step when steps are slow, every few when they are fast, see
-`_StopChecks`), metric reductions at log/eval steps, and the checkpointer's own collectives.
+`cadence.StopChecks`), metric reductions at log/eval steps, and the checkpointer's own collectives.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from orchestrator import dist, parallel
+from orchestrator.cadence import StopChecks
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.config import TrainerConfig
 from orchestrator.data import ResumableSampler
@@ -64,7 +65,7 @@ def train(run: TrainingRun, trainer: TrainerConfig) -> Outcome:
     run.model.train()  # once: evaluate() puts it back after its own eval()
     _freeze_what_is_built()
     window = _Window(run.progress.step)
-    checks = _StopChecks(run.progress.step)
+    checks = StopChecks(run.progress.step)
     while run.progress.step < trainer.max_steps:
         # Posted before the step, answered after it: a stop seen by any rank when a checked
         # step began ends the run after it, on every rank, without a stall at each boundary.
@@ -80,44 +81,6 @@ def train(run: TrainingRun, trainer: TrainerConfig) -> Outcome:
         if checks.answer(step) and step < trainer.max_steps:  # at max_steps: finish normally
             return _stop(run, latest)
     return _finish(run, trainer, latest)
-
-
-class _StopChecks:
-    """Which steps the ranks agree on a stop at: every step while steps take longer than
-    CHECK_S, else every k-th, k chosen so about CHECK_S of training passes between checks (at
-    most MAX_EVERY steps). k is agreed with the stop flag itself (the smallest rank's proposal),
-    so every rank checks on the same steps. A collective costs a fast step ~0.1 ms of gloo; a
-    stop still happens at a step boundary, at most ~CHECK_S after a rank saw the signal."""
-
-    CHECK_S, MAX_EVERY = 0.1, 64
-
-    def __init__(self, step: int) -> None:
-        self.next = step  # the step before which the next check is posted
-        self.pending: dist.PendingAgreement | None = None
-        self.last_step, self.last_time = step, time.perf_counter()
-
-    def post(self, step: int, requested: bool) -> bool:
-        """Before the step after `step`: post the agreement if that step is checked."""
-        if step != self.next:
-            return False
-        now = time.perf_counter()
-        steps = step - self.last_step
-        propose = 1
-        if steps > 0:
-            per_step = (now - self.last_time) / steps
-            propose = max(1, min(self.MAX_EVERY, round(self.CHECK_S / max(per_step, 1e-9))))
-        self.last_step, self.last_time = step, now
-        self.pending = dist.PendingAgreement(requested, every=propose)
-        return True
-
-    def answer(self, step: int) -> bool:
-        """True if the ranks agreed to stop after `step` (only on checked steps)."""
-        if self.pending is None:
-            return False
-        stop, every = self.pending.result(), self.pending.every
-        self.pending = None
-        self.next = step - 1 + every
-        return stop
 
 
 def _train_step(run: TrainingRun, trainer: TrainerConfig) -> tuple[torch.Tensor, bool]:

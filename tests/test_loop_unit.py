@@ -13,7 +13,8 @@ import pytest
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.checkpointer import MANUAL, Checkpointer
 from orchestrator.config.checkpoint import CheckpointConfig
-from orchestrator.loop import _duration, _StopChecks
+from orchestrator.cadence import StopChecks
+from orchestrator.loop import _duration
 from orchestrator.progress import Progress
 from orchestrator.storage import Store
 
@@ -101,8 +102,8 @@ def test_fast_steps_are_checked_every_few_and_a_stop_waits_for_the_next_check(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     t = [0.0]
-    monkeypatch.setattr("orchestrator.loop.time.perf_counter", lambda: t[0])
-    checks = _StopChecks(0)
+    monkeypatch.setattr("orchestrator.cadence.time.perf_counter", lambda: t[0])
+    checks = StopChecks(0)
     checked = []
     stopped = None
     for step in range(200):
@@ -120,8 +121,8 @@ def test_fast_steps_are_checked_every_few_and_a_stop_waits_for_the_next_check(
 
 def test_slow_steps_are_checked_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
     t = [0.0]
-    monkeypatch.setattr("orchestrator.loop.time.perf_counter", lambda: t[0])
-    checks = _StopChecks(100)  # a resumed run
+    monkeypatch.setattr("orchestrator.cadence.time.perf_counter", lambda: t[0])
+    checks = StopChecks(100)  # a resumed run
     checked = []
     for step in range(100, 110):
         t[0] += 0.2
@@ -129,6 +130,27 @@ def test_slow_steps_are_checked_every_step(monkeypatch: pytest.MonkeyPatch) -> N
             checked.append(step)
         assert not checks.answer(step + 1)
     assert checked == list(range(100, 110))
+
+
+def test_a_loop_that_checks_after_its_steps_never_misses_a_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`check` (hand-written loops: one call after each step) keeps the cadence of `post` and
+    `answer`: about every CHECK_S of training, agreed after the step."""
+    t = [0.0]
+    monkeypatch.setattr("orchestrator.cadence.time.perf_counter", lambda: t[0])
+    checks = StopChecks(0)
+    checked, stopped = [], None
+    for step in range(1, 200):
+        t[0] += 0.01
+        if step >= checks.next:
+            checked.append(step)
+        if checks.check(step, requested=step >= 57):
+            stopped = step
+            break
+    assert checked[:3] == [1, 11, 21]  # the first step's time sets the cadence at once
+    assert all(b - a == 10 for a, b in itertools.pairwise(checked))
+    assert stopped == 61  # requested from step 57: agreed at the next checked step
 
 
 def test_evaluate_puts_the_model_back_in_training_mode() -> None:
