@@ -33,6 +33,12 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the resolved config (with its hash) and exit",
     )
+    parser.add_argument(
+        "--entrypoint",
+        metavar="MODULE:FUNCTION",
+        help="train with your own script instead of the built-in loop: FUNCTION(cfg) is called "
+        "on every rank (same as the override entrypoint=MODULE:FUNCTION)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,9 +125,16 @@ def _inspect(name: str) -> Handler:
 def _load_config(args: argparse.Namespace):  # -> orchestrator.config.Config
     from orchestrator import config
 
-    cfg = config.load(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "entrypoint", None):
+        overrides.append(f"entrypoint={args.entrypoint}")
+    cfg = config.load(args.config, overrides)
     if args.print_config:
         print(config.to_yaml(cfg), end="")
+        return cfg
+    from orchestrator import entrypoint
+
+    entrypoint.check(cfg)  # before any rank or job starts: one line, exit 2
     return cfg
 
 
@@ -166,9 +179,21 @@ def run_config(cfg) -> int:  # cfg: orchestrator.config.Config
         return spawn_local(argv, cfg.trainer.nproc)
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """As parse_args, but key=value overrides may also follow the options
+    (`stockpot run x.yaml --entrypoint m:f trainer.max_steps=5`)."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

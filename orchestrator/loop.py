@@ -22,7 +22,7 @@ from orchestrator.cadence import StopChecks
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.config import TrainerConfig
 from orchestrator.data import ResumableSampler
-from orchestrator.env import DistEnv
+from orchestrator.env import EXIT_STOPPED, DistEnv
 from orchestrator.logs import LEADER_ONLY
 from orchestrator.metrics import MetricsLog
 from orchestrator.preemption import StopFlag
@@ -58,6 +58,11 @@ class Outcome:
     step: int
     signal: str = ""
     save_s: float | None = None  # how long the stop's save took, signal to commit
+
+    @property
+    def exit_code(self) -> int:
+        """0 when finished; EXIT_STOPPED (75: resumable) when stopped by a signal."""
+        return 0 if self.finished else EXIT_STOPPED
 
 
 def train(run: TrainingRun, trainer: TrainerConfig) -> Outcome:

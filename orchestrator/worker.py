@@ -37,13 +37,17 @@ class RankEnd:
 
 
 def run_rank(cfg: Config, env: DistEnv) -> RankEnd:
-    """Train this rank (`stockpot run`'s ranks and the submitit job alike). A failure we can
+    """Train this rank (`stockpot run`'s ranks and the submitit job alike), with the built-in
+    loop or the config's entrypoint. A failure we can
     name (our own errors, a peer rank lost) ends as one log line and its exit code; anything
     else is a bug and keeps its traceback. Set up logging first (`setup_logging`)."""
-    from orchestrator import runner
+    from orchestrator import entrypoint, runner
 
     try:
-        outcome = runner.train_rank(cfg, env)
+        if cfg.entrypoint is None:
+            outcome = runner.train_rank(cfg, env)
+        else:
+            outcome = entrypoint.run(cfg, env)
     except StockpotError as exc:
         quiet = getattr(exc, "leader_only", False)  # the same line from every rank: once
         logging.getLogger("stockpot").error("%s", exc, extra=LEADER_ONLY if quiet else None)
@@ -56,7 +60,7 @@ def run_rank(cfg: Config, env: DistEnv) -> RankEnd:
             raise
         logging.getLogger("stockpot").error("%s", why)
         return RankEnd(1, failure=why)
-    return RankEnd(runner.exit_code(outcome), outcome)
+    return RankEnd(outcome.exit_code, outcome)
 
 
 def main_with(cfg: Config, environ: dict[str, str] | None = None) -> int:

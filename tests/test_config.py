@@ -60,7 +60,10 @@ def test_task_block_keeps_its_own_keys_as_params() -> None:
             "no_such_key=1",
             r"unknown config key 'no_such_key'; valid keys at top level: checkpoint,",
         ),
-        ("trainer.nope=1", r"unknown config key 'trainer.nope'; valid keys at trainer: activation_checkpointing, batch_size"),
+        (
+            "trainer.nope=1",
+            r"unknown config key 'trainer.nope'; valid keys at trainer: activation_checkpointing, batch_size",
+        ),
         (
             "checkpoint.keep_best.x=1",
             r"'checkpoint.keep_best.x'; valid keys at checkpoint.keep_best: k, metric, mode",

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from orchestrator.cadence import StopChecks
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.checkpointer import MANUAL, Checkpointer
 from orchestrator.config.checkpoint import CheckpointConfig
-from orchestrator.cadence import StopChecks
 from orchestrator.loop import _duration
 from orchestrator.progress import Progress
 from orchestrator.storage import Store

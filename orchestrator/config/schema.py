@@ -139,9 +139,7 @@ class TrainerConfig:
             f"trainer.grad_accum_steps must be >= 1 (got {self.grad_accum_steps})",
         )
         _positive_or_none(self.grad_clip, "trainer.grad_clip")
-        require(
-            self.num_workers >= 0, f"trainer.num_workers must be >= 0 (got {self.num_workers})"
-        )
+        require(self.num_workers >= 0, f"trainer.num_workers must be >= 0 (got {self.num_workers})")
         require(self.log_every >= 1, f"trainer.log_every must be >= 1 (got {self.log_every})")
         _positive_or_none(self.eval_every, "trainer.eval_every", "null to evaluate only at the end")
         t = self.collective_timeout_s

@@ -1,0 +1,195 @@
+"""One rank's training session: what every run needs, whoever writes its loop.
+
+`Session` joins the process group, checks run.dir, catches the stop signals, and owns the run's
+checkpointer, metrics log and progress; the loop (the built-in one in `loop.py`, or a user's own
+through `api.training`) registers what it trains and calls `restore()` once everything is
+registered. The same code runs under Slurm (srun/submitit), torchrun and `stockpot run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from orchestrator import dist, parallel
+from orchestrator.checkpoint.checkpointer import Checkpointer
+from orchestrator.checkpoint.stateful import Stateful
+from orchestrator.config import Config, computation_view, config_hash, diff_views, to_yaml
+from orchestrator.env import DistEnv, backend_for, cpu_threads, device_for
+from orchestrator.errors import ConfigError
+from orchestrator.logs import LEADER_ONLY
+from orchestrator.metrics import MetricsLog
+from orchestrator.preemption import StopFlag
+from orchestrator.progress import Progress
+from orchestrator.state import RNGState
+from orchestrator.storage import Store
+from orchestrator.storage.check import StorageSetupError
+
+log = logging.getLogger(__name__)
+
+# Wrapped models and process groups are never destroyed in this process: destroying a DDP
+# Reducer holds the GIL while gloo's worker thread waits for it to free a tensor (a deadlock
+# seen here), and other C++ teardown aborts now and then. The process leaves with os._exit
+# once everything is committed (worker.exit_now), so they are kept referenced until then.
+_RETAINED: list[object] = []
+
+# Names the session registers itself (after the loop's own).
+RESERVED = ("progress", "rng")
+
+
+def run_dir_store(cfg: Config) -> Store:
+    """run.dir as a Store: the run's checkpoints, metrics and config."""
+    return Store(cfg.run.dir, cfg.storage)
+
+
+def check_storage(cfg: Config) -> None:
+    """The leader probes run.dir before any training; every rank leaves alike (exit 2) on a
+    bad set-up, and only the leader says why (StorageSetupError is logged leader-only)."""
+    problem = dist.leader_decides(lambda: run_dir_store(cfg).check_writable()).problem
+    if problem is not None:
+        raise StorageSetupError(problem)
+
+
+class Session:
+    """Open it (`with Session(cfg, env) as s:`), build and `register` the run's state, then
+    `restore()`; the loop drives `ckpt`, `metrics`, `stop` and `progress`."""
+
+    def __init__(self, cfg: Config, env: DistEnv) -> None:
+        self.cfg, self.env = cfg, env
+        self.device = device_for(env.local_rank, cfg.trainer.device, torch.cuda.is_available())
+        self.store = run_dir_store(cfg)
+        self.stop = StopFlag()
+        self.progress = Progress()
+        self.metrics = MetricsLog(self.store, enabled=env.is_leader, restart=env.restart_count)
+        self._ckpt: Checkpointer | None = None
+        self.restored_step: int | None = None  # None until restore(); 0 on a fresh start
+
+    def __enter__(self) -> Session:
+        env, cfg = self.env, self.cfg
+        threads = cpu_threads(os.environ, len(os.sched_getaffinity(0)), env.local_world_size)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        log.info("%d rank(s) on %s, %d CPU thread(s) per rank%s", env.world_size, self.device,
+                 torch.get_num_threads(), "" if threads else " (OMP_NUM_THREADS)",
+                 extra=LEADER_ONLY)  # fmt: skip
+        if env.is_distributed and not dist.is_initialized():  # a user's script may have
+            dist.init(
+                backend_for(self.device),
+                *(env.rank, env.world_size, env.master_addr, env.master_port),
+                timeout_s=cfg.trainer.collective_timeout_s,
+            )
+        check_storage(cfg)
+        self.stop.install()
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.uninstall()
+
+    @property
+    def ckpt(self) -> Checkpointer:
+        """Built on first use: a loop may register before anything else touches it."""
+        if self._ckpt is None:
+            self._ckpt = Checkpointer(
+                self.store,
+                config=self.cfg.checkpoint,
+                # Metrics first: once a checkpoint commits, a resume never re-runs its steps,
+                # so their lines must already be durable (a kill in between would lose them).
+                before_save=self.metrics.flush,
+                on_commit=self.metrics.commit,
+                parallel=self.cfg.trainer.parallel,
+                config_hash=config_hash(self.cfg),
+            )
+        return self._ckpt
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on this rank's device, wrapped as trainer.parallel says (DDP or FSDP2,
+        the same unit policy as the built-in loop); kept alive until the process leaves."""
+        trainer = self.cfg.trainer
+        wrapped = parallel.wrap(
+            model,
+            trainer.parallel,
+            device=self.device,
+            mixed_precision=trainer.mixed_precision,
+            shard_modules=trainer.fsdp.shard_modules,
+        )
+        _RETAINED.append(wrapped)
+        return wrapped
+
+    def register(self, name: str, obj: Stateful, *, per_rank: bool = False) -> None:
+        if self.restored_step is not None:
+            raise RuntimeError(f"register({name!r}) after restore(): register everything first")
+        self.ckpt.register(name, obj, per_rank=per_rank)
+
+    def restore(self) -> int:
+        """Register progress and RNG, then load the newest committed checkpoint (if any) into
+        everything registered; refuse a config that changed the computation. Returns the step
+        to continue from (0 on a fresh run). Then writes config.yaml and opens the metrics."""
+        if self.restored_step is not None:
+            raise RuntimeError("restore() was already called")
+        cfg, env = self.cfg, self.env
+        _RETAINED.append(self)
+        self.ckpt.register("progress", self.progress)
+        self.ckpt.register("rng", RNGState(), per_rank=True)
+        _seed_rank(cfg.run.seed, env.rank)  # restore overwrites these with the saved streams
+        self._resume_or_start()
+        if env.is_leader:
+            self.store.write_bytes("config.yaml", to_yaml(cfg).encode())
+        self.metrics.start(
+            self.progress.step,
+            self.progress.resumes,
+            tensorboard=cfg.logging.tensorboard,
+            wandb_project=(cfg.logging.wandb_project or cfg.run.name)
+            if cfg.logging.wandb
+            else None,
+            name=cfg.run.name,
+        )
+        self.restored_step = self.progress.step
+        return self.progress.step
+
+    def _resume_or_start(self) -> None:
+        cfg, progress = self.cfg, self.progress
+        info = self.ckpt.restore()
+        view = computation_view(cfg)
+        if info is None:
+            progress.horizon = cfg.scheduler.decay_steps or cfg.trainer.max_steps
+            progress.config = view
+            return
+        changes = diff_views(progress.config, view)
+        if changes and not cfg.resume.allow_config_change:
+            raise ConfigError(
+                f"config changed since checkpoint step {info.step}: {'; '.join(changes)}; "
+                "set resume.allow_config_change=true to resume anyway, or use a new run.dir"
+            )
+        if changes:
+            log.warning("resuming with a changed config (allowed): %s", "; ".join(changes))
+            progress.config = view
+        if info.manifest.world_size != self.env.world_size:
+            log.warning(
+                "resuming world size %d from a checkpoint of world size %d: model and "
+                "optimizer are exact; data continues at the same global sample",
+                self.env.world_size,
+                info.manifest.world_size,
+                extra=LEADER_ONLY,
+            )
+        progress.resumes += 1
+        log.info(
+            "resumed from step %d (resume #%d)", info.step, progress.resumes, extra=LEADER_ONLY
+        )
+
+
+def _seed_rank(seed: int, rank: int) -> None:
+    mixed = seed * 1_000_003 + rank
+    random.seed(mixed)
+    np.random.seed(mixed % 2**32)
+    torch.manual_seed(mixed)
+
+
+def retain(obj: Any) -> None:
+    """Keep `obj` alive until the process leaves (see _RETAINED)."""
+    _RETAINED.append(obj)
