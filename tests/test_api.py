@@ -10,13 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from orchestrator.checkpoint import catalog
-from orchestrator.checkpoint.format import load_flat, stored_items
 from orchestrator.metrics import read_metrics
 from orchestrator.storage import Store
 from tests import runs
+from tests.ckpt_helpers import assert_same, final_state, state_at
 
 MAX_STEPS = 120
 
@@ -33,13 +31,6 @@ def _config(tmp_path: Path, **task: float) -> Path:
         f"task:\n{body}\n"
     )
     return path
-
-
-def _state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    store = Store(str(run_dir))
-    (info,) = [c for c in catalog.scan(store).committed if c.step == step]
-    keys = [k for k in stored_items(store, info.data_rel) if k.startswith(("train.", "counter."))]
-    return load_flat(store, info.data_rel, keys)
 
 
 def test_own_loop_stops_on_a_signal_saves_and_resumes_exactly(tmp_path: Path) -> None:
@@ -64,14 +55,9 @@ def test_own_loop_stops_on_a_signal_saves_and_resumes_exactly(tmp_path: Path) ->
     ref_cfg = tmp_path / "ref.yaml"
     ref_cfg.write_text(cfg.read_text().replace(str(tmp_path / "run"), str(ref)))
     assert runs.stockpot_run([str(ref_cfg)], log=tmp_path / "ref.log") == 0
-    got, want = _state(tmp_path / "run", MAX_STEPS), _state(ref, MAX_STEPS)
-    assert sorted(got) == sorted(want) and "counter.steps" in got
-    assert int(got["counter.steps"]) == MAX_STEPS  # the user's own object was restored
-    for key, value in want.items():
-        same = (
-            torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value
-        )
-        assert same, key
+    assert_same(final_state(tmp_path / "run", MAX_STEPS), final_state(ref, MAX_STEPS))
+    (counter,) = state_at(tmp_path / "run", MAX_STEPS, "counter.").values()
+    assert int(counter) == MAX_STEPS  # the user's own object was saved and restored
     assert runs.losses(tmp_path / "run") == runs.losses(ref)
 
 
