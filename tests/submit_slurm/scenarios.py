@@ -256,6 +256,37 @@ def over_budget(root: Path) -> Submitted:
     return sub
 
 
+EXAMPLE_STEPS = 40  # the examples on Slurm: a user's own loop, preempted (tests/test_examples)
+EXAMPLE = [
+    "launcher.kind=slurm", "launcher.partition=debug", "launcher.tasks_per_node=2",
+    f"trainer.max_steps={EXAMPLE_STEPS}", "checkpoint.every_steps=5", "trainer.log_every=1",
+    "logging.tensorboard=false",
+]  # fmt: skip
+
+
+def example_preempted(example: str) -> Callable[[Path], Submitted]:
+    """examples/<example>/config.yaml submitted as a user would, preempted by a job on the
+    `high` partition once step 10 is committed, left to finish."""
+
+    def scenario(root: Path) -> Submitted:
+        name = f"{example}_high"
+        run_dir, log_dir = root / name / "run", root / name / "logs"
+        out = subprocess.run(
+            [STOCKPOT, "submit", f"examples/{example}/config.yaml", *EXAMPLE, f"run.name={name}",
+             f"run.dir={run_dir}", f"launcher.log_dir={log_dir}"],
+            cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        jobs = json.loads((run_dir / "jobs.json").read_text())
+        sub = Submitted(name, run_dir, log_dir, jobs)
+        wait_committed(sub, TRIGGER_STEP)
+        sub.facts["requeued_at"] = by_high_priority_job(sub)
+        (sub.facts["state"],) = wait_done(sub.job_id)
+        return sub
+
+    return scenario
+
+
 def array_export(root: Path) -> Submitted:
     # Different seeds are different initialisations: the soup is told they belong together.
     sub = submit(root, "sweep", *SMALL, "sweep.run.seed=[0,1,2]", "soup.enabled=true",
@@ -280,6 +311,8 @@ SCENARIOS: dict[str, Callable[[Path], Submitted]] = {
     "budget": over_budget,
     "sweep": array_export,
     "sweepfail": array_one_fails,
+    "nanogpt_high": example_preempted("nanogpt"),
+    "hf_gpt2_high": example_preempted("hf_gpt2"),
 }
 FIGURES: dict[str, dict[str, float]] = {}
 
