@@ -17,9 +17,9 @@ from orchestrator import dist, parallel
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.config import Config, computation_view, config_hash, diff_views, to_yaml
-from orchestrator.data import ResumableSampler
 from orchestrator.env import EXIT_STOPPED, DistEnv, backend_for, cpu_threads, device_for
 from orchestrator.errors import ConfigError, StorageError
+from orchestrator.loader import ResumableLoader
 from orchestrator.logs import LEADER_ONLY
 from orchestrator.loop import Outcome, TrainingRun, train
 from orchestrator.metrics import MetricsLog
@@ -59,7 +59,10 @@ def train_rank(cfg: Config, env: DistEnv) -> Outcome:
     with StopFlag() as stop:
         training = build(cfg, env, device, stop)
         _RETAINED.append(training)
-        return train(training, cfg.trainer)
+        try:
+            return train(training, cfg.trainer)
+        finally:
+            training.train_loader.close()  # its workers, before the rank's os._exit
 
 
 def exit_code(outcome: Outcome) -> int:
@@ -98,8 +101,13 @@ def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> TrainingRun
     progress = Progress()
     scheduler = build_scheduler(optimizer, cfg.scheduler, lambda: progress.horizon)
     train_data, eval_data = task.train_set(), task.eval_set()
-    sampler = ResumableSampler(
-        len(train_data), cfg.trainer.batch_size, env.rank, env.world_size, cfg.run.seed
+    loader = ResumableLoader(
+        train_data,
+        cfg.trainer.batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=cfg.run.seed,
+        num_workers=cfg.trainer.num_workers,
     )
     metrics = MetricsLog(store, enabled=env.is_leader, restart=env.restart_count)
     ckpt = Checkpointer(
@@ -114,11 +122,11 @@ def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> TrainingRun
     )
     ckpt.register("train", ModelAndOptimizer(model, optimizer))
     ckpt.register("scheduler", scheduler)
-    ckpt.register("sampler", sampler)
+    ckpt.register("sampler", loader)  # the key of the bare sampler it replaced
     ckpt.register("progress", progress)
     ckpt.register("rng", RNGState(), per_rank=True)
     _seed_rank(cfg.run.seed, env.rank)  # restore overwrites these with the saved streams
-    _resume_or_start(cfg, ckpt, progress, sampler, env)
+    _resume_or_start(cfg, ckpt, progress, loader, env)
     if env.is_leader:
         store.write_bytes("config.yaml", to_yaml(cfg).encode())
     metrics.start(
@@ -135,9 +143,8 @@ def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> TrainingRun
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        train_data=train_data,
+        train_loader=loader,
         eval_data=eval_data,
-        sampler=sampler,
         progress=progress,
         ckpt=ckpt,
         metrics=metrics,
@@ -160,7 +167,7 @@ def _seed_rank(seed: int, rank: int) -> None:
 
 
 def _resume_or_start(
-    cfg: Config, ckpt: Checkpointer, progress: Progress, sampler: ResumableSampler, env: DistEnv
+    cfg: Config, ckpt: Checkpointer, progress: Progress, loader: ResumableLoader, env: DistEnv
 ) -> None:
     info = ckpt.restore()
     view = computation_view(cfg)
@@ -183,7 +190,7 @@ def _resume_or_start(
             "optimizer are exact; data continues at global sample %d",
             env.world_size,
             info.manifest.world_size,
-            sampler.samples_seen,
+            loader.samples_seen,
             extra=LEADER_ONLY,
         )
     progress.resumes += 1
