@@ -1,5 +1,5 @@
 """The training loop. Short on purpose: what to do at each step is decided by the components
-(sampler, checkpointer, stop flag, metrics log); the loop only calls them in order.
+(loader, checkpointer, stop flag, metrics log); the loop only calls them in order.
 
 Every rank runs the same sequence of collectives: the stop check (posted before a step,
 answered after it: every step when steps are slow, every few when they are fast, see
@@ -21,8 +21,8 @@ from orchestrator import dist, parallel
 from orchestrator.cadence import StopChecks
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.config import TrainerConfig
-from orchestrator.data import ResumableSampler
 from orchestrator.env import EXIT_STOPPED, DistEnv
+from orchestrator.loader import ResumableLoader
 from orchestrator.logs import LEADER_ONLY
 from orchestrator.metrics import MetricsLog
 from orchestrator.preemption import StopFlag
@@ -43,9 +43,8 @@ class TrainingRun:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_data: Any
+    train_loader: ResumableLoader  # the training batches and their position (epoch, sample)
     eval_data: Any
-    sampler: ResumableSampler
     progress: Progress
     ckpt: Checkpointer  # decides when to save (its schedule); the loop offers every step
     metrics: MetricsLog
@@ -82,7 +81,7 @@ def train(run: TrainingRun, trainer: TrainerConfig) -> Outcome:
             latest["loss"] = _log_progress(run, trainer, step, loss, window)
         if trainer.eval_every and step % trainer.eval_every == 0:
             latest.update(evaluate(run, trainer.batch_size))
-        run.ckpt.maybe_save(step, latest, epoch_ended=epoch_ended, epoch=run.sampler.epoch)
+        run.ckpt.maybe_save(step, latest, epoch_ended=epoch_ended, epoch=run.train_loader.epoch)
         if checks.answer(step) and step < trainer.max_steps:  # at max_steps: finish normally
             return _stop(run, latest)
     return _finish(run, trainer, latest)
@@ -92,8 +91,8 @@ def _train_step(run: TrainingRun, trainer: TrainerConfig) -> tuple[torch.Tensor,
     total = torch.zeros((), device=run.device)
     epoch_ended = False
     for _ in range(trainer.grad_accum_steps):
-        batch = _to(run.train_data.batch(run.sampler.next_indices()), run.device)
-        epoch_ended |= run.sampler.epoch_just_ended
+        batch = _to(next(run.train_loader), run.device)
+        epoch_ended |= run.train_loader.epoch_just_ended
         with parallel.autocast(run.device, trainer.parallel, trainer.mixed_precision):
             loss = run.task.loss(run.model, batch) / trainer.grad_accum_steps
         loss.backward()

@@ -76,3 +76,11 @@ class StopFlag:
 
     def __exit__(self, *exc: object) -> None:
         self.uninstall()
+
+
+def ignore_stop_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> None:
+    """In a helper process of a rank (a data loader worker): a stop request is the rank's to
+    act on. Slurm signals every process of a step, so a helper that died of SIGTERM or SIGUSR2
+    (their default action) would fail the rank's save; ignored, it is torn down by the rank."""
+    for signum in signals:
+        signal.signal(signum, signal.SIG_IGN)

@@ -14,9 +14,9 @@ import torch
 from orchestrator import dist
 from orchestrator.checkpoint import catalog
 from orchestrator.config import Config
-from orchestrator.data import ResumableSampler
 from orchestrator.env import DistEnv
 from orchestrator.errors import ConfigError, StorageError
+from orchestrator.loader import ResumableLoader
 from orchestrator.logs import LEADER_ONLY
 from orchestrator.loop import Outcome, TrainingRun, train
 from orchestrator.optim import build_optimizer, build_scheduler
@@ -33,7 +33,11 @@ __all__ = ["build", "exit_code", "init_from", "run_dir_store", "train_rank"]
 def train_rank(cfg: Config, env: DistEnv) -> Outcome:
     """Train this rank. The process group is left up (session._RETAINED): leave with exit_now."""
     with Session(cfg, env) as session:
-        return train(build(cfg, session), cfg.trainer)
+        run = build(cfg, session)
+        try:
+            return train(run, cfg.trainer)
+        finally:
+            run.train_loader.close()  # its workers, before the rank's os._exit
 
 
 def exit_code(outcome: Outcome) -> int:
@@ -51,12 +55,17 @@ def build(cfg: Config, session: Session) -> TrainingRun:
     progress = session.progress
     scheduler = build_scheduler(optimizer, cfg.scheduler, lambda: progress.horizon)
     train_data, eval_data = task.train_set(), task.eval_set()
-    sampler = ResumableSampler(
-        len(train_data), cfg.trainer.batch_size, env.rank, env.world_size, cfg.run.seed
+    loader = ResumableLoader(
+        train_data,
+        cfg.trainer.batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=cfg.run.seed,
+        num_workers=cfg.trainer.num_workers,
     )
     session.register("train", ModelAndOptimizer(model, optimizer))
     session.register("scheduler", scheduler)
-    session.register("sampler", sampler)
+    session.register("sampler", loader)  # the key of the bare sampler it replaced
     session.restore()
     return TrainingRun(
         env=env,
@@ -65,9 +74,8 @@ def build(cfg: Config, session: Session) -> TrainingRun:
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        train_data=train_data,
+        train_loader=loader,
         eval_data=eval_data,
-        sampler=sampler,
         progress=progress,
         ckpt=session.ckpt,
         metrics=session.metrics,

@@ -65,7 +65,7 @@ def kill_at_random_steps(
     targets = sorted(rng.sample(range(every, max_steps // 2, every), kills))
     seen: list[int] = []
     for target in targets:
-        job = _start_job(argv, log)
+        job = start_job(argv, log)
         goal = max(target, seen[-1] + 1 if seen else 0)
         deadline = time.monotonic() + 240
         while newest_step(run_dir) < goal and job.poll() is None and time.monotonic() < deadline:
@@ -79,7 +79,7 @@ def kill_at_random_steps(
     return seen
 
 
-def _start_job(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+def start_job(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
     """`stockpot run ARGV` in a session of its own (so one killpg ends spawner and ranks),
     its output appended to `log`."""
     with open(log, "ab") as out:
@@ -100,7 +100,7 @@ def kill_between_commit_and_flush(
     step of the commit each kill followed: the step each following run must resume from."""
     seen: list[int] = []
     for target in after:
-        job = _start_job(argv, log)
+        job = start_job(argv, log)
         goal = max(target, seen[-1] + 1) if seen else target
         seen.append(_stop_after_unflushed_commit(job, run_dir, goal))
         os.killpg(job.pid, signal.SIGKILL)
@@ -164,12 +164,21 @@ def child_pids(pid: int) -> list[int]:
 def catches(pid: int, signum: int) -> bool:
     """Whether process `pid` has a handler installed for `signum` (its SigCgt mask): how a
     test knows a rank is past `catch_early` without asking it."""
+    return _in_signal_mask(pid, "SigCgt", signum)
+
+
+def ignores(pid: int, signum: int) -> bool:
+    """Whether process `pid` ignores `signum` (its SigIgn mask), as data loader workers do."""
+    return _in_signal_mask(pid, "SigIgn", signum)
+
+
+def _in_signal_mask(pid: int, mask_name: str, signum: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
-    mask = next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1]
-    return bool(int(mask, 16) >> (signum - 1) & 1)
+    mask = next(line for line in status.splitlines() if line.startswith(f"{mask_name}:"))
+    return bool(int(mask.split()[1], 16) >> (signum - 1) & 1)
 
 
 def reached(pid: int, signum: int) -> bool:

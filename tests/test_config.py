@@ -145,6 +145,12 @@ def test_drift_ignores_a_key_added_later_at_its_default() -> None:
     assert config.diff_views(with_param, view) == ["task.noise: 0.1 -> '<unset>'"]
 
 
+def test_drift_ignores_num_workers_also_in_a_view_saved_while_it_counted() -> None:
+    view = config.computation_view(config.load(None, ["trainer.num_workers=2"]))
+    assert "trainer.num_workers" not in view
+    assert config.diff_views({**view, "trainer.num_workers": 0}, view) == []
+
+
 def test_resolved_yaml_round_trips(tmp_path: Path) -> None:
     cfg = config.load(str(REPO / "configs/demo.yaml"), ["trainer.max_steps=11"])
     text = config.to_yaml(cfg)

@@ -19,21 +19,22 @@ def config_hash(cfg: Config) -> str:
 
 # Keys that never change what a step computes: resuming with other values is always fine.
 # (trainer.nproc changes the world size: resume supports it and continues at the same global
-# sample index; model.init_from is ignored once a run has checkpoints of its own.)
+# sample index; trainer.num_workers loads the same batches, orchestrator/loader.py;
+# model.init_from is ignored once a run has checkpoints of its own.)
 _NON_COMPUTATIONAL = (
     "run.dir", "run.name", "trainer.max_steps", "trainer.nproc", "trainer.log_every",
-    "trainer.eval_every", "trainer.device", "trainer.collective_timeout_s", "model.init_from",
-    "checkpoint", "storage", "launcher", "resume", "soup", "sweep", "logging",
+    "trainer.eval_every", "trainer.device", "trainer.collective_timeout_s", "trainer.num_workers",
+    "model.init_from", "checkpoint", "storage", "launcher", "resume", "soup", "sweep", "logging",
 )  # fmt: skip
 
 
 def computation_view(cfg: Config) -> dict[str, Any]:
     """The flattened config keys that change the computation (what a resume must match)."""
-    flat = flatten(cfg.to_dict())
-    return {
-        k: v for k, v in flat.items()
-        if not any(k == skip or k.startswith(skip + ".") for skip in _NON_COMPUTATIONAL)
-    }  # fmt: skip
+    return {k: v for k, v in flatten(cfg.to_dict()).items() if _computes(k)}
+
+
+def _computes(key: str) -> bool:
+    return not any(key == skip or key.startswith(skip + ".") for skip in _NON_COMPUTATIONAL)
 
 
 def diff_views(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -41,8 +42,10 @@ def diff_views(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
     A key that `old` lacks and `new` holds at its schema default is no change: the schema gained
     it after `old` was saved, and a new field's default must compute what the code did before
-    it existed, so runs saved before the field was added still resume.
+    it existed, so runs saved before the field was added still resume. A key that `old` holds
+    but that no longer changes the computation (trainer.num_workers, once) is no change either.
     """
+    old = {k: v for k, v in old.items() if _computes(k)}
     keys = sorted(set(old) | set(new))
     unset = "<unset>"
     defaults = _default_view()
