@@ -62,8 +62,12 @@ def training(cfg: Config, environ: Mapping[str, str] | None = None) -> Iterator[
     env = DistEnv.from_environ(os.environ if environ is None else environ)
     with Session(cfg, env) as session:
         t = Training(session)
-        yield t
-        t._leave()
+        try:
+            yield t
+            t._leave()
+        finally:
+            if t._loader is not None and hasattr(t._loader, "close"):
+                t._loader.close()  # its workers, before the rank's os._exit
 
 
 class Training:
