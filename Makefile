@@ -46,8 +46,10 @@ services:
 
 # The tests that lean on torch's checkpoint (DCP), FSDP2 and serialization APIs, against another
 # torch in a venv of its own (.venv-torch-<version>), installed as a user would: that torch
-# first, then this package with no constraint, which must leave it in place. No Slurm tests: the
-# cluster's jobs run the main venv. CI runs it for the newest torch pip serves (.ci/run).
+# first, then this package with no constraint, which must leave it in place. The `vision` extra
+# (timm, torchvision) goes in here only: torchvision's builds pin their torch, and PyPI's do not
+# import beside the main venv's 2.13.0. No Slurm tests: the cluster's jobs run the main venv. CI
+# runs it for the newest torch pip serves (.ci/run).
 TORCH ?= 2.14.1
 TORCH_VENV := .venv-torch-$(TORCH)
 TORCH_TESTS := tests/format tests/test_checkpointer.py tests/test_checkpointer_async.py \
@@ -67,7 +69,7 @@ $(TORCH_VENV)/.stockpot-installed: pyproject.toml
 	@start=$$SECONDS; set -e; \
 	$(TORCH_VENV)/bin/python -m pip install -q --upgrade pip; \
 	$(TORCH_VENV)/bin/python -m pip install -q "torch==$(TORCH)"; \
-	$(TORCH_VENV)/bin/python -m pip install -q -e '.[dev]'; \
+	$(TORCH_VENV)/bin/python -m pip install -q -e '.[dev,vision]'; \
 	echo "torch $(TORCH) and stockpot installed in $$(( SECONDS - start )) s"
 	@$(TORCH_VENV)/bin/python -c 'import sys, torch; v = torch.__version__.split("+")[0]; \
 	sys.exit(None if v == "$(TORCH)" else f"pip install -e . replaced torch $(TORCH) by {v}: widen the torch range in pyproject.toml")'

@@ -1,12 +1,14 @@
 """Library models as users bring them: `transformers` GPT-2 (tied embeddings, dropout on) and
-ResNet (BatchNorm), each under DDP and FSDP on 2 real gloo ranks (`stockpot run` processes).
+ResNet (BatchNorm), and a timm ResNet through a task of the user's own (`tests/vision_tasks.py`),
+each under DDP and FSDP on 2 real gloo ranks (`stockpot run` processes).
 
 Each trains, is SIGKILLed after a commit and resumed, and must end bit-identical to a run never
 interrupted (weights, optimizer state, BatchNorm buffers with their int64 counters, every
 step's loss); its export must load into the library's own class (`from_pretrained`) with the
-tie intact and give the same outputs as the checkpoint. Models are built from configs: no
-network. (torchvision/timm from PyPI do not import beside our pinned torch, so the CNN is
-transformers' ResNet, which needs no torchvision.)
+tie intact and give the same outputs as the checkpoint; timm's, into `timm.create_model` from
+that file (`checkpoint_path`, strict). Models are built from configs: no network. timm and
+torchvision from PyPI import only beside the torch they were built for: the timm variants run on
+torch 2.14.1 (`make test-torch`) and skip on the dev venv's 2.13.0.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from orchestrator.metrics import last_per_step, read_metrics
 from orchestrator.storage import Store
 from orchestrator.tasks import build_task
 from tests.ckpt_helpers import assert_same, final_state
+from tests.vision_tasks import timm_problem, torch_version
 
 transformers = pytest.importorskip("transformers")  # a dev dependency: `make test` installs it
 
@@ -51,12 +54,37 @@ TASKS: dict[str, dict[str, Any]] = {
         "n_eval": 48,
         "config": {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]},
     },
+    "timm": {  # resnet10t's layout (deep stem, a BasicBlock per stage), 80k parameters
+        "_target_": "tests.vision_tasks.TimmClassification",
+        "model": "resnet10t",
+        "kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8},
+        "image_size": 32,
+        "n_train": 512,
+        "n_eval": 48,
+    },
 }
-VARIANTS = [(m, p) for m in TASKS for p in ("ddp", "fsdp")]
+# PyPI's torchvision (timm needs it) is built for one torch: 0.29 for 2.14. On an older torch
+# the timm variants cannot run and skip; from 2.14 on they must (the `vision` extra), so a venv
+# that lacks it fails them (write_config) rather than passing by skipping.
+NO_TIMM = timm_problem()
+TIMM_TORCH = (2, 14)
+SKIP_TIMM = pytest.mark.skipif(
+    NO_TIMM is not None and torch_version() < TIMM_TORCH,
+    reason=f"timm/torchvision from PyPI need torch 2.14, not {torch.__version__} "
+    f"({NO_TIMM}): `make test-torch` runs these",
+)
+VARIANTS = [
+    pytest.param(m, p, marks=[SKIP_TIMM] if m == "timm" else [])
+    for m in TASKS
+    for p in ("ddp", "fsdp")
+]
 TIE = ("train.model.transformer.wte.weight", "train.model.lm_head.weight")
 
 
 def write_config(path: Path, model: str, parallel: str) -> Path:
+    if model == "timm" and NO_TIMM is not None:
+        pytest.fail(f"timm does not import beside torch {torch.__version__}: {NO_TIMM}; "
+                    "pip install -e '.[vision]'")  # fmt: skip
     config = {
         "run": {"name": f"{model}-{parallel}", "seed": 0},
         "task": TASKS[model],
@@ -187,15 +215,31 @@ def test_export_loads_into_the_library_class_with_the_same_outputs(
         assert trained.lm_head.weight is trained.transformer.wte.weight
     assert exported.keys() == own.keys() - {"lm_head.weight"}
     assert_same(exported, {k: own[k] for k in exported})
-    trained.config.save_pretrained(out.parent)
-    loaded = type(trained).from_pretrained(out.parent)
+    loaded = _load_back(model, trained, out)
     if model == "gpt2":
         assert loaded.lm_head.weight is loaded.transformer.wte.weight
     assert_same(dict(loaded.state_dict()), dict(own))
     batch = task.eval_set().batch(torch.arange(4))
     trained.eval()
     with torch.no_grad():
-        assert torch.equal(_logits(loaded, batch), _logits(trained, batch))
+        assert torch.equal(_logits(model, loaded, batch), _logits(model, trained, batch))
+
+
+@SKIP_TIMM
+def test_timm_resnet_is_sharded_by_stage() -> None:
+    """timm declares no `_no_split_modules` and keeps its blocks in `nn.Sequential` stages, so
+    the FSDP units are its direct children: the stem, `bn1`, the four stages and the head,
+    which hold every parameter."""
+    from orchestrator.sharding import plan
+
+    model = build_task(TASKS["timm"]["_target_"], _params("timm")).build_model()
+    shards = plan(model)
+    assert [name for name, _ in shards.units] == [
+        "conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"
+    ]  # fmt: skip
+    assert "from the direct children with parameters" in shards.describe()
+    in_units = {id(p) for _, unit in shards.units for p in unit.parameters()}
+    assert all(id(p) in in_units for p in model.parameters())
 
 
 def test_tied_model_resumes_at_another_world_size_and_init_from_keeps_the_tie(
@@ -245,7 +289,22 @@ def _restored_in_one_process(task: Any, run_dir: Path) -> torch.nn.Module:
     return model
 
 
-def _logits(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    model.eval()
+def _load_back(model: str, trained: torch.nn.Module, out: Path) -> torch.nn.Module:
+    """The exported file, loaded into a fresh model the library's own way."""
+    if model == "timm":
+        import timm
+
+        params = TASKS["timm"]  # `checkpoint_path` loads strictly: every key, no extra one
+        return timm.create_model(
+            params["model"], num_classes=4, checkpoint_path=str(out), **params["kwargs"]
+        )
+    trained.config.save_pretrained(out.parent)
+    return type(trained).from_pretrained(out.parent)
+
+
+def _logits(model: str, module: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    module.eval()
     x = batch[0]
-    return (model(pixel_values=x) if x.is_floating_point() else model(input_ids=x)).logits
+    if model == "timm":
+        return module(x)
+    return (module(pixel_values=x) if x.is_floating_point() else module(input_ids=x)).logits
