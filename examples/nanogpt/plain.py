@@ -1,9 +1,8 @@
-"""nanoGPT-style training, written as people write it: `torchrun --nproc-per-node 2 plain.py`.
-
-Its own loop, AdamW with decay/no-decay groups, warmup + cosine LambdaLR, a DataLoader with 2
-workers over a map-style dataset, gradient accumulation and clipping. `train.py` is this file
-converted to stockpot (README: "Your own training loop" shows the diff).
-"""
+"""nanoGPT-style training, written as people write it: its own loop, AdamW with decay/no-decay
+groups, warmup + cosine LambdaLR, a DataLoader with 2 workers over a map-style dataset, gradient
+accumulation, clipping. `plain.py` runs under `torchrun --nproc-per-node 2 -m
+examples.nanogpt.plain`; `train.py` is the same script converted to stockpot (`stockpot run
+examples/nanogpt/config.yaml`); README's "Your own training loop" shows the diff."""
 
 import os
 
@@ -17,10 +16,7 @@ from examples.nanogpt.model import GPT, CharDataset, corpus, param_groups, warmu
 max_steps, grad_accum, batch_size, lr, log_every = 200, 2, 8, 3e-3, 10
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    os.makedirs("out", exist_ok=True)
-    rank, world = dist.get_rank(), dist.get_world_size()
+def train(rank: int, world: int) -> None:
     torch.manual_seed(0)
     dataset = CharDataset(corpus())
     model = DDP(GPT(dataset.vocab_size))
@@ -33,7 +29,7 @@ def main() -> None:
         for _ in range(grad_accum):
             try:
                 x, y = next(batches)
-            except StopIteration:
+            except StopIteration:  # the epoch ended: reshuffle
                 epoch += 1
                 sampler.set_epoch(epoch)
                 batches = iter(loader)
@@ -48,8 +44,10 @@ def main() -> None:
             print(f"step {step} loss {loss.item() * grad_accum:.4f}")
         if step % 50 == 0 and rank == 0:
             torch.save(model.module.state_dict(), os.path.join("out", f"ckpt_{step}.pt"))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    dist.init_process_group("gloo")
+    os.makedirs("out", exist_ok=True)
+    train(dist.get_rank(), dist.get_world_size())
+    dist.destroy_process_group()
