@@ -23,7 +23,7 @@ from orchestrator.errors import ConfigError, StorageError
 from orchestrator.logs import LEADER_ONLY
 from orchestrator.loop import Outcome, TrainingRun, train
 from orchestrator.metrics import MetricsLog
-from orchestrator.optim import build_optimizer, build_scheduler
+from orchestrator.optim import TargetError, build_optimizer, build_scheduler, check_targets
 from orchestrator.preemption import StopFlag
 from orchestrator.progress import Progress
 from orchestrator.state import ModelAndOptimizer, RNGState
@@ -74,6 +74,14 @@ def check_storage(cfg: Config) -> None:
         raise StorageSetupError(problem)
 
 
+def check_optim(cfg: Config) -> None:
+    """The leader builds the configured optimizer and schedule on a probe parameter; a bad
+    `_target_` or kwargs stops every rank alike (exit 2) before training, said once."""
+    problem = dist.leader_decides(lambda: check_targets(cfg.optim, cfg.scheduler)).problem
+    if problem is not None:
+        raise TargetError(problem)
+
+
 def run_dir_store(cfg: Config) -> Store:
     """run.dir as a Store: the run's checkpoints, metrics and config."""
     return Store(cfg.run.dir, cfg.storage)
@@ -94,7 +102,8 @@ def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> TrainingRun
         shard_modules=cfg.trainer.fsdp.shard_modules,
     )
     _RETAINED.append(model)
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    check_optim(cfg)
+    optimizer = build_optimizer(model, cfg.optim)
     progress = Progress()
     scheduler = build_scheduler(optimizer, cfg.scheduler, lambda: progress.horizon)
     train_data, eval_data = task.train_set(), task.eval_set()
