@@ -100,6 +100,8 @@ def build(cfg: Config, env: DistEnv, device: str, stop: StopFlag) -> TrainingRun
         device=device,
         mixed_precision=cfg.trainer.mixed_precision,
         shard_modules=cfg.trainer.fsdp.shard_modules,
+        compile=cfg.trainer.compile,
+        activation_checkpointing=cfg.trainer.activation_checkpointing,
     )
     _RETAINED.append(model)
     check_optim(cfg)

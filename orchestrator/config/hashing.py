@@ -19,10 +19,13 @@ def config_hash(cfg: Config) -> str:
 
 # Keys that never change what a step computes: resuming with other values is always fine.
 # (trainer.nproc changes the world size: resume supports it and continues at the same global
-# sample index; model.init_from is ignored once a run has checkpoints of its own.)
+# sample index; model.init_from is ignored once a run has checkpoints of its own;
+# trainer.activation_checkpointing recomputes the same values: a run toggling it across a
+# resume ends bit-identical, tests/test_training_extras.py.)
 _NON_COMPUTATIONAL = (
     "run.dir", "run.name", "trainer.max_steps", "trainer.nproc", "trainer.log_every",
     "trainer.eval_every", "trainer.device", "trainer.collective_timeout_s", "model.init_from",
+    "trainer.activation_checkpointing",
     "checkpoint", "storage", "launcher", "resume", "soup", "sweep", "logging",
 )  # fmt: skip
 
