@@ -79,12 +79,18 @@ def lr_multiplier(cfg: SchedulerConfig, horizon: Callable[[], int]) -> Callable[
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, horizon: Callable[[], int]
 ) -> Schedule:
-    """`target(optimizer, **kwargs)` (a scheduler class or a factory returning one), else the
+    """`target(optimizer=optimizer, **kwargs)` (a scheduler class or a factory returning one;
+    by keyword, so `transformers.get_scheduler` fits too, its `name` in kwargs), else the
     built-in LambdaLR. What it returns is checkpointed through its state_dict."""
     if cfg.target is None:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, horizon))
     factory = resolve(cfg.target, "torch.optim.lr_scheduler", "scheduler._target_")
-    made = _call(factory, "scheduler", optimizer, **cfg.kwargs)
+    made = _call(factory, "scheduler", optimizer=optimizer, **cfg.kwargs)
+    if isinstance(made, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ConfigError(
+            "scheduler._target_: ReduceLROnPlateau steps on a metric, and the loop steps the "
+            "schedule once per optimizer step without one; choose a step-based schedule"
+        )
     if not all(callable(getattr(made, m, None)) for m in _SCHEDULE_METHODS):
         raise ConfigError(
             f"scheduler._target_: {cfg.target} returned a {type(made).__name__}, not a scheduler "

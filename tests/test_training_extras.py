@@ -114,6 +114,8 @@ def test_targets_are_torch_names_or_import_paths_built_with_their_kwargs() -> No
         (["scheduler._target_=StepLR", "scheduler.warmup_steps=0"], "StepLR(...) refused"),
         ([f"scheduler._target_={__name__}.not_a_schedule", "scheduler.warmup_steps=0"],
          "returned a int, not a scheduler"),
+        (["scheduler._target_=ReduceLROnPlateau", "scheduler.warmup_steps=0"],
+         "ReduceLROnPlateau steps on a metric"),
         (["optim.kwargs.lr=1"], "optim.kwargs must not set lr: use optim.lr"),
         (["optim.target=SGD"], "unknown config key 'optim.target'; write optim._target_"),
     ],

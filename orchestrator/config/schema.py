@@ -189,7 +189,7 @@ class OptimConfig:
 class SchedulerConfig:
     # `cosine` (linear warmup then cosine decay to min_lr_ratio x lr) or `constant` (after warmup).
     name: Literal["cosine", "constant"] = "cosine"
-    # Any schedule instead, called as `_target_(optimizer, **kwargs)`: a class in
+    # Any schedule instead, called as `_target_(optimizer=..., **kwargs)`: a class in
     # torch.optim.lr_scheduler (`StepLR`), or an import path to a class or factory function.
     # It is stepped once per optimizer step; warmup_steps, min_lr_ratio and decay_steps do not apply.
     target: str | None = None
