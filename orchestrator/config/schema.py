@@ -162,9 +162,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     # false: parameters of fewer than 2 dimensions (norms' gains, biases) get no weight decay.
     decay_norms_and_biases: bool = True
-    # Adam's (beta1, beta2).
+    # Adam's (beta1, beta2), for `name: adamw` (a `_target_` takes its own in kwargs).
     betas: tuple[float, float] = (0.9, 0.999)
-    # SGD momentum.
+    # SGD momentum, for `name: sgd`.
     momentum: float = 0.0
 
     def __post_init__(self) -> None:
