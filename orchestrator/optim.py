@@ -38,7 +38,7 @@ def param_groups(
     """One group with optim.weight_decay; with `decay_norms_and_biases: false`, every
     parameter of fewer than 2 dimensions (norm gains, biases; nanoGPT's rule) goes in a second
     group without decay. FSDP2's DTensor parameters report the full tensor's ndim."""
-    params = [p for _, p in named if p.requires_grad]
+    params = [p for _, p in named]  # frozen ones too, as before: the optimizer skips them
     if cfg.decay_norms_and_biases:
         return [{"params": params}]
     decay = [p for p in params if p.ndim >= 2]
