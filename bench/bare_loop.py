@@ -31,7 +31,7 @@ def main(config: str, overrides: list[str]) -> None:
     task = build_task(cfg.task.target, dict(cfg.task.params))
     torch.manual_seed(cfg.run.seed)
     model = parallel.wrap(task.build_model(), "ddp", device="cpu")
-    optim = build_optimizer(model.parameters(), cfg.optim)
+    optim = build_optimizer(model, cfg.optim)
     sched = build_scheduler(optim, cfg.scheduler, lambda: cfg.trainer.max_steps)
     data = task.train_set()
     sampler = ResumableSampler(len(data), cfg.trainer.batch_size, rank, world, cfg.run.seed)

@@ -19,7 +19,7 @@ from orchestrator.errors import ConfigError, StorageError
 from orchestrator.loader import ResumableLoader
 from orchestrator.logs import LEADER_ONLY
 from orchestrator.loop import Outcome, TrainingRun, train
-from orchestrator.optim import build_optimizer, build_scheduler
+from orchestrator.optim import TargetError, build_optimizer, build_scheduler, check_targets
 from orchestrator.session import Session, run_dir_store
 from orchestrator.state import ModelAndOptimizer
 from orchestrator.storage import Store
@@ -44,6 +44,14 @@ def exit_code(outcome: Outcome) -> int:
     return outcome.exit_code
 
 
+def check_optim(cfg: Config) -> None:
+    """The leader builds the configured optimizer and schedule on a probe parameter; a bad
+    `_target_` or kwargs stops every rank alike (exit 2) before training, said once."""
+    problem = dist.leader_decides(lambda: check_targets(cfg.optim, cfg.scheduler)).problem
+    if problem is not None:
+        raise TargetError(problem)
+
+
 def build(cfg: Config, session: Session) -> TrainingRun:
     env, store = session.env, session.store
     task = build_task(cfg.task.target, dict(cfg.task.params))
@@ -51,7 +59,8 @@ def build(cfg: Config, session: Session) -> TrainingRun:
     if cfg.model.init_from and _fresh(store):
         init_from(model, cfg.model.init_from, store)
     model = session.wrap(model)
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    check_optim(cfg)
+    optimizer = build_optimizer(model, cfg.optim)
     progress = session.progress
     scheduler = build_scheduler(optimizer, cfg.scheduler, lambda: progress.horizon)
     train_data, eval_data = task.train_set(), task.eval_set()

@@ -117,6 +117,8 @@ class Session:
             device=self.device,
             mixed_precision=trainer.mixed_precision,
             shard_modules=trainer.fsdp.shard_modules,
+            compile=trainer.compile,
+            activation_checkpointing=trainer.activation_checkpointing,
         )
         _RETAINED.append(wrapped)
         return wrapped

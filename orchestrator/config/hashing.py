@@ -20,11 +20,14 @@ def config_hash(cfg: Config) -> str:
 # Keys that never change what a step computes: resuming with other values is always fine.
 # (trainer.nproc changes the world size: resume supports it and continues at the same global
 # sample index; trainer.num_workers loads the same batches, orchestrator/loader.py;
-# model.init_from is ignored once a run has checkpoints of its own.)
+# model.init_from is ignored once a run has checkpoints of its own;
+# trainer.activation_checkpointing recomputes the same values: a run toggling it across a
+# resume ends bit-identical, tests/test_training_extras.py.)
 _NON_COMPUTATIONAL = (
     "run.dir", "run.name", "trainer.max_steps", "trainer.nproc", "trainer.log_every",
     "trainer.eval_every", "trainer.device", "trainer.collective_timeout_s", "trainer.num_workers",
-    "model.init_from", "checkpoint", "storage", "launcher", "resume", "soup", "sweep", "logging",
+    "trainer.activation_checkpointing", "model.init_from",
+    "checkpoint", "storage", "launcher", "resume", "soup", "sweep", "logging",
 )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from orchestrator.config.hashing import config_hash
-from orchestrator.config.schema import Config, TaskConfig
+from orchestrator.config.schema import Config, TaskConfig, _yaml_key
 from orchestrator.config.sweeps import sweep_label, sweep_run_dir
 from orchestrator.errors import ConfigError, require
 
@@ -100,11 +100,15 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if cls is TaskConfig:
         return _build_task(data, where)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "target" in fields:  # `optim._target_`, `scheduler._target_` (see schema._yaml_key)
+        require("target" not in data, f"unknown config key '{_join(where, 'target')}'; "
+                f"write {_join(where, '_target_')}")  # fmt: skip
+        data = {("target" if k == "_target_" else k): v for k, v in data.items()}
     for key in data:
         require(
             key in fields,
             f"unknown config key '{_join(where, str(key))}'; valid keys at {label}: "
-            + ", ".join(sorted(fields)),
+            + ", ".join(sorted(map(_yaml_key, fields))),
         )
     hints = typing.get_type_hints(cls)
     kwargs = {key: _coerce(hints[key], value, _join(where, key)) for key, value in data.items()}

@@ -148,15 +148,23 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    # `adamw` or `sgd`.
+    # `adamw` or `sgd` (used when _target_ is null).
     name: Literal["adamw", "sgd"] = "adamw"
+    # Any optimizer class instead: a name in torch.optim (`RAdam`, `torch.optim.RAdam`) or an
+    # import path (`mypkg.opt:Lion`), given the parameters, lr, weight_decay and kwargs.
+    target: str | None = None
+    # Further keyword arguments of the optimizer class (e.g. {nesterov: true}), not lr or
+    # weight_decay; for `name`, not betas or momentum either.
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
     # Peak learning rate (reached after the scheduler's warmup).
     lr: float = 1e-3
     # Decoupled (adamw) or L2 (sgd) weight decay.
     weight_decay: float = 0.0
-    # Adam's (beta1, beta2).
+    # false: parameters of fewer than 2 dimensions (norms' gains, biases) get no weight decay.
+    decay_norms_and_biases: bool = True
+    # Adam's (beta1, beta2), for `name: adamw` (a `_target_` takes its own in kwargs).
     betas: tuple[float, float] = (0.9, 0.999)
-    # SGD momentum.
+    # SGD momentum, for `name: sgd`.
     momentum: float = 0.0
 
     def __post_init__(self) -> None:
@@ -169,12 +177,24 @@ class OptimConfig:
             f"optim.betas must both be in [0, 1) (got {list(self.betas)})",
         )
         require(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1) (got {self.momentum})")
+        _check_target(self.target, "optim._target_")
+        own = {"lr", "weight_decay", "params"} | (
+            {"betas", "momentum"} if not self.target else set()
+        )
+        clash = ", ".join(sorted(own & set(self.kwargs)))
+        require(not clash, f"optim.kwargs must not set {clash}: use optim.{clash.split(',')[0]}")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     # `cosine` (linear warmup then cosine decay to min_lr_ratio x lr) or `constant` (after warmup).
     name: Literal["cosine", "constant"] = "cosine"
+    # Any schedule instead, called as `_target_(optimizer=..., **kwargs)`: a class in
+    # torch.optim.lr_scheduler (`StepLR`), or an import path to a class or factory function.
+    # It is stepped once per optimizer step; warmup_steps, min_lr_ratio and decay_steps do not apply.
+    target: str | None = None
+    # Keyword arguments of the `_target_` schedule (e.g. {step_size: 10, gamma: 0.5}).
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
     # Steps of linear warmup from 0 to optim.lr.
     warmup_steps: int = 0
     # Floor of the cosine decay, as a fraction of optim.lr.
@@ -192,6 +212,25 @@ class SchedulerConfig:
             f"scheduler.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})",
         )
         _positive_or_none(self.decay_steps, "scheduler.decay_steps", "null for trainer.max_steps")
+        _check_target(self.target, "scheduler._target_")
+        require(
+            self.target is not None or not self.kwargs,
+            "scheduler.kwargs are for a scheduler._target_; the built-in schedules take none",
+        )
+        own = (self.warmup_steps, self.min_lr_ratio, self.decay_steps) != (0, 0.0, None)
+        require(
+            self.target is None or not own,
+            "scheduler.warmup_steps, min_lr_ratio and decay_steps are for the built-in schedules; "
+            "give scheduler._target_ its own settings in scheduler.kwargs",
+        )
+
+
+def _check_target(target: str | None, key: str) -> None:
+    require(
+        target is None or (bool(target.strip()) and " " not in target),
+        f"{key} must be a class name or an import path like 'package.module:Class' "
+        f"(got {target!r}); null uses the built-in one",
+    )
 
 
 # One type for `storage:` and the storage backends, so the rules are checked once, on load;
@@ -327,12 +366,17 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, TaskConfig):
         return {"_target_": obj.target, **_to_plain(dict(obj.params))}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {_yaml_key(f.name): _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
         return {str(k): _to_plain(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_to_plain(v) for v in obj]
     return obj
+
+
+def _yaml_key(name: str) -> str:
+    """A section's `target` field is its `_target_` key (Hydra's spelling, as in `task:`)."""
+    return "_target_" if name == "target" else name
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
