@@ -232,7 +232,8 @@ def _as_is(batch: Any) -> Any:
 
 def _init_worker(worker_id: int) -> None:
     """In each worker: stop signals are the rank's (see the module docstring), and the worker
-    dies with the rank (Linux; elsewhere torch's watchdog ends it within seconds)."""
+    dies with the rank (Linux; elsewhere torch's watchdog ends it within seconds). Strictly, with
+    the thread that forked it: iterate the loader from the main thread, or one that outlives it."""
     preemption.ignore_stop_signals()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)

@@ -166,23 +166,32 @@ def test_workers_outlive_stop_signals_but_not_the_loader() -> None:
 
 
 _EXITS_WITHOUT_CLOSE = """
-import os, torch
+import os, time, torch
 from orchestrator.loader import ResumableLoader
-from orchestrator.tasks.base import Tensors
-loader = ResumableLoader(Tensors(torch.zeros(8, 1)), 2, num_workers=2)
+class Slow:  # a worker's second batch takes a minute: both are fetching when the rank leaves
+    calls = 0
+    def __len__(self):
+        return 8
+    def batch(self, indices):
+        Slow.calls += 1
+        time.sleep(60 if Slow.calls > 1 else 0)
+        return (indices,)
+loader = ResumableLoader(Slow(), 1, num_workers=2)
 next(loader)
+time.sleep(0.2)
 print(*open(f"/proc/self/task/{os.getpid()}/children").read().split(), flush=True)
 os._exit(0)  # as a rank leaves (worker.exit_now)
 """
 
 
-def test_workers_die_with_a_rank_that_leaves_by_os_exit() -> None:
-    out = subprocess.run(
+def test_busy_workers_die_with_a_rank_that_leaves_by_os_exit() -> None:
+    rank = subprocess.Popen(
         [sys.executable, "-c", _EXITS_WITHOUT_CLOSE],
-        capture_output=True, text=True, timeout=60, cwd=runs.REPO, check=True,
+        stdout=subprocess.PIPE, text=True, cwd=runs.REPO,
     )  # fmt: skip
-    workers = [int(pid) for pid in out.stdout.splitlines()[-1].split()]
-    assert len(workers) == 2
+    assert rank.stdout is not None
+    workers = [int(pid) for pid in rank.stdout.readline().split()]
+    assert rank.wait(timeout=60) == 0 and len(workers) == 2
     runs.wait_until(
         lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), "workers", timeout=2
     )
@@ -198,6 +207,8 @@ BASE = [
 
 
 def test_killed_run_with_workers_ends_bit_identical_to_one_without(tmp_path: Path) -> None:
+    """Reference: no workers, never interrupted. The run: 2 workers per rank (there, and
+    ignoring stop signals), SIGKILLed once after step 12, resumed with 1 worker per rank."""
     ref, run_dir, log = tmp_path / "ref", tmp_path / "run", tmp_path / "run.log"
     code = runs.stockpot_run([*BASE, f"run.dir={ref}", "trainer.num_workers=0"], log=log)
     assert code == 0, log.read_text()[-3000:]
@@ -211,7 +222,8 @@ def test_killed_run_with_workers_ends_bit_identical_to_one_without(tmp_path: Pat
     os.killpg(job.pid, signal.SIGKILL)
     kills = [runs.newest_step(run_dir)]  # the one kill, and the step it must resume from
     assert job.wait() == -signal.SIGKILL and 12 <= kills[0] < MAX_STEPS
-    assert runs.stockpot_run(argv, log=log) == 0, log.read_text()[-3000:]
+    resumed = [*argv, "trainer.num_workers=1"]  # another worker count continues it exactly too
+    assert runs.stockpot_run(resumed, log=log) == 0, log.read_text()[-3000:]
     runs.assert_resumed_from(run_dir, log.read_text(), kills)
     assert_same(final_state(ref, MAX_STEPS), final_state(run_dir, MAX_STEPS))
     want, got = runs.losses(ref), runs.losses(run_dir)
