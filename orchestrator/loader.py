@@ -233,7 +233,9 @@ def _as_is(batch: Any) -> Any:
 def _init_worker(worker_id: int) -> None:
     """In each worker: stop signals are the rank's (see the module docstring), and the worker
     dies with the rank (Linux; elsewhere torch's watchdog ends it within seconds). Strictly, with
-    the thread that forked it: iterate the loader from the main thread, or one that outlives it."""
+    the thread that forked it: iterate the loader from the main thread, or one that outlives it.
+    A forked worker inherits the rank's flag-setting handlers, harmless but not its to run; a
+    spawned one (multiprocessing_context) would have the default action, death, until here."""
     preemption.ignore_stop_signals()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
