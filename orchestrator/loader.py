@@ -24,10 +24,12 @@ them, whatever `num_workers`. Three choices make that hold:
   Elementwise augmentations are bit-identical across worker counts; a reduction inside a fetch
   may differ in its last bits, since workers run one torch thread.
 
-Why not torchdata's `StatefulDataLoader`: its state is per worker (each worker's sampler and
-RNG, the number of batches each has yielded), so a checkpoint depends on `num_workers` and
-cannot be restored under another value, nor be the old `sampler` entry that existing
-checkpoints hold; it would also be a new dependency for ~200 lines.
+Why not torchdata's `StatefulDataLoader`: its state is per worker (a snapshot per worker id,
+the last worker to yield, the workers' base seed), and a worker's random stream is seeded per
+worker (base seed + worker id), so an augmented batch depends on which worker fetched it: the
+same run with 0 or 2 workers trains on different data, and its checkpoint is tied to the
+worker count. Nor could its state be the `sampler` entry that existing checkpoints hold. It
+would also be a new dependency for ~250 lines that keep all three properties above.
 
 Two kinds of dataset are served: one with `__getitem__(i)` (a map-style dataset, as a user's
 script brings; samples are merged by `collate_fn`, torch's `default_collate` by default), and,
@@ -232,7 +234,10 @@ def _as_is(batch: Any) -> Any:
 
 def _init_worker(worker_id: int) -> None:
     """In each worker: stop signals are the rank's (see the module docstring), and the worker
-    dies with the rank (Linux; elsewhere torch's watchdog ends it within seconds)."""
+    dies with the rank (Linux; elsewhere torch's watchdog ends it within seconds). Strictly, with
+    the thread that forked it: iterate the loader from the main thread, or one that outlives it.
+    A forked worker inherits the rank's flag-setting handlers, harmless but not its to run; a
+    spawned one (multiprocessing_context) would have the default action, death, until here."""
     preemption.ignore_stop_signals()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from orchestrator.data import ResumableSampler
+from orchestrator.env import EXIT_STOPPED
 from orchestrator.loader import ResumableLoader
 from orchestrator.tasks.base import Tensors
 from tests import runs
@@ -166,53 +167,89 @@ def test_workers_outlive_stop_signals_but_not_the_loader() -> None:
 
 
 _EXITS_WITHOUT_CLOSE = """
-import os, torch
+import os, time, torch
 from orchestrator.loader import ResumableLoader
-from orchestrator.tasks.base import Tensors
-loader = ResumableLoader(Tensors(torch.zeros(8, 1)), 2, num_workers=2)
+class Slow:  # a worker's second batch takes a minute: both are fetching when the rank leaves
+    calls = 0
+    def __len__(self):
+        return 8
+    def batch(self, indices):
+        Slow.calls += 1
+        time.sleep(60 if Slow.calls > 1 else 0)
+        return (indices,)
+loader = ResumableLoader(Slow(), 1, num_workers=2)
 next(loader)
+time.sleep(0.2)
 print(*open(f"/proc/self/task/{os.getpid()}/children").read().split(), flush=True)
 os._exit(0)  # as a rank leaves (worker.exit_now)
 """
 
 
-def test_workers_die_with_a_rank_that_leaves_by_os_exit() -> None:
-    out = subprocess.run(
+def test_busy_workers_die_with_a_rank_that_leaves_by_os_exit() -> None:
+    rank = subprocess.Popen(
         [sys.executable, "-c", _EXITS_WITHOUT_CLOSE],
-        capture_output=True, text=True, timeout=60, cwd=runs.REPO, check=True,
+        stdout=subprocess.PIPE, text=True, cwd=runs.REPO,
     )  # fmt: skip
-    workers = [int(pid) for pid in out.stdout.splitlines()[-1].split()]
-    assert len(workers) == 2
+    assert rank.stdout is not None
+    workers = [int(pid) for pid in rank.stdout.readline().split()]
+    assert rank.wait(timeout=60) == 0 and len(workers) == 2
     runs.wait_until(
         lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), "workers", timeout=2
     )
 
 
-# A real run: 2 ranks, 2 loader workers each, a random augmentation.
-MAX_STEPS, EVERY = 40, 4
+# A real run: 2 ranks, 2 loader workers each, a random augmentation. At ~130 steps/s, 80 steps
+# leave time to catch it between its early commits and its end.
+MAX_STEPS, EVERY = 80, 4
 BASE = [
     "configs/demo.yaml", "task._target_=tests.augmented_task.AugmentedSynthetic",
-    f"trainer.max_steps={MAX_STEPS}", "trainer.log_every=1", "trainer.eval_every=20",
+    f"trainer.max_steps={MAX_STEPS}", "trainer.log_every=1", "trainer.eval_every=40",
     f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=2", *runs.SMALL_DATA,
 ]  # fmt: skip
 
 
-def test_killed_run_with_workers_ends_bit_identical_to_one_without(tmp_path: Path) -> None:
+def test_stopped_and_killed_run_with_workers_ends_bit_identical_to_one_without(
+    tmp_path: Path,
+) -> None:
+    """Reference: no workers, never interrupted. The run: 2 workers per rank, stopped by a
+    SIGUSR2 to every process of the job (as Slurm signals a step), which the workers outlive
+    until their rank has saved; resumed, SIGKILLed once; resumed with 1 worker per rank."""
     ref, run_dir, log = tmp_path / "ref", tmp_path / "run", tmp_path / "run.log"
     code = runs.stockpot_run([*BASE, f"run.dir={ref}", "trainer.num_workers=0"], log=log)
     assert code == 0, log.read_text()[-3000:]
     argv = [*BASE, f"run.dir={run_dir}", "trainer.num_workers=2"]
+    stopped = _stop_by_group_signal(argv, run_dir, log)
     job = runs.start_job(argv, log)
-    runs.wait_until(lambda: runs.newest_step(run_dir) >= 12 or job.poll() is not None, "step 12")
-    ranks = runs.child_pids(job.pid)
-    workers = [w for rank in ranks for w in runs.child_pids(rank)]
-    assert job.poll() is None and len(ranks) == 2 and len(workers) == 4, (ranks, workers)
-    assert all(runs.ignores(w, signal.SIGTERM) and runs.ignores(w, signal.SIGUSR2) for w in workers)
+    goal = stopped + EVERY  # a commit of its own: it has resumed and said so
+    runs.wait_until(lambda: runs.newest_step(run_dir) >= goal or job.poll() is not None, "goal")
+    assert job.poll() is None, f"the run ended before the kill after step {goal}"
     os.killpg(job.pid, signal.SIGKILL)
-    kills = [runs.newest_step(run_dir)]  # the one kill, and the step it must resume from
-    assert job.wait() == -signal.SIGKILL and 12 <= kills[0] < MAX_STEPS
-    assert runs.stockpot_run(argv, log=log) == 0, log.read_text()[-3000:]
-    runs.assert_resumed_from(run_dir, log.read_text(), kills)
+    killed = runs.newest_step(run_dir)  # the one kill, and the step it must resume from
+    assert job.wait() == -signal.SIGKILL and goal <= killed < MAX_STEPS
+    resumed = [*argv, "trainer.num_workers=1"]  # another worker count continues it exactly too
+    assert runs.stockpot_run(resumed, log=log) == 0, log.read_text()[-3000:]
+    runs.assert_resumed_from(run_dir, log.read_text(), [stopped, killed])
     assert_same(final_state(ref, MAX_STEPS), final_state(run_dir, MAX_STEPS))
     want, got = runs.losses(ref), runs.losses(run_dir)
     assert sorted(want) == list(range(1, MAX_STEPS + 1)) and got == want
+
+
+def _stop_by_group_signal(argv: list[str], run_dir: Path, log: Path) -> int:
+    """Start the run, freeze it after its step-8 commit, check its ranks' workers, SIGUSR2 every
+    process of it and let it go: it must save and stop (exit 75). The step it stopped at."""
+    job = runs.start_job(argv, log)
+    runs.wait_until(lambda: runs.newest_step(run_dir) >= 8 or job.poll() is not None, "step 8")
+    assert job.poll() is None, "the run ended before it was frozen"
+    os.killpg(job.pid, signal.SIGSTOP)
+    ranks = runs.child_pids(job.pid)
+    workers = [w for rank in ranks for w in runs.child_pids(rank)]
+    assert len(ranks) == 2 and len(workers) == 4, (ranks, workers)
+    assert all(runs.ignores(w, signal.SIGTERM) and runs.ignores(w, signal.SIGUSR2) for w in workers)
+    os.killpg(job.pid, signal.SIGUSR2)
+    os.killpg(job.pid, signal.SIGCONT)
+    assert job.wait(timeout=120) == EXIT_STOPPED, log.read_text()[-3000:]
+    assert "stop requested (SIGUSR2)" in log.read_text()
+    runs.wait_until(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), "workers", 2)
+    stopped = runs.newest_step(run_dir)
+    assert 8 <= stopped < MAX_STEPS
+    return stopped
