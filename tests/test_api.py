@@ -36,7 +36,7 @@ def _config(tmp_path: Path, **task: float) -> Path:
 def test_own_loop_stops_on_a_signal_saves_and_resumes_exactly(tmp_path: Path) -> None:
     cfg = _config(tmp_path, sleep=0.005)
     log = tmp_path / "run.log"
-    job = runs._start_job([str(cfg)], log)
+    job = runs.start_job([str(cfg)], log)
     runs.wait_until(lambda: runs.newest_step(tmp_path / "run") >= 30, "the first commit", 180)
     ranks = runs.child_pids(job.pid)
     assert len(ranks) == 2, ranks
