@@ -28,7 +28,6 @@ the next `optimizer.step()` begins.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -161,7 +160,9 @@ class Training:
     def restore(self) -> int:
         """Load the newest committed checkpoint into everything registered; the step to go on
         from (0 on a fresh run). `steps()` calls it when the script has not."""
-        return self._s.restore()
+        step = self._s.restore()
+        self._rate = (step, time.monotonic())
+        return step
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -231,10 +232,11 @@ class Training:
         self._s.metrics.record(step, means)
         done, since = self._rate
         now = time.monotonic()
-        rate = (step - done) / max(now - since, 1e-9) if step > done else math.inf
         self._rate = (step, now)
         text = " ".join(f"{k} {v:.4g}" for k, v in means.items())
-        log.info("step %d/%d %s %.1f step/s", step, self.max_steps, text, rate, extra=LEADER_ONLY)
+        if step > done:
+            text += f" {(step - done) / max(now - since, 1e-9):.1f} step/s"
+        log.info("step %d/%d %s", step, self.max_steps, text, extra=LEADER_ONLY)
 
     # -- leaving --------------------------------------------------------------------------
 
