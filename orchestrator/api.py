@@ -18,7 +18,8 @@ for a loop of its own), saves as the `checkpoint:` schedule says after each step
 after the agreed stop's save when a preemption or time-out signal arrives on any rank: the job
 then requeues and the next run continues exactly. Leaving the block after trainer.max_steps
 saves the last step. Run the script's `main(cfg)` with `stockpot run`/`submit` and
-`entrypoint: mypkg.train:main`, or call `training(cfg)` from a script torchrun starts.
+`entrypoint: mypkg.train:main`, or call `training(cfg)` from a script torchrun starts (then
+end it with `sys.exit(t.outcome.exit_code)`: 75 after a stop, so a requeue resumes it).
 
 The script must not change parameters or optimizer state outside `optimizer.step()` while an
 async save (checkpoint.async_save) is in flight: the save reads them from live memory until
@@ -41,7 +42,7 @@ from orchestrator.cadence import StopChecks
 from orchestrator.checkpoint.stateful import Stateful
 from orchestrator.config import Config
 from orchestrator.env import DistEnv
-from orchestrator.logs import LEADER_ONLY
+from orchestrator.logs import LEADER_ONLY, setup_logging
 from orchestrator.loop import Outcome
 from orchestrator.session import RESERVED, Session
 from orchestrator.state import ModelAndOptimizer
@@ -59,6 +60,8 @@ def training(cfg: Config, environ: Mapping[str, str] | None = None) -> Iterator[
     unless the script made it), check run.dir, catch the stop signals; on leaving, commit the
     last save. An exception leaves without saving (the previous checkpoint stays whole)."""
     env = DistEnv.from_environ(os.environ if environ is None else environ)
+    if not logging.getLogger().handlers:  # a script torchrun started: stockpot's log lines
+        setup_logging(env.rank)
     with Session(cfg, env) as session:
         t = Training(session)
         try:

@@ -94,3 +94,19 @@ def test_an_entry_point_that_never_trains_is_one_line(tmp_path: Path) -> None:
     code = runs.stockpot_run([str(cfg), "entrypoint=tests.user_loops:no_training"], log=log)
     assert code == 2, log.read_text()
     assert "returned without training: wrap its loop in" in log.read_text()
+
+
+def test_a_script_torchrun_starts_trains_through_training(tmp_path: Path) -> None:
+    """No stockpot launcher: torchrun starts the ranks, the script loads its config and calls
+    `training(cfg)`, which joins torchrun's process group and logs as stockpot's ranks do."""
+    cfg = _config(tmp_path)
+    torchrun = str(Path(runs.STOCKPOT).parent / "torchrun")
+    out = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "-m", "tests.user_loops", str(cfg),
+         "trainer.max_steps=20", "checkpoint.every_steps=10"],
+        cwd=runs.REPO, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[rank 0] INFO stockpot.training: step 20/20 loss" in out.stderr
+    assert runs.newest_step(tmp_path / "run") == 20
+    assert sorted(runs.losses(tmp_path / "run")) == list(range(1, 21))

@@ -55,3 +55,11 @@ def no_training(cfg: Any) -> None:
 
 def zero_args() -> None:
     """Does not take the Config."""
+
+
+if __name__ == "__main__":  # a script torchrun starts: `torchrun ... -m tests.user_loops CONFIG`
+    import sys
+
+    from orchestrator.config import load
+
+    manual(load(sys.argv[1], sys.argv[2:]))
