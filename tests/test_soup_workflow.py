@@ -248,19 +248,16 @@ def test_chained_soup_job_on_slurm_reads_s3_from_the_config(
 ) -> None:
     """An array of 3 fine-tunes (one pretrained start, a sweep over lr) on S3, then the soup job
     (afterok on the array) writes SOUP.json; storage.s3.endpoint_url is only in the config. The
-    soup job is requeued once while it runs: it starts over and commits once. A sweep with a
-    failing element never runs its soup job."""
+    soup job is requeued once while it runs: it starts over and commits once. (A sweep with a
+    failing element never runs its soup job: tests/submit_slurm/test_arrays.py.)"""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
     pre = _pretrain(tmp_path)
     url = f"{s3_bucket}/sweep"
     t0 = time.time()
     _submit(tmp_path, "soupsweep", f"run.dir={url}", f"storage.s3.endpoint_url={s3_server.endpoint_url}",
             f"model.init_from={pre}", "sweep.optim.lr=[0.02,0.05,0.1]", env=env)  # fmt: skip
-    _submit(tmp_path, "soupfail", f"run.dir={tmp_path / 'fail'}", "sweep.task.hidden=[16,-1]",
-            env=env)  # fmt: skip
     store = Store(url, s3_storage(s3_server.endpoint_url))
     jobs = json.loads(store.read_bytes("jobs.json"))
-    failing = json.loads((tmp_path / "fail" / "jobs.json").read_text())
     soup_id = jobs[3]["job_id"]
     assert [j["kind"] for j in jobs] == ["train"] * 3 + ["soup"]
     assert jobs[3]["dependency"] == f"afterok:{jobs[0]['job_id'].split('_')[0]}"
@@ -271,12 +268,9 @@ def test_chained_soup_job_on_slurm_reads_s3_from_the_config(
             requeued.append(time.time() - t0)
             subprocess.run(["scontrol", "requeue", job_id], timeout=30, check=False)
 
-    ids = [j["job_id"] for j in jobs] + [j["job_id"] for j in failing]
-    states = _wait_states(ids, on_running=requeue_the_soup_once)
+    states = _wait_states([j["job_id"] for j in jobs], on_running=requeue_the_soup_once)
     total = time.time() - t0
     assert [states[j["job_id"]] for j in jobs] == ["COMPLETED"] * 4
-    assert [states[j["job_id"]] for j in failing] == ["COMPLETED", "FAILED", "CANCELLED"]
-    assert not list((tmp_path / "fail").rglob("SOUP.json"))
 
     record = json.loads(store.read_bytes("soups/soup/SOUP.json"))
     assert len(record["ingredients"]) == 3 and all(i["in_soup"] for i in record["ingredients"])

@@ -57,4 +57,5 @@ def test_a_failed_element_never_runs_the_chained_job(scenarios: Any) -> None:
     assert sub.facts["states"] == ["COMPLETED", "FAILED", "CANCELLED"]
     assert "task.hidden" in sub.log(job_id=sub.jobs[1]["job_id"])
     assert not list(sub.run_dir.rglob("model.safetensors"))
+    assert not list(sub.run_dir.rglob("SOUP.json"))
     assert not (sub.log_dir / f"{sub.jobs[2]['job_id']}_0_result.pkl").exists()
