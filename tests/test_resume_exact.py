@@ -27,37 +27,13 @@ from tests import runs
 from tests.ckpt_helpers import assert_same, final_state
 from tests.runs import REPO, STOCKPOT, losses, newest_step
 
-MAX_STEPS = 60
-EVERY = 4  # checkpoint.every_steps
-BASE = [
-    "configs/demo.yaml", f"trainer.max_steps={MAX_STEPS}", "trainer.log_every=1",
-    "trainer.eval_every=12", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=2",
-    *runs.SMALL_DATA,
-]  # fmt: skip
+MAX_STEPS = runs.REFERENCE_STEPS
+EVERY = runs.REFERENCE_EVERY  # checkpoint.every_steps
+BASE = runs.REFERENCE  # its uninterrupted runs: the session's `demo_reference` fixture
 
 
 def stockpot_run(run_dir: Path, *overrides: str, log: Path, timeout: float = 300) -> int:
     return runs.stockpot_run([*BASE, f"run.dir={run_dir}", *overrides], log=log, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory):
-    """reference(parallel) -> the run dir of an uninterrupted MAX_STEPS run with
-    trainer.parallel=PARALLEL, made once for the module. The killed runs compare against it;
-    other tests read its checkpoints, or resume a copy of it (`resumable_copy`), instead of
-    training a run of their own first. Never written to."""
-    root = tmp_path_factory.mktemp("exact-refs")
-    made: dict[str, Path] = {}
-
-    def get(parallel: str) -> Path:
-        if parallel not in made:
-            run_dir, log = root / parallel, root / f"{parallel}.log"
-            code = stockpot_run(run_dir, f"trainer.parallel={parallel}", log=log)
-            assert code == 0, log.read_text()[-3000:]
-            made[parallel] = run_dir
-        return made[parallel]
-
-    return get
 
 
 def resumable_copy(reference: Path, run_dir: Path) -> Path:
@@ -77,9 +53,9 @@ def resumable_copy(reference: Path, run_dir: Path) -> Path:
     ],
 )
 def test_killed_twice_ends_bit_identical(
-    name: str, overrides: tuple[str, ...], tmp_path: Path, reference
+    name: str, overrides: tuple[str, ...], tmp_path: Path, demo_reference
 ) -> None:
-    ref = reference(overrides[0].removeprefix("trainer.parallel="))
+    ref = demo_reference(overrides[0].removeprefix("trainer.parallel="))
     run_dir = tmp_path / "run"
     log = tmp_path / "run.log"
     argv = [*BASE, f"run.dir={run_dir}", *overrides]
@@ -98,9 +74,9 @@ def test_killed_twice_ends_bit_identical(
 
 
 def test_world_size_two_to_one_continues_from_the_same_global_sample(
-    tmp_path: Path, reference
+    tmp_path: Path, demo_reference
 ) -> None:
-    run_dir = resumable_copy(reference("ddp"), tmp_path / "run")
+    run_dir = resumable_copy(demo_reference("ddp"), tmp_path / "run")
     log = tmp_path / "run.log"
     store = Store(str(run_dir))
     at_two = catalog.scan(store).latest()
@@ -127,13 +103,13 @@ def test_world_size_two_to_one_continues_from_the_same_global_sample(
 
 
 def test_two_rank_checkpoint_restores_model_and_optimizer_exactly_in_one_rank(
-    reference,
+    demo_reference,
 ) -> None:
     from orchestrator.checkpoint.checkpointer import Checkpointer
     from orchestrator.state import ModelAndOptimizer
     from orchestrator.tasks import build_task
 
-    run_dir = reference("fsdp")  # read only: restore writes nothing
+    run_dir = demo_reference("fsdp")  # read only: restore writes nothing
     store = Store(str(run_dir))
     task = build_task(
         "orchestrator.tasks.synthetic.SyntheticClassification", {"n_train": 4096, "n_eval": 512}
@@ -170,9 +146,9 @@ def final_state_at(store: Store, step: int) -> dict:
 
 
 def test_config_drift_is_refused_with_a_diff_but_max_steps_may_change(
-    tmp_path: Path, reference
+    tmp_path: Path, demo_reference
 ) -> None:
-    run_dir = resumable_copy(reference("ddp"), tmp_path / "run")
+    run_dir = resumable_copy(demo_reference("ddp"), tmp_path / "run")
     log = tmp_path / "run.log"
     more = f"trainer.max_steps={MAX_STEPS + 4}"
     code = stockpot_run(run_dir, more, "optim.lr=0.001", log=log)
@@ -189,11 +165,11 @@ def test_config_drift_is_refused_with_a_diff_but_max_steps_may_change(
     runs.assert_resumed_from(run_dir, log.read_text(), [MAX_STEPS])
 
 
-def test_init_from_starts_from_the_pretrained_weights(tmp_path: Path, reference) -> None:
+def test_init_from_starts_from_the_pretrained_weights(tmp_path: Path, demo_reference) -> None:
     from orchestrator.runner import init_from
     from orchestrator.tasks import build_task
 
-    pre = reference("ddp")  # read only: init_from reads its newest weights
+    pre = demo_reference("ddp")  # read only: init_from reads its newest weights
     log = tmp_path / "run.log"
     pre_weights = final_state_at(Store(str(pre)), MAX_STEPS)
     task = build_task("orchestrator.tasks.synthetic.SyntheticClassification", {"split": "finetune"})
@@ -230,7 +206,7 @@ def test_run_on_s3_resumes_from_s3(s3_server, s3_bucket, tmp_path: Path, monkeyp
     def run(steps: int) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [STOCKPOT, "run", "configs/demo-s3.yaml", *BASE[1:], f"run.dir={url}",
-             f"trainer.max_steps={steps}"],
+             f"trainer.max_steps={steps}", "checkpoint.keep_last=2"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
 
