@@ -256,14 +256,6 @@ def over_budget(root: Path) -> Submitted:
     return sub
 
 
-def array_export(root: Path) -> Submitted:
-    # Different seeds are different initialisations: the soup is told they belong together.
-    sub = submit(root, "sweep", *SMALL, "sweep.run.seed=[0,1,2]", "soup.enabled=true",
-                 "soup.allow_unrelated=true")  # fmt: skip
-    sub.facts["states"] = wait_done(*(str(j["job_id"]) for j in sub.jobs))
-    return sub
-
-
 def array_one_fails(root: Path) -> Submitted:
     # task.hidden=-1 passes the config (task params are the task's) and fails at start.
     sub = submit(root, "sweepfail", *SMALL, "sweep.task.hidden=[16,-1]", "soup.enabled=true")
@@ -278,7 +270,6 @@ SCENARIOS: dict[str, Callable[[Path], Submitted]] = {
     "high": interrupted("high", by_high_priority_job),
     "kill": interrupted("kill", by_sigkill),
     "budget": over_budget,
-    "sweep": array_export,
     "sweepfail": array_one_fails,
 }
 FIGURES: dict[str, dict[str, float]] = {}
