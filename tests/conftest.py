@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.slurm", "tests.fixtures.sbatch"]
+pytest_plugins = [
+    "tests.fixtures.s3",
+    "tests.fixtures.slurm",
+    "tests.fixtures.sbatch",
+    "tests.fixtures.reference",
+]
 
 # Every Python process a test starts (ranks, the CLI; all that inherit the environment) turns
 # torch's deprecations into errors, as this one does (pyproject.toml's filterwarnings): see

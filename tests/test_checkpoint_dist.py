@@ -31,35 +31,41 @@ def _run(run: str, env: dict[str, str], log: Path, nproc: int, *args: str) -> No
     run_ranks(WORKER, [run, *args], nproc, env=env, log_dir=log, timeout=240)
 
 
+def _save_by_two(run: str, env: dict[str, str], log: Path, parallel: str) -> Path:
+    """2 ranks under `parallel` train 3 steps and save; the full state they saved, dumped."""
+    dump = log / f"saved-{parallel}.pt"
+    _run(run, env, log, 2, "--parallel", parallel, "--steps", "3", "--dump", str(dump))
+    return dump
+
+
+@pytest.fixture(scope="module")
+def saved_by_two(tmp_path_factory: pytest.TempPathFactory):
+    """saved_by_two(parallel) -> (run dir, dump): `_save_by_two` on local disk, once for the
+    module; the tests that restore it with 2 ranks, with 1, or in this process only read it."""
+    root = tmp_path_factory.mktemp("saved-by-two")
+    made: dict[str, tuple[str, Path]] = {}
+
+    def get(parallel: str) -> tuple[str, Path]:
+        if parallel not in made:
+            run = str(root / parallel)
+            made[parallel] = run, _save_by_two(run, {}, root, parallel)
+        return made[parallel]
+
+    return get
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_rank_round_trip_is_bit_identical(run_url, parallel: str, tmp_path: Path) -> None:
+def test_two_rank_round_trip_is_bit_identical(
+    run_url, parallel: str, tmp_path: Path, saved_by_two
+) -> None:
     run, env = run_url
-    _run(
-        run,
-        env,
-        tmp_path,
-        2,
-        "--parallel",
-        parallel,
-        "--steps",
-        "3",
-        "--dump",
-        str(tmp_path / "a.pt"),
-    )
-    _run(
-        run,
-        env,
-        tmp_path,
-        2,
-        "--parallel",
-        parallel,
-        "--steps",
-        "0",
-        "--restore",
-        "--dump",
-        str(tmp_path / "b.pt"),
-    )
-    assert_same(load_dump(tmp_path / "a.pt"), load_dump(tmp_path / "b.pt"))
+    if run.startswith("s3://"):
+        saved = _save_by_two(run, env, tmp_path, parallel)
+    else:
+        run, saved = saved_by_two(parallel)
+    _run(run, env, tmp_path, 2, "--parallel", parallel, "--steps", "0", "--restore",
+         "--dump", str(tmp_path / "b.pt"))  # fmt: skip
+    assert_same(load_dump(saved), load_dump(tmp_path / "b.pt"))
     (info,) = catalog.scan(Store(run)).committed
     assert (info.step, info.manifest.world_size, info.manifest.parallel) == (3, 2, parallel)
     shards = [n for n in info.manifest.files if n.endswith("_0.distcp")]  # model parts
@@ -126,55 +132,32 @@ def test_a_bad_file_found_by_another_rank_falls_back_on_every_rank(tmp_path: Pat
     ("saved_by", "loaded_by", "parallel"), [(2, 1, "fsdp"), (1, 2, "fsdp"), (2, 1, "ddp")]
 )
 def test_resharding_across_world_sizes(
-    tmp_path: Path, saved_by: int, loaded_by: int, parallel: str
+    tmp_path: Path, saved_by: int, loaded_by: int, parallel: str, saved_by_two
 ) -> None:
-    run = str(tmp_path / "run")
-    save_parallel = parallel if saved_by > 1 else "none"
     load_parallel = parallel if loaded_by > 1 else "none"
-    _run(
-        run,
-        {},
-        tmp_path,
-        saved_by,
-        "--parallel",
-        save_parallel,
-        "--steps",
-        "2",
-        "--dump",
-        str(tmp_path / "a.pt"),
-    )
-    _run(
-        run,
-        {},
-        tmp_path,
-        loaded_by,
-        "--parallel",
-        load_parallel,
-        "--steps",
-        "0",
-        "--restore",
-        "--dump",
-        str(tmp_path / "b.pt"),
-    )
-    assert_same(load_dump(tmp_path / "a.pt"), load_dump(tmp_path / "b.pt"))
+    if saved_by == 2:
+        run, saved = saved_by_two(parallel)
+    else:
+        run, saved = str(tmp_path / "run"), tmp_path / "a.pt"
+        _run(run, {}, tmp_path, 1, "--parallel", "none", "--steps", "2", "--dump", str(saved))
+    _run(run, {}, tmp_path, loaded_by, "--parallel", load_parallel, "--steps", "0",
+         "--restore", "--dump", str(tmp_path / "b.pt"))  # fmt: skip
+    assert_same(load_dump(saved), load_dump(tmp_path / "b.pt"))
 
 
-def test_loads_into_a_plain_module_in_this_process(tmp_path: Path) -> None:
+def test_loads_into_a_plain_module_in_this_process(saved_by_two) -> None:
     import torch
 
     from orchestrator.checkpoint.checkpointer import Checkpointer
     from orchestrator.state import ModelAndOptimizer
     from tests.workers.ckpt_worker import build_model
 
-    run = str(tmp_path / "run")
-    _run(
-        run, {}, tmp_path, 2, "--parallel", "fsdp", "--steps", "2", "--dump", str(tmp_path / "a.pt")
-    )
+    run, saved = saved_by_two("fsdp")  # 2 ranks, FSDP2
     model = build_model(32)
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
     ckpt = Checkpointer(Store(run))
     ckpt.register("train", ModelAndOptimizer(model))
-    assert ckpt.restore().step == 2
-    assert_same(load_dump(tmp_path / "a.pt")["model"], model.state_dict())
+    assert ckpt.restore().step == 3
+    assert_same(load_dump(saved)["model"], model.state_dict())

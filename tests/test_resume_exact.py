@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -26,33 +27,21 @@ from tests import runs
 from tests.ckpt_helpers import assert_same, final_state
 from tests.runs import REPO, STOCKPOT, losses, newest_step
 
-MAX_STEPS = 60
-EVERY = 4  # checkpoint.every_steps
-BASE = [
-    "configs/demo.yaml", f"trainer.max_steps={MAX_STEPS}", "trainer.log_every=1",
-    "trainer.eval_every=12", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=2",
-    *runs.SMALL_DATA,
-]  # fmt: skip
+MAX_STEPS = runs.REFERENCE_STEPS
+EVERY = runs.REFERENCE_EVERY  # checkpoint.every_steps
+BASE = runs.REFERENCE  # its uninterrupted runs: the session's `demo_reference` fixture
 
 
 def stockpot_run(run_dir: Path, *overrides: str, log: Path, timeout: float = 300) -> int:
     return runs.stockpot_run([*BASE, f"run.dir={run_dir}", *overrides], log=log, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Uninterrupted runs, one per variant that needs its own."""
-    return {}
-
-
-def _uninterrupted(cache: dict[str, Path], key: str, root: Path, *overrides: str) -> Path:
-    if key not in cache:
-        run_dir = root / f"ref-{key}"
-        assert stockpot_run(run_dir, *overrides, log=root / f"ref-{key}.log") == 0, (
-            root / f"ref-{key}.log"
-        ).read_text()[-3000:]
-        cache[key] = run_dir
-    return cache[key]
+def resumable_copy(reference: Path, run_dir: Path) -> Path:
+    """A copy of the reference run (its checkpoints, metrics and config) at `run_dir`, to
+    resume: a run dir moved or copied elsewhere resumes like the original."""
+    shutil.copytree(reference, run_dir)
+    assert newest_step(run_dir) == MAX_STEPS
+    return run_dir
 
 
 @pytest.mark.parametrize(
@@ -64,15 +53,9 @@ def _uninterrupted(cache: dict[str, Path], key: str, root: Path, *overrides: str
     ],
 )
 def test_killed_twice_ends_bit_identical(
-    name: str,
-    overrides: tuple[str, ...],
-    tmp_path: Path,
-    reference: dict[str, Path],
-    tmp_path_factory,
+    name: str, overrides: tuple[str, ...], tmp_path: Path, demo_reference
 ) -> None:
-    root = tmp_path_factory.getbasetemp() / "exact-refs"
-    root.mkdir(exist_ok=True)
-    ref = _uninterrupted(reference, name.removesuffix("-async"), root, *overrides[:1])
+    ref = demo_reference(overrides[0].removeprefix("trainer.parallel="))
     run_dir = tmp_path / "run"
     log = tmp_path / "run.log"
     argv = [*BASE, f"run.dir={run_dir}", *overrides]
@@ -90,17 +73,19 @@ def test_killed_twice_ends_bit_identical(
     assert restarts == {0}, "local runs have no Slurm restart count"
 
 
-def test_world_size_two_to_one_continues_from_the_same_global_sample(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
+def test_world_size_two_to_one_continues_from_the_same_global_sample(
+    tmp_path: Path, demo_reference
+) -> None:
+    run_dir = resumable_copy(demo_reference("ddp"), tmp_path / "run")
     log = tmp_path / "run.log"
-    assert stockpot_run(run_dir, "trainer.max_steps=12", log=log) == 0
     store = Store(str(run_dir))
     at_two = catalog.scan(store).latest()
     two = load_flat(store, at_two.data_rel, ["sampler.samples_seen", "train.model.0.weight"])
+    assert (at_two.step, at_two.manifest.world_size) == (MAX_STEPS, 2)
     assert (
         stockpot_run(
             run_dir,
-            "trainer.max_steps=16",
+            f"trainer.max_steps={MAX_STEPS + 4}",
             "trainer.nproc=1",
             "trainer.batch_size=128",
             "resume.allow_config_change=true",
@@ -109,26 +94,22 @@ def test_world_size_two_to_one_continues_from_the_same_global_sample(tmp_path: P
         == 0
     )
     one = catalog.scan(store).latest()
-    assert (one.step, one.manifest.world_size) == (16, 1)
+    assert (one.step, one.manifest.world_size) == (MAX_STEPS + 4, 1)
     after = load_flat(store, one.data_rel, ["sampler.samples_seen"])
-    # 2 ranks x 64 per step for 12 steps, then 1 rank x 128 per step for 4 more
-    assert two["sampler.samples_seen"] == 12 * 128
-    assert after["sampler.samples_seen"] == 16 * 128
+    # 2 ranks x 64 per step for MAX_STEPS steps, then 1 rank x 128 per step for 4 more
+    assert two["sampler.samples_seen"] == MAX_STEPS * 128
+    assert after["sampler.samples_seen"] == (MAX_STEPS + 4) * 128
     assert "resuming world size 1 from a checkpoint of world size 2" in log.read_text()
 
 
 def test_two_rank_checkpoint_restores_model_and_optimizer_exactly_in_one_rank(
-    tmp_path: Path,
+    demo_reference,
 ) -> None:
     from orchestrator.checkpoint.checkpointer import Checkpointer
     from orchestrator.state import ModelAndOptimizer
     from orchestrator.tasks import build_task
 
-    run_dir = tmp_path / "run"
-    assert (
-        stockpot_run(run_dir, "trainer.max_steps=8", "trainer.parallel=fsdp", log=tmp_path / "log")
-        == 0
-    )
+    run_dir = demo_reference("fsdp")  # read only: restore writes nothing
     store = Store(str(run_dir))
     task = build_task(
         "orchestrator.tasks.synthetic.SyntheticClassification", {"n_train": 4096, "n_eval": 512}
@@ -137,9 +118,9 @@ def test_two_rank_checkpoint_restores_model_and_optimizer_exactly_in_one_rank(
     optim = torch.optim.AdamW(model.parameters(), lr=0.003, weight_decay=0.01)
     ckpt = Checkpointer(store)
     ckpt.register("train", ModelAndOptimizer(model, optim))
-    assert ckpt.restore().step == 8
+    assert ckpt.restore().step == MAX_STEPS
     restored = _flatten({"train": ModelAndOptimizer(model, optim).state_dict()})
-    saved = final_state(run_dir, step=8)
+    saved = final_state(run_dir, step=MAX_STEPS)
     tensors = {k: v for k, v in saved.items() if isinstance(v, torch.Tensor)}
     assert tensors.keys() <= restored.keys() and len(tensors) > 10
     for key, value in tensors.items():
@@ -164,28 +145,33 @@ def final_state_at(store: Store, step: int) -> dict:
     return load_flat(store, info.data_rel, [k for k in keys if k.startswith("train.model.")])
 
 
-def test_config_drift_is_refused_with_a_diff_but_max_steps_may_change(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
+def test_config_drift_is_refused_with_a_diff_but_max_steps_may_change(
+    tmp_path: Path, demo_reference
+) -> None:
+    run_dir = resumable_copy(demo_reference("ddp"), tmp_path / "run")
     log = tmp_path / "run.log"
-    assert stockpot_run(run_dir, "trainer.max_steps=4", log=log) == 0
-    code = stockpot_run(run_dir, "trainer.max_steps=8", "optim.lr=0.001", log=log)
+    more = f"trainer.max_steps={MAX_STEPS + 4}"
+    code = stockpot_run(run_dir, more, "optim.lr=0.001", log=log)
     assert code == 2
-    assert "config changed since checkpoint step 4: optim.lr: 0.003 -> 0.001" in log.read_text()
+    assert (
+        f"config changed since checkpoint step {MAX_STEPS}: optim.lr: 0.003 -> 0.001"
+        in log.read_text()
+    )
     assert "set resume.allow_config_change=true" in log.read_text()
-    assert newest_step(run_dir) == 4
-    assert stockpot_run(run_dir, "trainer.max_steps=8", log=log) == 0
-    assert newest_step(run_dir) == 8
-    runs.assert_resumed_from(run_dir, log.read_text(), [4])  # the refused attempt did not count
+    assert newest_step(run_dir) == MAX_STEPS
+    assert stockpot_run(run_dir, more, log=log) == 0
+    assert newest_step(run_dir) == MAX_STEPS + 4
+    # the refused attempt did not count
+    runs.assert_resumed_from(run_dir, log.read_text(), [MAX_STEPS])
 
 
-def test_init_from_starts_from_the_pretrained_weights(tmp_path: Path) -> None:
+def test_init_from_starts_from_the_pretrained_weights(tmp_path: Path, demo_reference) -> None:
     from orchestrator.runner import init_from
     from orchestrator.tasks import build_task
 
-    pre = tmp_path / "pretrain"
+    pre = demo_reference("ddp")  # read only: init_from reads its newest weights
     log = tmp_path / "run.log"
-    assert stockpot_run(pre, "trainer.max_steps=6", log=log) == 0
-    pre_weights = final_state_at(Store(str(pre)), 6)
+    pre_weights = final_state_at(Store(str(pre)), MAX_STEPS)
     task = build_task("orchestrator.tasks.synthetic.SyntheticClassification", {"split": "finetune"})
     torch.manual_seed(123)
     model = task.build_model()  # what a fine-tune run builds before training
@@ -209,6 +195,7 @@ def test_init_from_starts_from_the_pretrained_weights(tmp_path: Path) -> None:
         "parameter '0.weight' has shape (64, 32) there but (48, 32) in this model"
         in log.read_text()
     )
+    assert newest_step(pre) == MAX_STEPS  # the pretrained run was only read
 
 
 def test_run_on_s3_resumes_from_s3(s3_server, s3_bucket, tmp_path: Path, monkeypatch) -> None:
@@ -219,7 +206,7 @@ def test_run_on_s3_resumes_from_s3(s3_server, s3_bucket, tmp_path: Path, monkeyp
     def run(steps: int) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [STOCKPOT, "run", "configs/demo-s3.yaml", *BASE[1:], f"run.dir={url}",
-             f"trainer.max_steps={steps}"],
+             f"trainer.max_steps={steps}", "checkpoint.keep_last=2"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 import torch
@@ -44,6 +45,16 @@ def stranger(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("soup") / "stranger"
     train_run(path, init_seed=7, saves=(100,))
     return path
+
+
+def in_process(capsys: pytest.CaptureFixture[str], *args: object) -> CompletedProcess[str]:
+    """`stockpot ARGS` through the CLI's main in this process (no torch import to wait for):
+    its exit code and output, shaped like `stockpot`'s. The tests whose assertions count the
+    lines a user sees run the console script instead."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return CompletedProcess(["stockpot", *map(str, args)], code, out, err)
 
 
 def record_of(out: Path) -> dict:
@@ -195,27 +206,26 @@ def test_a_flipped_byte_names_the_ingredient(run: Path, tmp_path: Path) -> None:
 
 
 def test_independently_initialised_ingredients_are_refused(
-    run: Path, stranger: Path, tmp_path: Path
+    run: Path, stranger: Path, tmp_path: Path, capsys
 ) -> None:
     pair = [str(ckpt_dir(run, 100)), str(ckpt_dir(stranger, 100))]
-    got = stockpot("soup", *pair, "--out", tmp_path / "u")
+    got = in_process(capsys, "soup", *pair, "--out", tmp_path / "u")
     assert (
         got.returncode == 2
         and "look unrelated: the mean cosine between their weights" in got.stderr
     )
     assert "--allow-unrelated" in got.stderr and not (tmp_path / "u").exists()
     # greedy has the task: the midpoint check (run dirs carry config.yaml)
-    got = stockpot("soup", run, stranger, "--recipe", "greedy", "--out", tmp_path / "g")
+    got = in_process(capsys, "soup", run, stranger, "--recipe", "greedy", "--out", tmp_path / "g")
     assert got.returncode == 2 and "their midpoint has held-out loss" in got.stderr, got.stderr
-    got = stockpot("soup", *pair, "--allow-unrelated", "--out", tmp_path / "a")
+    got = in_process(capsys, "soup", *pair, "--allow-unrelated", "--out", tmp_path / "a")
     assert got.returncode == 0, got.stderr
 
 
-def test_greedy_is_never_worse_than_its_best_ingredient(run: Path, tmp_path: Path) -> None:
+def test_greedy_is_never_worse_than_its_best_ingredient(run: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "greedy"
-    got = stockpot(
-        "soup", run, "--recipe", "greedy", "--metric", "eval/accuracy", "--report", "--out", out
-    )
+    flags = ["--recipe", "greedy", "--metric", "eval/accuracy", "--report", "--out", out]
+    got = in_process(capsys, "soup", run, *flags)
     assert got.returncode == 0, got.stderr
     record = record_of(out)
     scores = [i["scores"]["eval/accuracy"] for i in record["ingredients"]]
@@ -238,32 +248,32 @@ def test_greedy_is_never_worse_than_its_best_ingredient(run: Path, tmp_path: Pat
 
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_learned_stays_convex_and_respects_the_memory_bound(
-    run: Path, tmp_path: Path, per_layer: bool
+    run: Path, tmp_path: Path, per_layer: bool, capsys
 ) -> None:
     flags = ["--per-layer"] if per_layer else []
-    got = stockpot(
-        "soup", run, "--recipe", "learned", *flags, "--epochs", "1", "--out", tmp_path / "l"
+    got = in_process(
+        capsys, "soup", run, "--recipe", "learned", *flags, "--epochs", "1", "--out", tmp_path / "l"
     )
     assert got.returncode == 0, got.stderr
     details = record_of(tmp_path / "l")["details"]
     rows = list(details["coefficients"].values()) if per_layer else [details["weights"]]
     for row in rows:
         assert len(row) == 4 and min(row) >= 0 and abs(sum(row) - 1) < 1e-9
-    got = stockpot(
-        "soup", run, "--recipe", "learned", "--max-memory", "1e-6", "--out", tmp_path / "m"
+    got = in_process(
+        capsys, "soup", run, "--recipe", "learned", "--max-memory", "1e-6", "--out", tmp_path / "m"
     )
     assert got.returncode == 2 and "over --max-memory" in got.stderr
 
 
-def test_out_checkpoint_is_usable_by_init_from(run: Path, tmp_path: Path) -> None:
+def test_out_checkpoint_is_usable_by_init_from(run: Path, tmp_path: Path, capsys) -> None:
     out, ckpt_run = tmp_path / "soup", tmp_path / "from-soup"
-    got = stockpot("soup", run, "--last", "2", "--out", out, "--out-checkpoint", ckpt_run)
+    got = in_process(capsys, "soup", run, "--last", "2", "--out", out, "--out-checkpoint", ckpt_run)
     assert got.returncode == 0, got.stderr
     weights, where = read_weights(str(ckpt_run))
     assert "step 100" in where
     soup = soup_tensors(out)
     assert weights.keys() == soup.keys() and all(torch.equal(weights[k], soup[k]) for k in soup)
-    verify = stockpot("verify", ckpt_run)
+    verify = in_process(capsys, "verify", ckpt_run)
     assert verify.returncode == 0, verify.stderr
 
 

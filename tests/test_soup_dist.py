@@ -14,6 +14,7 @@ from launch.cli import main
 from orchestrator.soup.ingredients import Ingredient
 from orchestrator.soup.reader import open_source
 from orchestrator.storage import Store
+from tests import runs
 from tests.fixtures.s3 import s3_storage
 from tests.soup_fixtures import (
     assert_close_to_rounding,
@@ -21,36 +22,25 @@ from tests.soup_fixtures import (
     dcp_model,
     f64_mean,
     soup_tensors,
-    stockpot,
 )
 
-STEPS = (10, 20, 30)
+# The session's uninterrupted demo runs (tests/fixtures/reference.py) keep their newest 3.
+STEPS = tuple(runs.REFERENCE_STEPS - k * runs.REFERENCE_EVERY for k in (2, 1, 0))
+LAST = STEPS[-1]
 
 
-def _train(root: Path, parallel: str) -> Path:
-    run = root / parallel
-    got = stockpot(
-        "run", "configs/demo.yaml", f"run.dir={run}", f"trainer.parallel={parallel}",
-        "trainer.max_steps=30", "checkpoint.every_steps=10", "checkpoint.keep_last=5",
-        "trainer.eval_every=10", "trainer.log_every=10", "task.n_train=2000", "task.n_eval=500",
-        timeout=600,
-    )  # fmt: skip
-    assert got.returncode == 0, got.stderr[-3000:]
-    return run
+@pytest.fixture
+def runs_by(demo_reference) -> dict[str, Path]:
+    """The 2-rank DDP and FSDP demo runs, read only."""
+    return {p: demo_reference(p) for p in ("ddp", "fsdp")}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("dist")
-    return {p: _train(root, p) for p in ("ddp", "fsdp")}
-
-
-def test_fsdp_pieces_are_stitched_like_dcp_does(runs: dict[str, Path], tmp_path: Path) -> None:
-    ckpt = ckpt_dir(runs["fsdp"], 30)
+def test_fsdp_pieces_are_stitched_like_dcp_does(runs_by: dict[str, Path], tmp_path: Path) -> None:
+    ckpt = ckpt_dir(runs_by["fsdp"], LAST)
     source = open_source(Ingredient(str(ckpt), "dcp", "test"))
     assert max(len(p) for p in source.pieces.values()) == 2  # really sharded over 2 ranks
     outs = {}
-    for parallel, run in runs.items():
+    for parallel, run in runs_by.items():
         outs[parallel] = tmp_path / parallel
         assert main(["soup", str(run), "--out", str(outs[parallel])]) == 0
         want = f64_mean([dcp_model(ckpt_dir(run, s)) for s in STEPS])
@@ -61,8 +51,8 @@ def test_fsdp_pieces_are_stitched_like_dcp_does(runs: dict[str, Path], tmp_path:
         assert torch.allclose(ddp[name], fsdp[name], rtol=1e-4, atol=1e-5), name
 
 
-def test_ddp_and_fsdp_checkpoints_mix(runs: dict[str, Path], tmp_path: Path) -> None:
-    pair = [ckpt_dir(runs["ddp"], 30), ckpt_dir(runs["fsdp"], 30)]
+def test_ddp_and_fsdp_checkpoints_mix(runs_by: dict[str, Path], tmp_path: Path) -> None:
+    pair = [ckpt_dir(runs_by["ddp"], LAST), ckpt_dir(runs_by["fsdp"], LAST)]
     out = tmp_path / "mixed"
     assert main(["soup", *map(str, pair), "--out", str(out)]) == 0
     assert_close_to_rounding(soup_tensors(out), f64_mean([dcp_model(p) for p in pair]))
@@ -75,14 +65,14 @@ def _upload(local: Path, store: Store) -> None:
 
 @pytest.mark.s3
 def test_s3_input_gives_bit_identical_output(
-    runs: dict[str, Path], s3_server: S3Server, s3_bucket: str, tmp_path: Path
+    runs_by: dict[str, Path], s3_server: S3Server, s3_bucket: str, tmp_path: Path
 ) -> None:
     s3 = s3_storage(s3_server.endpoint_url)
     url = f"{s3_bucket}/fsdp"
-    _upload(runs["fsdp"], Store(url, s3))
+    _upload(runs_by["fsdp"], Store(url, s3))
     endpoint = f"storage.s3.endpoint_url={s3_server.endpoint_url}"
     local, from_s3 = tmp_path / "local", tmp_path / "from-s3"
-    assert main(["soup", str(runs["fsdp"]), "--out", str(local)]) == 0
+    assert main(["soup", str(runs_by["fsdp"]), "--out", str(local)]) == 0
     assert main(["soup", url, "--out", str(from_s3), endpoint, "--workers", "8"]) == 0
     want = (local / "model.safetensors").read_bytes()
     assert (from_s3 / "model.safetensors").read_bytes() == want

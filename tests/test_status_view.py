@@ -68,9 +68,16 @@ def _watch_piped_prints_plain_frames(run_dir: Path) -> None:
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=_ctrl_c_works,
     )  # fmt: skip
-    time.sleep(4)
+    assert watch.stdout is not None
+    seen = ""
+    while seen.count("step 30/30") < 2:  # redrawn once: enough to stop it
+        line = watch.stdout.readline()  # each frame is flushed whole
+        if not line:
+            break  # it exited: the asserts below say how
+        seen += line
     watch.send_signal(signal.SIGINT)
     out, err = watch.communicate(timeout=30)
+    out = seen + out
     assert watch.returncode == 0, err
     assert out.count("step 30/30") >= 2, out  # redrawn
     assert "\x1b" not in out  # no escape codes when not a terminal

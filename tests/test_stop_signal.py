@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from orchestrator.checkpoint import catalog
 from orchestrator.metrics import read_metrics
 from orchestrator.storage import Store
@@ -22,39 +20,43 @@ STOCKPOT = str(Path(sys.executable).parent / "stockpot")
 SMALL = ["task.n_train=4096", "task.n_eval=512", "trainer.log_every=1"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
-def test_signal_saves_at_the_next_step_and_resume_finishes(
-    sig: signal.Signals, tmp_path: Path
-) -> None:
+def test_signal_saves_at_the_next_step_and_resume_finishes(tmp_path: Path) -> None:
+    """SIGTERM stops the first life of the run, SIGUSR2 the second (which resumed from the
+    first's stop); a third resumes from that and finishes."""
     run_dir = tmp_path / "run"
     args = [STOCKPOT, "run", "configs/demo.yaml", f"run.dir={run_dir}", "trainer.max_steps=400",
             "checkpoint.every_steps=1000", *SMALL]  # fmt: skip
-    log = tmp_path / "log"
-    with open(log, "wb") as out:
-        job = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while "step 5/400" not in log.read_text() and time.monotonic() < deadline:
-        assert job.poll() is None, log.read_text()[-2000:]
-        time.sleep(0.05)
-    job.send_signal(sig)
-    assert job.wait(timeout=120) == 75, log.read_text()[-2000:]
-    text = log.read_text()
-    assert f"stop requested ({sig.name})" in text
-    assert "during start-up" not in text, "a stop while training is not the start-up path"
-    stopped = catalog.scan(Store(str(run_dir))).latest()
-    assert stopped is not None and 5 <= stopped.step < 400, (
-        "saved where it stopped, not at a schedule"
-    )
+    resumed_from = 0
+    for life, sig in enumerate((signal.SIGTERM, signal.SIGUSR2)):
+        log = tmp_path / f"life{life}.log"
+        with open(log, "wb") as out:
+            job = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while f"step {resumed_from + 5}/400" not in log.read_text():
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+        job.send_signal(sig)
+        assert job.wait(timeout=120) == 75, log.read_text()[-2000:]
+        text = log.read_text()
+        assert f"stop requested ({sig.name})" in text
+        assert "during start-up" not in text, "a stop while training is not the start-up path"
+        if resumed_from:
+            assert f"resumed from step {resumed_from}" in text
+        stopped = catalog.scan(Store(str(run_dir))).latest()
+        assert stopped is not None and resumed_from + 5 <= stopped.step < 400, (
+            "saved where it stopped, not at a schedule"
+        )
+        resumed_from = stopped.step
     code = subprocess.run(
-        [*args[:4], "trainer.max_steps=" + str(stopped.step + 5), *args[5:]],
+        [*args[:4], "trainer.max_steps=" + str(resumed_from + 5), *args[5:]],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert code.returncode == 0, code.stderr[-2000:]
-    assert f"resumed from step {stopped.step}" in code.stderr
-    assert runs.newest_step(run_dir) == stopped.step + 5
+    assert f"resumed from step {resumed_from}" in code.stderr
+    assert runs.newest_step(run_dir) == resumed_from + 5
 
 
 def test_make_demo_driver_interrupts_resumes_and_summarises(tmp_path: Path) -> None:

@@ -287,14 +287,6 @@ def example_preempted(example: str) -> Callable[[Path], Submitted]:
     return scenario
 
 
-def array_export(root: Path) -> Submitted:
-    # Different seeds are different initialisations: the soup is told they belong together.
-    sub = submit(root, "sweep", *SMALL, "sweep.run.seed=[0,1,2]", "soup.enabled=true",
-                 "soup.allow_unrelated=true")  # fmt: skip
-    sub.facts["states"] = wait_done(*(str(j["job_id"]) for j in sub.jobs))
-    return sub
-
-
 def array_one_fails(root: Path) -> Submitted:
     # task.hidden=-1 passes the config (task params are the task's) and fails at start.
     sub = submit(root, "sweepfail", *SMALL, "sweep.task.hidden=[16,-1]", "soup.enabled=true")
@@ -309,7 +301,6 @@ SCENARIOS: dict[str, Callable[[Path], Submitted]] = {
     "high": interrupted("high", by_high_priority_job),
     "kill": interrupted("kill", by_sigkill),
     "budget": over_budget,
-    "sweep": array_export,
     "sweepfail": array_one_fails,
     "nanogpt_high": example_preempted("nanogpt"),
     "hf_gpt2_high": example_preempted("hf_gpt2"),
