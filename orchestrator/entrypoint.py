@@ -8,11 +8,14 @@ stopped by a signal after saving, so the job requeues).
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import ConfigError
@@ -56,9 +59,59 @@ def resolve(spec: str) -> Callable[[Any], Any]:
 
 
 def check(cfg: Config) -> None:
-    """Before any rank starts: the entry point imports and takes the Config."""
-    if cfg.entrypoint is not None:
+    """Before any rank starts: the entry point's module exists and its function takes the
+    Config. Read from the source when the function is a plain `def` there, so the launcher does
+    not import the script (and torch, and whatever it imports) on the login node; imported
+    otherwise. An error at import shows on the ranks, as one line too."""
+    if cfg.entrypoint is None:
+        return
+    module_name, _, name = cfg.entrypoint.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    where = f"entrypoint {cfg.entrypoint!r}"
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except ModuleNotFoundError as exc:  # a parent package is missing
+        spec, missing = None, exc.name
+    else:
+        missing = module_name
+    if spec is None:
+        raise ConfigError(
+            f"{where}: no module named {missing!r}; run from the directory that holds it or "
+            "pip install its package"
+        )
+    function = _function_def(spec.origin, name)
+    if function is None:  # not a plain def in a source file: import it
         resolve(cfg.entrypoint)
+        return
+    args = function.args
+    positional = [*args.posonlyargs, *args.args]
+    required = len(positional) - len(args.defaults)
+    kw_required = [
+        a.arg for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is None
+    ]
+    if required > 1 or (not positional and args.vararg is None) or kw_required:
+        shown = ast.unparse(args)
+        raise ConfigError(
+            f"{where}: {name}({shown}) must take one argument, the Config (def {name}(cfg): ...)"
+        )
+
+
+def _function_def(origin: str | None, name: str) -> ast.FunctionDef | None:
+    """The module-level `def name` in the source file `origin`, or None (no source, or the name
+    is bound another way: an import, an assignment, a decorator that may change it)."""
+    if not origin or not origin.endswith(".py"):
+        return None
+    try:
+        tree = ast.parse(Path(origin).read_text(), origin)
+    except (OSError, SyntaxError, ValueError):
+        return None  # importing it says what is wrong
+    defs = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef) and node.name == name and not node.decorator_list
+    ]
+    return defs[-1] if defs else None
 
 
 def run(cfg: Config, env: DistEnv) -> Outcome:
