@@ -30,27 +30,36 @@ def status(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_status_of_a_stopped_then_resumed_run(tmp_path: Path) -> None:
+    """The first life may train far (3000 steps: a fast machine cannot finish before the signal
+    lands; CI once saw 30 steps end first); it stops where the signal lands, and the resumed life
+    finishes 10 steps later."""
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    first = [*ARGS, "trainer.max_steps=3000", f"run.dir={run_dir}"]
     with open(log, "ab") as out:
-        job = subprocess.Popen(
-            [STOCKPOT, "run", *ARGS, f"run.dir={run_dir}"], cwd=REPO, stdout=out, stderr=out
-        )
+        job = subprocess.Popen([STOCKPOT, "run", *first], cwd=REPO, stdout=out, stderr=out)
     runs.wait_until(lambda: runs.newest_step(run_dir) >= 10, "a commit at step 10", 240)
-    job.send_signal(signal.SIGUSR2)  # as Slurm does before a time limit
+    ranks = runs.child_pids(job.pid)
+    with runs.frozen(ranks):  # stopped where the test read it
+        job.send_signal(signal.SIGUSR2)  # as Slurm does before a time limit
+        runs.wait_until(lambda: all(runs.reached(p, signal.SIGUSR2) for p in ranks), "USR2")
     assert job.wait(timeout=120) == 75, log.read_text()[-2000:]
     stopped = status(str(run_dir))
     assert stopped.returncode == 0, stopped.stderr
     text = stopped.stdout
-    assert "/30 [" in text and "step/s" in text and "ETA" in text, text
+    assert "/3000 [" in text and "step/s" in text and "ETA" in text, text
     assert "resumes by cause: none" in text and "newest commit: step" in text, text
 
-    assert runs.stockpot_run([*ARGS, f"run.dir={run_dir}"], log=log) == 0
+    end = runs.newest_step(run_dir) + 10
+    assert 10 < end < 3000
+    assert (
+        runs.stockpot_run([*ARGS, f"trainer.max_steps={end}", f"run.dir={run_dir}"], log=log) == 0
+    )
     done = status(str(run_dir)).stdout
-    assert "step 30/30 [" + "#" * 30 + "] 100%" in done and "done" in done, done
+    assert f"step {end}/{end} [" + "#" * 30 + "] 100%" in done and "done" in done, done
     assert "resumes by cause: 1 stopped by a signal" in done, done
-    assert "newest commit: step 30" in done, done
+    assert f"newest commit: step {end}" in done, done
 
-    _watch_piped_prints_plain_frames(run_dir)
+    _watch_piped_prints_plain_frames(run_dir, end)
     _watch_on_a_tty_clears_the_screen(run_dir)
     _verify_shows_a_byte_bar_on_a_tty_only(run_dir)
 
@@ -62,7 +71,7 @@ def _ctrl_c_works() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _watch_piped_prints_plain_frames(run_dir: Path) -> None:
+def _watch_piped_prints_plain_frames(run_dir: Path, end: int) -> None:
     watch = subprocess.Popen(
         [STOCKPOT, "status", str(run_dir), "--watch", "0.3"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -70,7 +79,8 @@ def _watch_piped_prints_plain_frames(run_dir: Path) -> None:
     )  # fmt: skip
     assert watch.stdout is not None
     seen = ""
-    while seen.count("step 30/30") < 2:  # redrawn once: enough to stop it
+    frame = f"step {end}/{end}"
+    while seen.count(frame) < 2:  # redrawn once: enough to stop it
         line = watch.stdout.readline()  # each frame is flushed whole
         if not line:
             break  # it exited: the asserts below say how
@@ -79,7 +89,7 @@ def _watch_piped_prints_plain_frames(run_dir: Path) -> None:
     out, err = watch.communicate(timeout=30)
     out = seen + out
     assert watch.returncode == 0, err
-    assert out.count("step 30/30") >= 2, out  # redrawn
+    assert out.count(frame) >= 2, out  # redrawn
     assert "\x1b" not in out  # no escape codes when not a terminal
 
 
