@@ -43,8 +43,7 @@ from orchestrator.checkpoint.stateful import Stateful
 from orchestrator.config import Config
 from orchestrator.env import DistEnv
 from orchestrator.logs import LEADER_ONLY, setup_logging
-from orchestrator.loop import Outcome
-from orchestrator.session import RESERVED, Session
+from orchestrator.session import RESERVED, Outcome, Session, commit_stop
 from orchestrator.state import ModelAndOptimizer
 
 log = logging.getLogger("stockpot.training")
@@ -245,19 +244,7 @@ class Training:
 
     def _stop(self, step: int) -> None:
         s = self._s
-        t0 = time.monotonic()
-        s.ckpt.save_final(step, self._latest)
-        s.metrics.stopped(step, s.stop.signal_name)
-        s.metrics.flush()
-        since_signal = time.monotonic() - (s.stop.received_at or t0)
-        log.warning(
-            "stop requested (%s): step %d committed %.2f s after the signal; run again to resume",
-            s.stop.signal_name or "another rank",
-            step,
-            since_signal,
-            extra=LEADER_ONLY,
-        )
-        self.outcome = Outcome(False, step, s.stop.signal_name, since_signal)
+        self.outcome = commit_stop(step, self._latest, s.ckpt, s.metrics, s.stop)
 
     def _leave(self) -> None:
         """The block ended without an exception: unless stopped, commit the last step."""

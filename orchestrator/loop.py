@@ -21,12 +21,13 @@ from orchestrator import dist, parallel
 from orchestrator.cadence import StopChecks
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.config import TrainerConfig
-from orchestrator.env import EXIT_STOPPED, DistEnv
+from orchestrator.env import DistEnv
 from orchestrator.loader import ResumableLoader
 from orchestrator.logs import LEADER_ONLY
 from orchestrator.metrics import MetricsLog
 from orchestrator.preemption import StopFlag
 from orchestrator.progress import Progress
+from orchestrator.session import Outcome, commit_stop
 from orchestrator.tasks.base import eval_batches
 
 log = logging.getLogger(__name__)
@@ -49,19 +50,6 @@ class TrainingRun:
     ckpt: Checkpointer  # decides when to save (its schedule); the loop offers every step
     metrics: MetricsLog
     stop: StopFlag
-
-
-@dataclass(frozen=True)
-class Outcome:
-    finished: bool  # reached trainer.max_steps (else stopped by a signal, after saving)
-    step: int
-    signal: str = ""
-    save_s: float | None = None  # how long the stop's save took, signal to commit
-
-    @property
-    def exit_code(self) -> int:
-        """0 when finished; EXIT_STOPPED (75: resumable) when stopped by a signal."""
-        return 0 if self.finished else EXIT_STOPPED
 
 
 def train(run: TrainingRun, trainer: TrainerConfig) -> Outcome:
@@ -192,20 +180,7 @@ def evaluate(run: TrainingRun, batch_size: int) -> dict[str, float]:
 
 def _stop(run: TrainingRun, latest: dict[str, float]) -> Outcome:
     """Every rank agreed to stop: save this step (after any save in flight), commit, return."""
-    step = run.progress.step
-    t0 = time.monotonic()
-    run.ckpt.save_final(step, latest)
-    run.metrics.stopped(step, run.stop.signal_name)
-    run.metrics.flush()  # the commit's own line (and TensorBoard's events) before exiting
-    since_signal = time.monotonic() - (run.stop.received_at or t0)
-    log.warning(
-        "stop requested (%s): step %d committed %.2f s after the signal; run again to resume",
-        run.stop.signal_name or "another rank",
-        step,
-        since_signal,
-        extra=LEADER_ONLY,
-    )
-    return Outcome(False, step, run.stop.signal_name, since_signal)
+    return commit_stop(run.progress.step, latest, run.ckpt, run.metrics, run.stop)
 
 
 def _finish(run: TrainingRun, trainer: TrainerConfig, latest: dict[str, float]) -> Outcome:

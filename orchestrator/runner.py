@@ -27,7 +27,7 @@ from orchestrator.tasks import build_task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build", "exit_code", "init_from", "run_dir_store", "train_rank"]
+__all__ = ["build", "init_from", "run_dir_store", "train_rank"]
 
 
 def train_rank(cfg: Config, env: DistEnv) -> Outcome:
@@ -38,10 +38,6 @@ def train_rank(cfg: Config, env: DistEnv) -> Outcome:
             return train(run, cfg.trainer)
         finally:
             run.train_loader.close()  # its workers, before the rank's os._exit
-
-
-def exit_code(outcome: Outcome) -> int:
-    return outcome.exit_code
 
 
 def check_optim(cfg: Config) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import random
-from typing import Any
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ from orchestrator import dist, parallel
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.checkpoint.stateful import Stateful
 from orchestrator.config import Config, computation_view, config_hash, diff_views, to_yaml
-from orchestrator.env import DistEnv, backend_for, cpu_threads, device_for
+from orchestrator.env import EXIT_STOPPED, DistEnv, backend_for, cpu_threads, device_for
 from orchestrator.errors import ConfigError
 from orchestrator.logs import LEADER_ONLY
 from orchestrator.metrics import MetricsLog
@@ -40,6 +42,19 @@ _RETAINED: list[object] = []
 
 # Names the session registers itself (after the loop's own).
 RESERVED = ("progress", "rng")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    finished: bool  # reached trainer.max_steps (else stopped by a signal, after saving)
+    step: int
+    signal: str = ""
+    save_s: float | None = None  # how long the stop's save took, signal to commit
+
+    @property
+    def exit_code(self) -> int:
+        """0 when finished; EXIT_STOPPED (75: resumable) when stopped by a signal."""
+        return 0 if self.finished else EXIT_STOPPED
 
 
 def run_dir_store(cfg: Config) -> Store:
@@ -192,6 +207,22 @@ def _seed_rank(seed: int, rank: int) -> None:
     torch.manual_seed(mixed)
 
 
-def retain(obj: Any) -> None:
-    """Keep `obj` alive until the process leaves (see _RETAINED)."""
-    _RETAINED.append(obj)
+def commit_stop(
+    step: int, latest: Mapping[str, float], ckpt: Checkpointer, metrics: MetricsLog, stop: StopFlag
+) -> Outcome:
+    """Every rank agreed to stop after `step` (either loop): save it (after any save in flight),
+    commit, record the stop, flush the metrics (the commit's own line and TensorBoard's events
+    before the process leaves), and say how long signal to commit took."""
+    t0 = time.monotonic()
+    ckpt.save_final(step, latest)
+    metrics.stopped(step, stop.signal_name)
+    metrics.flush()
+    since_signal = time.monotonic() - (stop.received_at or t0)
+    log.warning(
+        "stop requested (%s): step %d committed %.2f s after the signal; run again to resume",
+        stop.signal_name or "another rank",
+        step,
+        since_signal,
+        extra=LEADER_ONLY,
+    )
+    return Outcome(False, step, stop.signal_name, since_signal)
