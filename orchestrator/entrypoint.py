@@ -31,16 +31,11 @@ def resolve(spec: str) -> Callable[[Any], Any]:
     it does not import or does not take one argument. The working directory is importable, as
     it is for the ranks (`python -m` puts it first on their path)."""
     module_name, _, name = spec.partition(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    where = f"entrypoint {spec!r}"
+    where = _importable_from_here(spec)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise ConfigError(
-            f"{where}: no module named {exc.name!r}; run from the directory that holds it or "
-            "pip install its package"
-        ) from None
+        raise _no_module(where, exc.name) from None
     except Exception as exc:  # the script's own import-time error
         why = f"{type(exc).__name__}: {exc}"
         raise ConfigError(f"{where}: importing {module_name} failed: {why}") from None
@@ -52,9 +47,7 @@ def resolve(spec: str) -> Callable[[Any], Any]:
         signature.bind(object())
     except TypeError:
         shown = signature.replace(return_annotation=inspect.Signature.empty)
-        raise ConfigError(
-            f"{where}: {name}{shown} must take one argument, the Config (def {name}(cfg): ...)"
-        ) from None
+        raise _not_one_argument(where, f"{name}{shown}") from None
     return function
 
 
@@ -66,9 +59,7 @@ def check(cfg: Config) -> None:
     if cfg.entrypoint is None:
         return
     module_name, _, name = cfg.entrypoint.partition(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    where = f"entrypoint {cfg.entrypoint!r}"
+    where = _importable_from_here(cfg.entrypoint)
     try:
         spec = importlib.util.find_spec(module_name)
     except ModuleNotFoundError as exc:  # a parent package is missing
@@ -76,10 +67,7 @@ def check(cfg: Config) -> None:
     else:
         missing = module_name
     if spec is None:
-        raise ConfigError(
-            f"{where}: no module named {missing!r}; run from the directory that holds it or "
-            "pip install its package"
-        )
+        raise _no_module(where, missing)
     function = _function_def(spec.origin, name)
     if function is None:  # not a plain def in a source file: import it
         resolve(cfg.entrypoint)
@@ -91,10 +79,29 @@ def check(cfg: Config) -> None:
         a.arg for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is None
     ]
     if required > 1 or (not positional and args.vararg is None) or kw_required:
-        shown = ast.unparse(args)
-        raise ConfigError(
-            f"{where}: {name}({shown}) must take one argument, the Config (def {name}(cfg): ...)"
-        )
+        raise _not_one_argument(where, f"{name}({ast.unparse(args)})")
+
+
+def _importable_from_here(spec: str) -> str:
+    """Put the working directory on the path, as `python -m` does for the ranks; the label of
+    the entry point in error lines."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return f"entrypoint {spec!r}"
+
+
+def _no_module(where: str, name: str | None) -> ConfigError:
+    return ConfigError(
+        f"{where}: no module named {name!r}; run from the directory that holds it or "
+        "pip install its package"
+    )
+
+
+def _not_one_argument(where: str, shown: str) -> ConfigError:
+    name = shown.partition("(")[0]
+    return ConfigError(
+        f"{where}: {shown} must take one argument, the Config (def {name}(cfg): ...)"
+    )
 
 
 def _function_def(origin: str | None, name: str) -> ast.FunctionDef | None:
