@@ -161,7 +161,7 @@ def run_config(cfg) -> int:  # cfg: orchestrator.config.Config
     import os
     import tempfile
 
-    from launch.local import spawn_local
+    from launch.supervise import supervise_local
     from orchestrator.env import in_managed_job
 
     if in_managed_job(os.environ):
@@ -176,7 +176,21 @@ def run_config(cfg) -> int:  # cfg: orchestrator.config.Config
         with open(path, "w") as f:
             json.dump(cfg.to_dict(), f)
         argv = [sys.executable, "-m", "orchestrator.worker", path]
-        return spawn_local(argv, cfg.trainer.nproc)
+        return supervise_local(
+            argv,
+            cfg.trainer.nproc,
+            max_restarts=cfg.launcher.max_restarts,
+            on_killed=lambda life, rank, why: _record_killed(cfg, life, rank, why),
+        )
+
+
+def _record_killed(cfg, life: str, rank: int, why: str) -> None:  # cfg: Config
+    """A rank that a signal killed left no record of its own: the spawner writes it."""
+    from orchestrator import ending
+    from orchestrator.storage import Store
+
+    end = ending.make_end(life, rank, ending.TRANSIENT, f"rank {rank} {why}")
+    ending.record(Store(cfg.run.dir, cfg.storage), {}, end)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

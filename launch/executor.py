@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 # What `--dry-run` and the golden files show instead of the real log folder.
 PLACEHOLDER_FOLDER = "/LOG_DIR"
+# The supervisor's first line, before launcher.setup, which may change PATH (a container's).
+SCONTROL_FIRST = ["STOCKPOT_SCONTROL=$(command -v scontrol || true)  # stockpot: for requeues"]
 # Always passed to sbatch; a user's launcher.additional_parameters are merged on top.
 ALWAYS = {"requeue": True, "open-mode": "append"}
 # launcher fields with their own key: additional_parameters must not set these behind their back.
@@ -36,9 +38,18 @@ _OWN_FIELDS = {
 
 
 def slurm_parameters(
-    cfg: Config, *, job_name: str, dependency: str | None = None
+    cfg: Config,
+    *,
+    job_name: str,
+    dependency: str | None = None,
+    folder: str | Path = PLACEHOLDER_FOLDER,
+    python: str | None = None,
 ) -> dict[str, Any]:
     """`launcher.*` as submitit SlurmExecutor parameters (what `update_parameters` takes).
+
+    A training job (no `dependency`) runs its ranks under stockpot's supervisor
+    (launch/supervise.py): the script's setup ends with it, and it exits before submitit's own
+    srun line. The chained soup job runs as submitit writes it.
 
     With a `dependency` (`afterok:<id>`) the job also gets `--kill-on-invalid-dep=yes`: when the
     training job fails, Slurm removes the dependent job instead of leaving it pending forever
@@ -64,6 +75,15 @@ def slurm_parameters(
         "exclusive": True if launcher.exclusive else None,
         "setup": list(launcher.setup) or None,
     }
+    if dependency is None:
+        from launch.supervise import slurm_supervisor
+
+        command = submit_command(folder, python)
+        optional["setup"] = [
+            *SCONTROL_FIRST,
+            *launcher.setup,
+            *slurm_supervisor(cfg, folder, command),
+        ]
     params.update({key: value for key, value in optional.items() if value is not None})
     if dependency is not None:
         params["dependency"] = dependency
@@ -123,7 +143,9 @@ def sbatch_text(
     """The sbatch script submitit would write for `cfg` (an array of `array` tasks if given)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    params = slurm_parameters(cfg, job_name=job_name, dependency=dependency)
+    params = slurm_parameters(
+        cfg, job_name=job_name, dependency=dependency, folder=folder, python=python
+    )
     return _make_sbatch_string(
         command=submit_command(folder, python), folder=folder, map_count=array, **params
     )
@@ -142,7 +164,10 @@ def make_executor(
     if launcher.kind == "slurm":
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=launcher.max_requeues)
         name = job_name or cfg.run.name
-        executor.update_parameters(**slurm_parameters(cfg, job_name=name, dependency=dependency))
+        params = slurm_parameters(
+            cfg, job_name=name, dependency=dependency, folder=folder, python=executor.python
+        )
+        executor.update_parameters(**params)
     else:
         if dependency is not None:
             raise ConfigError("launcher.kind=local cannot chain jobs (Slurm dependencies only)")

@@ -4,21 +4,19 @@ launch/soup_job.py).
 They hold plain data only (the config as `Config.to_dict()`), so no DictConfig, torch object or
 open file travels in submitit's pickle.
 
-How a preempted job gets back in the queue (submitit 1.5.4, `core/job_environment.py`):
-submitit installs its own handlers before it calls the job: USR2 -> `checkpoint_and_try_requeue`
-(on global rank 0 only: call `checkpoint()`, pickle what it returns, `scontrol requeue`,
-`sys.exit(-1)`; other ranks just return), SIGTERM -> logged and ignored. While training, the
-StopFlag (orchestrator/preemption.py) replaces them with handlers that only set a flag; every
-rank then agrees, saves and commits at the next step boundary, and the StopFlag puts submitit's
-handlers back. Only then does the leader hand the signal to submitit by raising it again in its
-own process: submitit asks `checkpoint()` and requeues, exactly once, with the save committed.
-A SIGTERM is not handed over: it comes from `scancel` (the job ends), `scontrol requeue` or a
-preemption without a user signal (Slurm requeues the job itself), or the hard time limit.
+How a preempted or failed job goes on: stockpot's supervisor (launch/supervise.py, the batch
+script's last setup lines) runs these tasks as one srun step per life and decides from how the
+ranks ended (orchestrator/ending.py): a stop (every rank saved and committed, exit 75) is
+requeued by the supervisor with `scontrol requeue`, never by a rank, so a rank in a container
+without Slurm's binaries needs none; a transient failure starts every rank again inside the
+allocation. submitit installs its own handlers before it calls the job (USR2 ->
+`checkpoint_and_try_requeue` on rank 0, which would run `scontrol requeue` from the rank): the
+job replaces them at once (`catch_early`), and while training the StopFlag
+(orchestrator/preemption.py) sets a flag that every rank acts on at the next step boundary.
 
-Time-out or preemption: submitit calls a USR2 a time-out when the run has lasted at least
-min(0.8 x limit, limit - 10 min) (`timeout_threshold_s`), else a preemption. Time-outs are capped
-by `max_num_timeout` (= launcher.max_requeues); `checkpoint()` caps every requeue at
-launcher.max_requeues through SLURM_RESTART_COUNT.
+Time-out or preemption: a USR2 is called a time-out when the run has lasted at least
+min(0.8 x limit, limit - 10 min) (`timeout_threshold_s`, submitit's rule), else a preemption;
+the report says which. Every requeue counts against launcher.max_requeues (SLURM_RESTART_COUNT).
 
 Leaving: rank processes must not tear down DDP/gloo objects in-process (orchestrator/runner.py,
 `_RETAINED`), so each task leaves through `os._exit` from an atexit hook, which runs after
@@ -34,7 +32,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -96,6 +93,9 @@ class TrainingJob:
         self._started = time.time()
 
     def __call__(self) -> dict[str, Any]:
+        from orchestrator.preemption import catch_early
+
+        catch_early()  # not submitit's handlers: the supervisor requeues, after every rank saved
         self._started = time.time()
         code = _ExitCode()
         if _under_submitit():
@@ -113,14 +113,11 @@ class TrainingJob:
         if end.outcome is None:  # said in one line already: no traceback from submitit
             _record_failure(end.failure)
             raise SystemExit(end.code)
-        report = self._report(cfg, env, end.outcome)
-        if env.is_leader and not end.outcome.finished:
-            self._hand_over(end.outcome, code)
-        return report
+        return self._report(cfg, env, end.outcome)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """Called by submitit on rank 0 after the stop's save committed: requeue, at most
-        launcher.max_requeues times."""
+        """submitit's requeue hook (its USR2 handler, replaced once the job starts): requeue,
+        at most launcher.max_requeues times."""
         return requeue(
             self,
             from_dict(self.cfg).launcher.max_requeues,
@@ -157,24 +154,6 @@ class TrainingJob:
             "rank": env.rank,
             "job_id": env.job_id,
         }
-
-    def _hand_over(self, outcome: Outcome, code: _ExitCode) -> None:
-        """Raise the stop signal again, now that submitit's handler is back: it calls
-        `checkpoint()`, requeues and exits (SystemExit, whose code the task then leaves with)."""
-        if outcome.signal == "SIGTERM":
-            log.warning("SIGTERM: not requeuing here; Slurm decides (scancel ends the job, "
-                        "scontrol requeue and preemption put it back in the queue)")  # fmt: skip
-            return
-        signum = signal.Signals[outcome.signal] if outcome.signal else signal.SIGUSR2
-        if not _under_submitit() or not callable(signal.getsignal(signum)):
-            log.warning("not under submitit: nothing requeues this run; run it again to resume")
-            return
-        log.info("all ranks committed step %d; handing %s to submitit", outcome.step, signum.name)
-        try:
-            signal.raise_signal(signum)
-        except SystemExit as exc:  # submitit requeued (or refused) and exits
-            code.value = exc.code if isinstance(exc.code, int) else 1
-            raise
 
 
 def requeue(job: Callable[[], Any], max_requeues: int, *, again: str, stays: str) -> Any:

@@ -5,7 +5,8 @@ MASTER_PORT (a free port picked here), so `DistEnv.from_environ` reads it as tor
 Whether ranks exist already (so `stockpot run` trains in-process instead of spawning) is
 `orchestrator.env.in_managed_job`.
 When one child fails the others get `grace_s` to finish on their own, then SIGTERM, then
-SIGKILL after another `grace_s` (what torchrun does).
+SIGKILL after another `grace_s` (what torchrun does); a child stopped by SIGSTOP (hung) gets
+the SIGKILL at once.
 
 Signals: SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 sent to the spawner are forwarded to every child,
 with handlers installed only while the children run. A handler only records the signal; the
@@ -31,6 +32,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from types import FrameType
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
@@ -75,6 +77,24 @@ def spawn_local(
     on a tie): the others usually fail because of it (a lost peer, or our SIGTERM), so theirs
     would hide the cause. nproc=1 still runs a child, so signals behave the same at every size.
     """
+    return run_life(argv, nproc, env=env, grace_s=grace_s).code
+
+
+@dataclass(frozen=True)
+class Life:
+    """How one start of the ranks ended: the job's exit code, each rank's return code (as
+    Popen gives it: -N for a signal), and the signals forwarded to them meanwhile."""
+
+    code: int
+    returncodes: tuple[int, ...]
+    forwarded: tuple[int, ...] = ()
+    killed_by_us: frozenset[int] = frozenset()  # ranks we ended after another one failed
+
+
+def run_life(
+    argv: list[str], nproc: int, *, env: Mapping[str, str] | None = None, grace_s: float = 10.0
+) -> Life:
+    """`spawn_local`, with the detail a supervisor needs to decide what comes next."""
     if nproc < 1:
         raise ValueError(f"nproc={nproc} must be >= 1")
     if not argv:
@@ -88,9 +108,11 @@ def spawn_local(
         try:
             for rank in range(nproc):
                 children.start(argv, rank_environ(base, rank, nproc, port))
-            return children.wait(grace_s)
+            code = children.wait(grace_s)
         finally:
             children.kill_running()
+    returncodes = tuple(p.returncode for p in children.procs)
+    return Life(code, returncodes, tuple(children.forwarded), frozenset(children.killed))
 
 
 def first_failure(codes: list[int | None]) -> int | None:
@@ -110,6 +132,8 @@ class _Children:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.pending: list[int] = []
+        self.forwarded: list[int] = []
+        self.killed: set[int] = set()
 
     def start(self, argv: list[str], env: Mapping[str, str]) -> None:
         # Same process group as the spawner (no start_new_session): see the module docstring.
@@ -128,15 +152,28 @@ class _Children:
                     deadline = time.monotonic() + grace_s
             if all(c is not None for c in codes):
                 return failure or 0
+            if failure is not None:
+                self.kill_stopped(codes)
             if time.monotonic() >= deadline:
-                sig = next(escalations, None)
-                self.send(signal.SIGKILL if sig is None else sig)
+                sig = next(escalations, None) or signal.SIGKILL
+                self.killed |= {r for r, c in enumerate(codes) if c is None}
+                self.send(sig)
                 deadline = time.monotonic() + grace_s
             time.sleep(POLL_S)
+
+    def kill_stopped(self, codes: list[int | None]) -> None:
+        """After a failure, a rank stopped by SIGSTOP (a hung one) can take no signal but
+        SIGKILL: no grace for it."""
+        for rank, (proc, code) in enumerate(zip(self.procs, codes, strict=True)):
+            if code is None and _stopped(proc.pid):
+                self.killed.add(rank)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
 
     def forward_pending(self) -> None:
         while self.pending:
             sig = self.pending.pop(0)
+            self.forwarded.append(sig)
             if sig == signal.SIGINT and _terminal_sent_to_group():
                 continue
             self.send(sig)
@@ -152,6 +189,15 @@ class _Children:
         self.send(signal.SIGKILL)
         for p in self.procs:
             p.wait()
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped (state T in /proc; False where /proc cannot tell)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def _terminal_sent_to_group() -> bool:

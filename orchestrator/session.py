@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from orchestrator import dist, parallel
+from orchestrator import dist, ending, parallel
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.checkpoint.stateful import Stateful
 from orchestrator.config import Config, computation_view, config_hash, diff_views, to_yaml
@@ -80,6 +80,7 @@ class Session:
         self.store = run_dir_store(cfg)
         self.stop = StopFlag()
         self.progress = Progress()
+        ending.watch(self.progress)  # a failure is placed at its step
         self.metrics = MetricsLog(self.store, enabled=env.is_leader, restart=env.restart_count)
         self._ckpt: Checkpointer | None = None
         self.restored_step: int | None = None  # None until restore(); 0 on a fresh start

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from orchestrator import ending
 from orchestrator.config import Config, from_dict
 from orchestrator.env import DistEnv
 from orchestrator.errors import StockpotError
@@ -38,9 +39,10 @@ class RankEnd:
 
 def run_rank(cfg: Config, env: DistEnv) -> RankEnd:
     """Train this rank (`stockpot run`'s ranks and the submitit job alike), with the built-in
-    loop or the config's entrypoint. A failure we can
-    name (our own errors, a peer rank lost) ends as one log line and its exit code; anything
-    else is a bug and keeps its traceback. Set up logging first (`setup_logging`)."""
+    loop or the config's entrypoint, and record how it ended (orchestrator.ending). A failure
+    we can name (our own errors, a peer rank lost) ends as one log line and its exit code;
+    anything else keeps its traceback in the log, then the same one line. Set up logging first
+    (`setup_logging`)."""
     from orchestrator import entrypoint, runner
 
     try:
@@ -48,19 +50,65 @@ def run_rank(cfg: Config, env: DistEnv) -> RankEnd:
             outcome = runner.train_rank(cfg, env)
         else:
             outcome = entrypoint.run(cfg, env)
-    except StockpotError as exc:
-        quiet = getattr(exc, "leader_only", False)  # the same line from every rank: once
-        logging.getLogger("stockpot").error("%s", exc, extra=LEADER_ONLY if quiet else None)
-        return RankEnd(exc.exit_code, failure=str(exc))
-    except RuntimeError as exc:  # gloo: a peer rank died, or hung past the collective timeout
-        from orchestrator.dist import lost_peer
-
-        why = lost_peer(exc)
-        if why is None:
-            raise
-        logging.getLogger("stockpot").error("%s", why)
-        return RankEnd(1, failure=why)
+    except Exception as exc:  # every failure is classified and recorded
+        return _failed(cfg, env, exc)
+    if env.is_leader or os.environ.get(ending.END_DIR_VAR):
+        klass = ending.FINISHED if outcome.finished else ending.STOPPED
+        cause = "finished" if outcome.finished else f"stopped by {outcome.signal or 'a signal'}"
+        _record(
+            cfg, env, ending.make_end(_life(env), env.rank, klass, cause), run_dir=env.is_leader
+        )
     return RankEnd(outcome.exit_code, outcome)
+
+
+def _failed(cfg: Config, env: DistEnv, exc: Exception) -> RankEnd:
+    from orchestrator.dist import lost_peer, one_line
+
+    say = logging.getLogger("stockpot")
+    peer = lost_peer(exc) if isinstance(exc, RuntimeError) else None
+    if isinstance(exc, StockpotError):
+        line, code = str(exc), exc.exit_code
+        quiet = getattr(exc, "leader_only", False)  # the same line from every rank: once
+        say.error("%s", line, extra=LEADER_ONLY if quiet else None)
+    elif peer is not None:  # gloo: a peer rank died, or hung past the collective timeout
+        line, code = peer, 1
+        say.error("%s", line)
+    else:  # the task's or the user's code (or a bug of ours): keep the traceback
+        line, code = f"rank {env.rank}: {one_line(exc)}", 1
+        say.exception("%s", line)
+    life = _life(env)
+    earlier = [e for e in _earlier_ends(cfg) if e.life != life]
+    klass = ending.classify(exc, ending.current_step(), earlier, lost_peer=peer is not None)
+    if klass == ending.DETERMINISTIC and code == 1:
+        say.error("rank %d: the same failure ended an earlier life at this step: deterministic, "
+                  "not restarting", env.rank)  # fmt: skip
+    own = None if peer is not None else exc
+    _record(cfg, env, ending.make_end(life, env.rank, klass, line, own), run_dir=True)
+    return RankEnd(code, failure=line)
+
+
+def _life(env: DistEnv) -> str:
+    return ending.life_id(os.environ, env.job_id, env.restart_count)
+
+
+def _earlier_ends(cfg: Config) -> list[ending.EndRecord]:
+    try:
+        from orchestrator.session import run_dir_store
+
+        return ending.read_ends(run_dir_store(cfg))
+    except Exception as exc:  # the store may be what failed
+        logging.getLogger("stockpot").warning("could not read earlier lives' records: %s", exc)
+        return []
+
+
+def _record(cfg: Config, env: DistEnv, end: ending.EndRecord, *, run_dir: bool) -> None:
+    try:
+        from orchestrator.session import run_dir_store
+
+        store = run_dir_store(cfg) if run_dir else None
+    except Exception:  # still tell the supervisor
+        store = None
+    ending.record(store, os.environ, end)
 
 
 def main_with(cfg: Config, environ: dict[str, str] | None = None) -> int:

@@ -25,7 +25,7 @@ from tests.runs import REPO, STOCKPOT
 LOST = "rank 0: a collective failed: rank 1 died, left or hung past trainer.collective_timeout_s"
 ARGS = [
     "configs/demo.yaml", f"task._target_={__name__}.DiesOnRank", "task.n_train=1024",
-    "task.n_eval=128",
+    "task.n_eval=128", "launcher.max_restarts=0",
 ]  # fmt: skip
 
 

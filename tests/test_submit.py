@@ -45,6 +45,8 @@ def demo_slurm(*overrides: str) -> config.Config:
 
 def test_slurm_parameters_of_the_demo() -> None:
     params = executor.slurm_parameters(demo_slurm(), job_name="demo")
+    setup = params.pop("setup")  # stockpot's supervisor: scontrol found first, then the loop
+    assert setup[0] == executor.SCONTROL_FIRST[0] and "srun " in "\n".join(setup)
     assert params == {
         "job_name": "demo",
         "partition": "debug",
@@ -64,7 +66,8 @@ def test_slurm_parameters_map_every_launcher_field() -> None:
     assert params["mem"] == "480G" and params["time"] == 240 and params["signal_delay_s"] == 180
     assert (params["partition"], params["account"], params["qos"]) == ("gpu", "ml", "high")
     assert params["constraint"] == "a100" and params["exclusive"] is True
-    assert params["setup"] == ["module load cuda/12.4", "export NCCL_DEBUG=WARN"]
+    # launcher.setup runs after scontrol is found (it may change PATH), before the supervisor
+    assert params["setup"][1:3] == ["module load cuda/12.4", "export NCCL_DEBUG=WARN"]
     assert params["additional_parameters"] == {
         "requeue": True,
         "open-mode": "append",

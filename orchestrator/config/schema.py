@@ -271,8 +271,11 @@ class LauncherConfig:
     setup: tuple[str, ...] = ()
     # Extra sbatch parameters passed through verbatim (e.g. {"reservation": "x"}).
     additional_parameters: Mapping[str, Any] = field(default_factory=dict)
-    # How many times the job may requeue itself after preemption or time-out.
+    # How many times the job may requeue itself (preemption, time-out, restarts used up).
     max_requeues: int = 3
+    # How many times a transient failure (a rank killed, a lost or hung peer, storage down)
+    # starts every rank again inside the same allocation; per allocation. 0: never.
+    max_restarts: int = 3
     # Where submitit writes job scripts, pickles and logs (a shared filesystem path).
     log_dir: str = "slurm_logs/${run.name}"
 
@@ -289,9 +292,9 @@ class LauncherConfig:
             self.signal_delay_s >= 0,
             f"launcher.signal_delay_s must be >= 0 (got {self.signal_delay_s})",
         )
-        require(
-            self.max_requeues >= 0, f"launcher.max_requeues must be >= 0 (got {self.max_requeues})"
-        )
+        for key in ("max_requeues", "max_restarts"):
+            value = getattr(self, key)
+            require(value >= 0, f"launcher.{key} must be >= 0 (got {value})")
 
 
 @dataclass(frozen=True)
