@@ -186,10 +186,15 @@ def run_config(cfg) -> int:  # cfg: orchestrator.config.Config
 
 def _record_killed(cfg, life: str, rank: int, why: str) -> None:  # cfg: Config
     """A rank that a signal killed left no record of its own: the spawner writes it."""
+    import dataclasses
+
     from orchestrator import ending
     from orchestrator.storage import Store
 
-    end = ending.make_end(life, rank, ending.TRANSIENT, f"rank {rank} {why}")
+    end = ending.make_end(
+        life, rank, ending.TRANSIENT, f"rank {rank} {why}", world=cfg.trainer.nproc
+    )
+    end = dataclasses.replace(end, signature=why)  # the cause itself, not a peer's echo of it
     ending.record(Store(cfg.run.dir, cfg.storage), {}, end)
 
 

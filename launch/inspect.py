@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from launch.jobs import JOBS_NAME, job_state, read_jobs
+from orchestrator import ending  # no torch: light
 from orchestrator.checkpoint.format import CHECKPOINTS_DIR, MANIFEST_NAME  # no torch: light
 from orchestrator.errors import CheckpointCorrupt, UsageError
 
@@ -110,9 +111,20 @@ def activity_report(run: Store) -> dict[str, Any]:
     if metrics:
         out["restarts"] = max(int(line.get("restart", 0)) for line in metrics)
         out["resumes"] = sum(1 for line in metrics if line.get("event") == "resumed")
+    lives = ending.lives(ending.read_ends(run))
+    if lives:
+        out["lives"] = lives
     if run.exists(JOBS_NAME):
-        out["jobs"] = [{**job, "state": job_state(job)} for job in read_jobs(run)]
+        out["jobs"] = [
+            {**job, "state": job_state(job), "lives": _lives_of(str(job["job_id"]), lives)}
+            for job in read_jobs(run)
+        ]
     return out
+
+
+def _lives_of(job_id: str, lives: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A job's lives: `JOBID-REQUEUE-RESTART` (launch/templates/supervise.sh names them)."""
+    return [life for life in lives if life["life"].startswith(f"{job_id}-")]
 
 
 def status_report(run: Store, found: Scan) -> dict[str, Any]:

@@ -97,6 +97,7 @@ def render(table: str, report: Mapping[str, Any], now: float) -> str:
     lines.append(_progress_line(p))
     lines.append(f"last metrics line {_age(p['last_line_age_s'])} ago")
     lines.append("resumes by cause: " + _causes_text(p.get("restarts", {})))
+    lines += _lives_lines(report.get("lives", []))
     rows = report["checkpoints"]
     if rows:
         lines.append(
@@ -106,6 +107,26 @@ def render(table: str, report: Mapping[str, Any], now: float) -> str:
     if in_flight:
         lines.append(f"save in flight (not committed yet): {', '.join(in_flight)}")
     return "\n".join(lines)
+
+
+LIVES_SHOWN = 8
+
+
+def _lives_lines(lives: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each life of the run (orchestrator/ending.py): how it ended and why, newest last."""
+    if not lives:
+        return []
+    counts: dict[str, int] = {}
+    for life in lives:
+        counts[life["class"]] = counts.get(life["class"], 0) + 1
+    head = ", ".join(f"{n} {klass}" for klass, n in counts.items())
+    lines = [f"lives: {len(lives)} ({head})"]
+    if len(lives) > LIVES_SHOWN:
+        lines.append(f"  ... {len(lives) - LIVES_SHOWN} earlier")
+    for life in lives[-LIVES_SHOWN:]:
+        step = "-" if life.get("step") is None else life["step"]
+        lines.append(f"  {life['life']}  {life['class']:<13} step {step:<6} {life['cause'][:160]}")
+    return lines
 
 
 def _progress_line(p: Mapping[str, Any]) -> str:

@@ -82,6 +82,7 @@ class EndRecord:
     host: str = ""
     time: float = 0.0
     signature: str = ""  # type and message of an exception: what "the same failure" means
+    world: int = 0  # ranks in the life: those without a record died without a word
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -149,7 +150,13 @@ def record(store: Store | None, environ: Mapping[str, str], end: EndRecord) -> N
 
 
 def make_end(
-    life: str, rank: int, klass: str, cause: str, exc: BaseException | None = None
+    life: str,
+    rank: int,
+    klass: str,
+    cause: str,
+    exc: BaseException | None = None,
+    *,
+    world: int = 0,
 ) -> EndRecord:
     """A record of this rank's end now; `exc` is the failure's own exception (None for a
     finish, a stop or a lost peer, which have no signature to repeat)."""
@@ -162,6 +169,7 @@ def make_end(
         host=socket.gethostname(),
         time=round(time.time(), 3),
         signature=signature(exc) if exc is not None and klass != FINISHED else "",
+        world=world,
     )
 
 
@@ -193,11 +201,16 @@ def lives(ends: Sequence[EndRecord]) -> list[dict[str, Any]]:
         klass = worst(e.klass for e in group)
         own = [e for e in group if e.signature]  # not a lost peer: the cause itself
         show = sorted(own or group, key=lambda e: (-CLASSES.index(e.klass), e.rank))[0]
+        cause = show.cause
+        silent = sorted(set(range(max(e.world for e in group))) - {e.rank for e in group})
+        if silent and not own and klass == TRANSIENT:
+            cause = (f"rank(s) {', '.join(map(str, silent))} left no record (killed by a signal "
+                     f"or their node lost); {cause}")  # fmt: skip
         steps = [e.step for e in group if e.step is not None]
         out.append({
             "life": life,
             "class": klass,
-            "cause": show.cause,
+            "cause": cause,
             "step": max(steps) if steps else None,
             "ranks": sorted(e.rank for e in group),
             "time": max(e.time for e in group),

@@ -83,7 +83,8 @@ def _failed(cfg: Config, env: DistEnv, exc: Exception) -> RankEnd:
         say.error("rank %d: the same failure ended an earlier life at this step: deterministic, "
                   "not restarting", env.rank)  # fmt: skip
     own = None if peer is not None else exc
-    _record(cfg, env, ending.make_end(life, env.rank, klass, line, own), run_dir=True)
+    end = ending.make_end(life, env.rank, klass, line, own, world=env.world_size)
+    _record(cfg, env, end, run_dir=True)
     return RankEnd(code, failure=line)
 
 

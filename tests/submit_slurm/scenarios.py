@@ -196,7 +196,46 @@ def by_scontrol_requeue(sub: Submitted) -> float:
 
 def by_usr2(sub: Submitted) -> float:
     sh("scancel", "--signal=USR2", sub.job_id)
-    return float("nan")  # submitit requeues: read from the log
+    return float("nan")  # the supervisor requeues: read from the log
+
+
+def path_without_scontrol(root: Path) -> Path:
+    """A directory of links to everything on the PATH except scontrol: what the ranks see in a
+    container without Slurm's binaries (srun is still reachable from the batch shell)."""
+    bare = root / "no-scontrol-bin"
+    bare.mkdir(exist_ok=True)
+    for folder in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for tool in Path(folder).iterdir() if Path(folder).is_dir() else ():
+            if tool.name != "scontrol" and not (bare / tool.name).exists():
+                (bare / tool.name).symlink_to(tool)
+    return bare
+
+
+def usr2_without_scontrol(root: Path) -> Submitted:
+    """USR2 to a job whose setup takes scontrol off the PATH (and says so in its log)."""
+    bare = path_without_scontrol(root)
+    setup = f'launcher.setup=["export PATH={bare}","command -v scontrol || echo NO-SCONTROL"]'
+    sub = submit(root, "usr2", setup)
+    wait_committed(sub, TRIGGER_STEP)
+    sub.facts["signal_at"] = time.time()
+    sub.facts["requeued_at"] = by_usr2(sub)
+    (sub.facts["state"],) = wait_done(sub.job_id)
+    return sub
+
+
+CRASH_STEP = TRIGGER_STEP + 5
+
+
+def crashed_rank(root: Path) -> Submitted:
+    """Rank 1 SIGKILLs itself once at step CRASH_STEP (tests/fault_tasks.py): the supervisor
+    starts both ranks again inside the allocation, no requeue."""
+    marker = root / "crash-fault"
+    sub = submit(root, "crash", "task._target_=tests.fault_tasks.Faulty", "task.fault=kill",
+                 f"task.at_step={CRASH_STEP}", f"task.once={marker}")  # fmt: skip
+    (sub.facts["state"],) = wait_done(sub.job_id)
+    sub.facts["fault"] = marker.read_text() if marker.exists() else ""
+    sub.facts["status"] = status_json(sub)
+    return sub
 
 
 def by_high_priority_job(sub: Submitted) -> float:
@@ -297,7 +336,8 @@ def array_one_fails(root: Path) -> Submitted:
 SCENARIOS: dict[str, Callable[[Path], Submitted]] = {
     "plain": plain,
     "requeue": interrupted("requeue", by_scontrol_requeue),
-    "usr2": interrupted("usr2", by_usr2),
+    "usr2": usr2_without_scontrol,
+    "crash": crashed_rank,
     "high": interrupted("high", by_high_priority_job),
     "kill": interrupted("kill", by_sigkill),
     "budget": over_budget,

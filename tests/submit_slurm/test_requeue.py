@@ -5,6 +5,8 @@ launcher.max_requeues stops it for good."""
 
 from __future__ import annotations
 
+import datetime
+import re
 from typing import Any
 
 import pytest
@@ -13,11 +15,11 @@ from orchestrator.checkpoint import catalog
 from orchestrator.storage import Store
 from tests.ckpt_helpers import assert_same, final_state
 from tests.submit_slurm.scenarios import (
+    CRASH_STEP,
     FIGURES,
     MAX_STEPS,
     TRIGGER_STEP,
     Submitted,
-    log_time,
     metrics,
     newest_step,
     scenario,
@@ -77,12 +79,37 @@ def test_interrupted_job_requeues_and_resumes_bit_identical(scenarios: Any, name
     )
     if name == "high":
         assert sub.facts["high_out"].read_text().strip() == "high ran"
+    if name == "usr2":  # the ranks had no scontrol: the batch shell's supervisor requeued, once
+        out = sub.log(stream="out")
+        assert "NO-SCONTROL" in out and out.count("; requeued job") == 1, out[-3000:]
+
+
+def test_a_killed_rank_is_restarted_inside_the_allocation_bit_identical(scenarios: Any) -> None:
+    sub = scenario(scenarios, "crash")
+    assert sub.facts["state"] == "COMPLETED", sub.log()[-3000:]
+    assert sub.facts["fault"] == f"kill rank 1 step {CRASH_STEP}\n"  # it landed, once
+    out = sub.log(stream="out")
+    assert out.count("transient failure: starting every rank again") == 1, out[-3000:]
+    assert "; requeued job" not in out  # inside the allocation: no requeue
+    resumed = [m for m in metrics(sub) if m.get("event") == "resumed"]
+    assert [(m["restart"], m["resumes"]) for m in resumed] == [(0, 1)], resumed
+    assert resumed[0]["step"] == CRASH_STEP // 10 * 10  # the newest commit before the kill
+    (job,) = sub.facts["status"]["jobs"]
+    assert [(x["life"], x["class"]) for x in job["lives"]] == [
+        (f"{sub.job_id}-0-0", "transient"),
+        (f"{sub.job_id}-0-1", "finished"),
+    ]
+    assert "rank(s) 1 left no record" in job["lives"][0]["cause"]
+    reference = scenario(scenarios, "plain")
+    assert_same(final_state(sub.run_dir, MAX_STEPS), final_state(reference.run_dir, MAX_STEPS))
 
 
 def _record_requeue_figure(sub: Submitted, name: str, lines: list[dict[str, Any]]) -> None:
     requeued_at = sub.facts["requeued_at"]
-    if requeued_at != requeued_at:  # nan: submitit requeued it; its log says when
-        requeued_at = log_time(sub.log(stream="out"), "Requeued job")
+    if requeued_at != requeued_at:  # nan: the supervisor requeued it; its log says when
+        m = re.search(r"stockpot supervisor: (\S+ \S+) .*; requeued job", sub.log(stream="out"))
+        assert m, sub.log(stream="out")[-3000:]
+        requeued_at = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
     first_step = min(m["time"] for m in lines if m["restart"] == 1 and "loss" in m)
     FIGURES.setdefault(name, {})["requeue->first logged step"] = first_step - requeued_at
 
@@ -91,10 +118,8 @@ def test_max_requeues_is_honoured(scenarios: Any) -> None:
     sub = scenario(scenarios, "budget")
     assert sub.facts["state"] == "FAILED", sub.log()[-3000:]
     assert max(m["restart"] for m in metrics(sub)) == 1
-    assert "NOT requeuing: this run is restart 1 and launcher.max_requeues=1" in sub.log()
+    out = sub.log(stream="out")
+    assert "not requeueing: requeued 1 times already (launcher.max_requeues=1)" in out, out
     assert newest_step(sub.run_dir) < MAX_STEPS  # stopped for good, at a committed step
-    import submitit
-
-    job: Any = submitit.SlurmJob(folder=sub.log_dir, job_id=sub.job_id, tasks=(0, 1))
-    error = job.task(0).exception()
-    assert error is not None and "checkpoint function returned None" in str(error)
+    results = task_results(sub)  # both ranks stopped after saving: resumable by hand
+    assert [(r["finished"], r["step"]) for r in results] == [(False, newest_step(sub.run_dir))] * 2
