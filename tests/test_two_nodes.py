@@ -1,6 +1,7 @@
-"""slurm/train.sbatch across two nodes: the dev cluster's virtual nodes n1 and n2.
+"""Two-node jobs on the dev cluster's virtual nodes: slurm/train.sbatch across n1 and n2, and a
+`stockpot submit` job that loses a node mid-run and goes on on the spare node n3.
 
-This module switches the cluster to `slurm/dev-cluster start --nodes 2` and back to single-node
+This module switches the cluster to `slurm/dev-cluster start --nodes 3` and back to single-node
 mode at teardown; its tests are marked `two_nodes`, which tests/conftest.py runs after every
 other test, so the single-node Slurm tests never meet the two-node cluster. The nodes
 are this machine with their own hostnames (UTS namespaces) and /etc/hosts, so MASTER_ADDR=n1
@@ -9,15 +10,33 @@ resolves on both; they share the filesystem, so the pytest tmp dir serves as sha
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from orchestrator.checkpoint import catalog
+from orchestrator.metrics import read_metrics
+from orchestrator.storage import Store
+from tests.ckpt_helpers import assert_same, final_state
 from tests.fixtures.slurm import SlurmCluster, start_cluster, unavailable
-from tests.sbatch_jobs import check_resumed_and_identical, preempt_once, reference_run
+from tests.runs import REPO, STOCKPOT, frozen, losses, wait_until
+from tests.sbatch_jobs import (
+    MAX_STEPS,
+    START_TIMEOUT_S,
+    TRAIN,
+    check_resumed_and_identical,
+    preempt_once,
+    reference_run,
+    slurm,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.two_nodes]
 
@@ -29,7 +48,7 @@ def two_nodes(slurm_cluster: SlurmCluster) -> Iterator[None]:
     # Depends on slurm_cluster so that the session fixture (which starts single-node mode) is
     # set up first and not in the middle of this module.
     try:
-        reason = start_cluster("--nodes", "2", timeout_s=SWITCH_TIMEOUT_S)
+        reason = start_cluster("--nodes", "3", timeout_s=SWITCH_TIMEOUT_S)
         if reason is not None:
             unavailable(reason)
         yield
@@ -77,3 +96,83 @@ def test_two_nodes_preempted_once_resume_on_both_and_end_bit_identical(
         assert hosts == {"0": "n1", "1": "n2"}, f"restart {restart}: {hosts}\n{job.tail()}"
     assert job.info().get("NodeList") == "n[1-2]"
     check_resumed_and_identical(job, run_dir, reference, int(timings["stopped_at_step"]))
+
+
+def test_a_node_failure_requeues_onto_healthy_nodes_and_ends_bit_identical(
+    two_nodes: None, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A 2-node job (n1, n2) loses n2 after a commit: its slurmd dies, the node is marked down
+    and its rank killed, while the ranks are frozen so the fault lands mid-run. Slurm ends the
+    allocation and requeues the job; it runs on n1 and the spare n3 and resumes."""
+    reference = reference_run(tmp_path_factory)
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    out = subprocess.run(
+        [STOCKPOT, "submit", *TRAIN, "launcher.kind=slurm", "launcher.partition=debug",
+         "launcher.nodes=2", "launcher.tasks_per_node=1", "checkpoint.every_steps=5",
+         "run.name=nodefail", f"run.dir={run_dir}", f"launcher.log_dir={logs}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    job_id = str(json.loads((run_dir / "jobs.json").read_text())[0]["job_id"])
+    try:
+        wait_until(lambda: _newest(run_dir) >= 10, "step 10 committed", timeout=START_TIMEOUT_S)
+        with frozen(_ranks_of(job_id)):
+            committed = _newest(run_dir)
+            assert _node_of(job_id) == "n[1-2]"
+            _fail_node(job_id, "n2")
+        wait_until(lambda: _state(job_id) in ("COMPLETED", "FAILED"), "the job's end", 300)
+    finally:
+        reason = start_cluster("--nodes", "3", timeout_s=SWITCH_TIMEOUT_S)  # n2 back
+        assert reason is None, reason
+    batch_log = (logs / f"{job_id}_0_log.out").read_text()
+    assert _state(job_id) == "COMPLETED", batch_log[-3000:]
+    assert f"life {job_id}-1-0: starting 2 rank(s) on n[1,3]" in batch_log, batch_log[-3000:]
+    resumed = [r for r in read_metrics(Store(str(run_dir))) if r.get("event") == "resumed"]
+    assert [(r["step"], r["restart"]) for r in resumed] == [(committed, 1)], resumed
+    assert_same(final_state(run_dir, MAX_STEPS), final_state(reference, MAX_STEPS))
+    assert losses(run_dir) == losses(reference)
+
+
+def _newest(run_dir: Path) -> int:
+    latest = catalog.scan(Store(str(run_dir))).latest()
+    return latest.step if latest else 0
+
+
+def _state(job_id: str) -> str:
+    return slurm("squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T").strip()
+
+
+def _node_of(job_id: str) -> str:
+    return slurm("squeue", "-h", "-t", "all", "-j", job_id, "-o", "%N").strip()
+
+
+def _environs(job_id: str) -> Iterator[tuple[int, list[bytes], bytes]]:
+    """(pid, environment, cmdline) of every process of the job (one PID space for all nodes)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"SLURM_JOB_ID={job_id}".encode() in env:
+            yield int(proc.name), env, cmdline
+
+
+def _ranks_of(job_id: str) -> list[int]:
+    ranks = [pid for pid, _, cmd in _environs(job_id) if b"submitit.core._submit" in cmd]
+    assert ranks, f"no rank processes for job {job_id}"
+    return ranks
+
+
+def _fail_node(job_id: str, node: str) -> None:
+    """What a dead node looks like: no slurmd, marked down, its ranks gone without a word."""
+    pid_file = Path(os.environ.get("STOCKPOT_SLURM_DIR", "/var/tmp/stockpot-slurm"))
+    os.kill(int((pid_file / "run" / f"slurmd-{node}.pid").read_text()), signal.SIGKILL)
+    slurm("scontrol", "update", f"nodename={node}", "state=down", "reason=node-failure-test")
+    killed = 0
+    for pid, env, _ in _environs(job_id):
+        if f"SLURMD_NODENAME={node}".encode() in env:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+    assert killed, f"no process of job {job_id} on {node}"
