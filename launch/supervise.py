@@ -58,16 +58,13 @@ def supervise_local(
             extra = {**(env or {}), ending.LIFE_ID_VAR: life, ending.END_DIR_VAR: end_dir}
             started = time.monotonic()
             result = run_life(argv, nproc, env=extra, grace_s=grace_s)
-            words = ending.read_words(end_dir)
-            klass = ending.life_class(words, nproc)
+            # A deterministic failure was said by its rank, on this terminal: one line, no echo.
+            klass = ending.life_class(ending.read_words(end_dir), nproc)
             killed = _killed(result)
             for rank, why in killed.items():
                 log.error("rank %d %s", rank, why)
                 if on_killed is not None:
                     on_killed(life, rank, why)
-            if klass == ending.DETERMINISTIC:
-                cause = next(c for k, c in words.values() if k == ending.DETERMINISTIC)
-                log.error("not restarting: a restart would repeat it: %s", cause)
             if klass != ending.TRANSIENT:
                 return result.code
             if result.forwarded:

@@ -65,7 +65,8 @@ def test_a_bug_at_the_same_step_gets_one_restart_then_stops_with_its_cause(
     assert runs.stockpot_run(argv, log=log) == 1
     text = log.read_text()
     assert text.count(RESTARTED) == 1, text[-3000:]
-    assert "not restarting: a restart would repeat it: rank 1: ValueError: injected bug" in text
+    assert "rank 1: ValueError: injected bug at step 6" in text
+    assert "the same failure ended an earlier life at this step: deterministic" in text
     assert [(life["class"], life["step"]) for life in lives(run_dir)] == [
         ("transient", 6),
         ("deterministic", 6),
