@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import load, loop, report, s3, save, soup
+from bench import load, loop, report, restart, s3, save, soup
 from bench.common import REPO, Row, Sizes
 
 SECTIONS = ("save", "load", "s3", "loop", "soup")
@@ -68,7 +68,7 @@ def sections(
 ) -> dict[str, Callable[[], list[Row]]]:
     return {
         "save": lambda: save.measure(sizes, work, details),
-        "load": lambda: load.measure(sizes, work),
+        "load": lambda: load.measure(sizes, work) + restart.restart_rows(sizes, work),
         "s3": lambda: s3.measure(sizes, work),
         "loop": lambda: loop.measure(sizes),
         "soup": lambda: soup.measure(sizes, work, (2, 4, 8) if full else (2, 4)),
