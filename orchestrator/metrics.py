@@ -2,10 +2,11 @@
 
 Lines carry `step`, `restart` (how many times the run had been resumed) and `time`; a run that
 is killed and resumed repeats the steps it lost, so readers take the LAST line per step.
-Special lines carry `event`: `resumed` (this life started from the checkpoint of that step) and
+Special lines carry `event`: `resumed` (this life started from the checkpoint of that step),
 `commit` (a checkpoint of that step committed, with its `checkpoint/*_s` timings; a life killed
 between a commit and its next flush loses that line, and the life resumed from the commit
-records it again, without timings).
+records it again, without timings) and `startup` (this life's first step is done: how long
+each phase of its start took, `startup/*_s`, see `StartupClock`).
 
 Every line is also sent to the sinks `start` opens (TensorBoard: orchestrator/tensorboard.py):
 numbers as scalars, events as text and as `events/*` scalars, so restarts and commits show on
@@ -18,6 +19,7 @@ import functools
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -84,17 +86,27 @@ class MetricsLog:
         """Open this life's sinks and, when it restored the checkpoint of `step`, mark that
         (`_resumed`): TensorBoard hides what earlier lives logged from `step` on; W&B continues
         the run's W&B run. Leader only; a sink whose package is missing is skipped with a
-        warning."""
+        warning. TensorBoard's writer opens later (`open_deferred`, after the life's first
+        step; at the latest, the first flush): what is recorded until then waits for it."""
         if not self.enabled:
             return
-        from orchestrator.tensorboard import open_writer
+        from orchestrator.tensorboard import writer_opener
         from orchestrator.wandb_log import open_wandb
 
-        board = open_writer(self.run, enabled=tensorboard, start_step=step)
+        opener = writer_opener(self.run, enabled=tensorboard, start_step=step)
+        board = None if opener is None else Deferred(opener)
         opened = [board, open_wandb(self.run, wandb_project, name or self.run.path())]
         self.sinks += [sink for sink in opened if sink is not None]
         if resumes:
             self._resumed(step, resumes, board)
+
+    def open_deferred(self) -> None:
+        """Open the sinks `start` deferred, and send them what was recorded since, in order."""
+        with self._lock:
+            for sink in list(self.sinks):
+                if isinstance(sink, Deferred) and not sink.opened:
+                    sink.open()  # a writer that cannot open fails the run, as it always did
+                    self._guarded(sink, sink.replay)
 
     def _resumed(self, step: int, resumes: int, board: Sink | None) -> None:
         """This life resumed from the commit of `step`. TensorBoard's writer hid what earlier
@@ -114,11 +126,16 @@ class MetricsLog:
         uptime = round(time.monotonic() - self._born, 3)
         self.record(step, {}, event="stopped", signal=signal or "another rank", uptime_s=uptime)
 
+    def started(self, step: int, clock: StartupClock) -> None:
+        """This life's first step, `step`, is done: how long each phase of its start took."""
+        self.record(step, clock.seconds(), event="startup")
+
     def commit(self, step: int, timings: Mapping[str, float]) -> None:
         """A checkpoint of `step` committed (the checkpointer's on_commit, leader only)."""
         self.record(step, {f"checkpoint/{k}": v for k, v in timings.items()}, event="commit")
 
     def flush(self) -> None:
+        self.open_deferred()  # a flush before a commit writes everything recorded so far
         with self._lock:
             if self._pending:
                 self.run.append_bytes(METRICS_NAME, ("\n".join(self._pending) + "\n").encode())
@@ -154,6 +171,84 @@ class MetricsLog:
                 "metrics: %s failed (%s); no longer logging to it", type(sink).__name__, exc
             )
             self.sinks.remove(sink)
+
+
+class Deferred:
+    """A sink opened later (`open`, then `replay`): until then its calls wait, in order.
+    TensorBoard's writer imports tensorboard and protobuf, ~0.2 s that a restarted life need
+    not spend before its first step."""
+
+    def __init__(self, opener: Callable[[], Sink]) -> None:
+        self._opener = opener
+        self._waiting: list[Callable[[Sink], None]] = []
+        self._sink: Sink | None = None
+
+    @property
+    def opened(self) -> bool:
+        return self._sink is not None
+
+    def open(self) -> None:
+        if self._sink is None:
+            self._sink = self._opener()
+
+    def replay(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for call in waiting:
+            self._send(call)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self._send(lambda sink: sink.scalars(step, values))
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        self._send(lambda sink: sink.text(step, tag, text))
+
+    def flush(self) -> None:
+        self._send(lambda sink: sink.flush())
+
+    def _send(self, call: Callable[[Sink], None]) -> None:
+        if self._sink is None:
+            self._waiting.append(call)
+        else:
+            call(self._sink)
+
+
+class StartupClock:
+    """When each phase of this rank's start ended, for the `startup` line: from the process's
+    start to its first step, split where a restart's time goes (make bench: bench/load.py).
+    Phases are marked in order (`Session`: imports, rendezvous, build, restore, logs,
+    first_step); each lasts from the end of the one before, the first from the process's start
+    (unknown off Linux: then the split starts at the second)."""
+
+    def __init__(self) -> None:
+        self._ends: list[tuple[str, float]] = []
+        self._start = process_start_time()
+
+    def mark(self, phase: str) -> None:
+        """`phase` ended now; a phase marked again keeps its first end."""
+        if all(name != phase for name, _ in self._ends):
+            self._ends.append((phase, time.time()))
+
+    def seconds(self) -> dict[str, float]:
+        """`startup/<phase>_s` for each phase marked, and `startup/total_s` (their sum)."""
+        out, before = {}, self._start
+        for phase, end in self._ends:
+            if before is not None:
+                out[f"startup/{phase}_s"] = round(end - before, 3)
+            before = end
+        out["startup/total_s"] = round(sum(out.values()), 3)
+        return out
+
+
+def process_start_time() -> float | None:
+    """When this process started (wall clock, to the kernel's 10 ms tick); None off Linux."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # the command name may hold spaces
+        ticks = int(fields[19])  # field 22, starttime: clock ticks after boot
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.time() - age
 
 
 def _to_sink(

@@ -25,7 +25,7 @@ from orchestrator.config import Config, computation_view, config_hash, diff_view
 from orchestrator.env import EXIT_STOPPED, DistEnv, backend_for, cpu_threads, device_for
 from orchestrator.errors import ConfigError
 from orchestrator.logs import LEADER_ONLY
-from orchestrator.metrics import MetricsLog
+from orchestrator.metrics import MetricsLog, StartupClock
 from orchestrator.preemption import StopFlag
 from orchestrator.progress import Progress
 from orchestrator.state import RNGState
@@ -75,6 +75,8 @@ class Session:
     `restore()`; the loop drives `ckpt`, `metrics`, `stop` and `progress`."""
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
+        self.startup = StartupClock()  # the `startup` line, after the first step
+        self.startup.mark("imports")
         self.cfg, self.env = cfg, env
         self.device = device_for(env.local_rank, cfg.trainer.device, torch.cuda.is_available())
         self.store = run_dir_store(cfg)
@@ -100,6 +102,7 @@ class Session:
                 timeout_s=cfg.trainer.collective_timeout_s,
             )
         check_storage(cfg)
+        self.startup.mark("rendezvous")
         self.stop.install()
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         return self
@@ -120,6 +123,7 @@ class Session:
                 on_commit=self.metrics.commit,
                 parallel=self.cfg.trainer.parallel,
                 config_hash=config_hash(self.cfg),
+                after_first_step=self._first_step_done,
             )
         return self._ckpt
 
@@ -151,11 +155,13 @@ class Session:
         if self.restored_step is not None:
             raise RuntimeError("restore() was already called")
         cfg, env = self.cfg, self.env
+        self.startup.mark("build")
         _RETAINED.append(self)
         self.ckpt.register("progress", self.progress)
         self.ckpt.register("rng", RNGState(), per_rank=True)
         _seed_rank(cfg.run.seed, env.rank)  # restore overwrites these with the saved streams
         self._resume_or_start()
+        self.startup.mark("restore")
         if env.is_leader:
             self.store.write_bytes("config.yaml", to_yaml(cfg).encode())
         self.metrics.start(
@@ -167,8 +173,15 @@ class Session:
             else None,
             name=cfg.run.name,
         )
+        self.startup.mark("logs")
         self.restored_step = self.progress.step
         return self.progress.step
+
+    def _first_step_done(self, step: int) -> None:
+        """The checkpointer was offered this life's first step: the start-up is over."""
+        self.startup.mark("first_step")
+        self.metrics.started(step, self.startup)
+        self.metrics.open_deferred()  # TensorBoard's writer, after the first step
 
     def _resume_or_start(self) -> None:
         cfg, progress = self.cfg, self.progress

@@ -15,9 +15,11 @@ life writes its own file, so uploads never overwrite another life's events.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from orchestrator.storage import Store
@@ -74,14 +76,17 @@ class TensorBoardWriter:
                 self.run.write_bytes(f"{TB_DIR}/{name}", f.read())
 
 
-def open_writer(run: Store, *, enabled: bool, start_step: int) -> TensorBoardWriter | None:
-    """The leader's writer, or None when off or when tensorboard is not installed (said once)."""
+def writer_opener(
+    run: Store, *, enabled: bool, start_step: int
+) -> Callable[[], TensorBoardWriter] | None:
+    """What opens the leader's writer (metrics.py opens it after the life's first step: its
+    import takes ~0.2 s), or None when off or when tensorboard is not installed (said once)."""
     if not enabled:
         return None
     if not available():
         log.warning("logging.tensorboard: the tensorboard package is not installed; skipping")
         return None
-    return TensorBoardWriter(run, purge_step=start_step)
+    return functools.partial(TensorBoardWriter, run, purge_step=start_step)
 
 
 def scalar_values(values: dict[str, Any]) -> dict[str, float]:

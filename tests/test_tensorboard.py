@@ -72,6 +72,13 @@ def test_killed_twice_shows_each_step_once_with_the_last_logged_value(tmp_path: 
     commits = [s for s, _ in scalars(tb, "events/commit")]
     assert commits == list(range(EVERY, MAX_STEPS + 1, EVERY)), at
     assert [s for s, _ in scalars(tb, "time/step_s")] == list(range(1, MAX_STEPS + 1))
+    # Each life's start-up split, at its first step, in the log and (opened late) TensorBoard.
+    starts = [r for r in records if r.get("event") == "startup"]
+    assert [r["step"] for r in starts] == [1] + [s + 1 for s in at]
+    for r in starts:
+        phases = [v for k, v in r.items() if k.startswith("startup/") and k != "startup/total_s"]
+        assert len(phases) == 6 and r["startup/total_s"] == pytest.approx(sum(phases), abs=0.01)
+    assert [s for s, _ in scalars(tb, "startup/total_s")] == [1] + [s + 1 for s in at]
 
 
 def _life(run: Store, start: int, resumes: int, steps: range, offset: float) -> None:

@@ -73,12 +73,16 @@ class Checkpointer:
         parallel: str = "",
         config_hash: str = "",
         clock: Callable[[], float] = time.monotonic,
+        after_first_step: Callable[[int], None] | None = None,
     ) -> None:
         """`config` is the `checkpoint:` section as loaded: its SaveSchedule drives `maybe_save`,
         its RetentionPolicy (and `retention_hooks`, the Python API's predicates) retention.
         `before_save` runs first in every save: what it writes (the metrics lines of the steps
-        the checkpoint covers, which a resume never runs again) is durable by the commit."""
+        the checkpoint covers, which a resume never runs again) is durable by the commit.
+        `after_first_step` runs once, when `maybe_save` is first offered a step (the session's
+        start-up timing)."""
         self.store = store
+        self._after_first_step = after_first_step
         self.config = config
         self._before_save = before_save
         self._clock = clock
@@ -133,6 +137,9 @@ class Checkpointer:
     ) -> bool:
         """Save `step` if the schedule says so; called by the loop after every step, on every
         rank (the time rule is agreed across ranks). True if a save was started."""
+        if self._after_first_step is not None:
+            first, self._after_first_step = self._after_first_step, None
+            first(step)
         since = self._clock() - self._saved_time
         if not due(self.config, step, epoch_ended=epoch_ended, epoch=epoch, since_save_s=since):
             return False
