@@ -25,19 +25,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.errors import (
-    CheckpointCorrupt,
-    ConfigError,
-    StockpotError,
-    StorageError,
-    UsageError,
-)
+from orchestrator.errors import StockpotError
 
 if TYPE_CHECKING:
     from orchestrator.progress import Progress
@@ -50,12 +45,6 @@ CLASSES = (FINISHED, STOPPED, TRANSIENT, DETERMINISTIC)  # in rising severity
 LIVES_DIR = "lives"
 # Set by a supervisor for the ranks it starts: which life this is, and where to say how it ended.
 LIFE_ID_VAR, END_DIR_VAR = "STOCKPOT_LIFE_ID", "STOCKPOT_END_DIR"
-
-# Always deterministic: a restart cannot change a config, a usage error or a corrupt checkpoint
-# that nothing older replaces (restore already falls back when it can).
-_NEVER_RETRY: tuple[type[BaseException], ...] = (ConfigError, UsageError, CheckpointCorrupt)
-# Always transient, however often: the outage may end (bounded by launcher.max_restarts).
-_ALWAYS_RETRY: tuple[type[BaseException], ...] = (StorageError,)
 
 # The step the rank is at, for a failure's signature (the session points it at its Progress).
 _where: list[Progress] = []
@@ -94,7 +83,11 @@ class EndRecord:
 
 
 def signature(exc: BaseException) -> str:
+    """What "the same failure" means: the exception's type and message, with the parts that
+    change from one life to the next (numbers, hex ids: temp names, ports, addresses) blanked,
+    so a repeat is seen as one."""
     text = " ".join(str(exc).split())[:300]
+    text = re.sub(r"[0-9a-f]{8,}|\d+", "#", text)
     return f"{type(exc).__module__}.{type(exc).__qualname__}: {text}"
 
 
@@ -103,12 +96,15 @@ def classify(
 ) -> str:
     """The class of a rank's failure with `exc` at `step`, given the records of earlier lives.
 
-    A lost or hung peer says nothing about this rank's code: transient. So does an exception
-    the first time; the same exception at the same step in an earlier life makes it
-    deterministic (at most one restart for a bug, never a loop)."""
-    if isinstance(exc, _NEVER_RETRY):
+    The exception's own `restart` (orchestrator/errors.py) decides first: "never" (config,
+    usage, corruption with nothing older, a full disk) is deterministic, "always" (storage
+    down after its retries) transient. A lost or hung peer says nothing about this rank's code:
+    transient. Anything else is transient the first time and deterministic when the same
+    failure ended an earlier life at the same step (at most one restart for a bug)."""
+    policy = getattr(exc, "restart", "once")
+    if policy == "never":
         return DETERMINISTIC
-    if lost_peer or isinstance(exc, _ALWAYS_RETRY):
+    if lost_peer or policy == "always":
         return TRANSIENT
     sig = signature(exc)
     for end in earlier:  # the caller leaves out this life's own records

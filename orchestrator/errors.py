@@ -2,15 +2,20 @@
 
 
 class StockpotError(Exception):
-    """Base of every error stockpot raises on purpose; `exit_code` is what the CLI returns."""
+    """Base of every error stockpot raises on purpose; `exit_code` is what the CLI returns.
+    `restart` is what a supervisor does when it ends a life (orchestrator/ending.py): "never"
+    (a restart cannot fix it), "always" (it may pass), or "once" (restart; the same failure at
+    the same step again stops)."""
 
     exit_code = 1
+    restart = "once"
 
 
 class ConfigError(StockpotError):
     """The config (file or `key=value` override) is wrong; the message says how to fix it."""
 
     exit_code = 2
+    restart = "never"
 
 
 def require(ok: bool, message: str, error: type[StockpotError] = ConfigError) -> None:
@@ -24,10 +29,13 @@ class UsageError(StockpotError):
     """A command was pointed at the wrong thing (no run dir, bad output name, ...)."""
 
     exit_code = 2
+    restart = "never"
 
 
 class StorageError(StockpotError):
     """A storage operation failed for good (after retries, or a permanent error)."""
+
+    restart = "always"  # an outage may end
 
 
 class CheckpointError(StockpotError):
@@ -38,3 +46,4 @@ class CheckpointCorrupt(StockpotError):
     """A committed checkpoint fails verification (size, checksum, or an unsafe manifest)."""
 
     exit_code = 3
+    restart = "never"  # restore already fell back to an older one when it could

@@ -71,3 +71,16 @@ def test_a_record_round_trips_and_a_cut_one_is_skipped(tmp_path) -> None:
     (tmp_path / "lives" / "j-0-0" / "rank-00000.json").write_text('{"life": "j-0')
     assert ending.read_ends(store) == [end]
     assert ending.read_words(str(end_dir)) == {1: (T, "rank 1 was killed by SIGKILL")}
+
+
+def test_a_message_that_names_a_temp_file_still_repeats() -> None:
+    first = RuntimeError("write failed: .tmp-step-000000006-52fed46bfa01/__0_optim.distcp")
+    again = RuntimeError("write failed: .tmp-step-000000006-70a45bce8df7/__0_optim.distcp")
+    earlier = [rec("a", 0, T, "x", 6, ending.signature(first))]
+    assert ending.classify(again, 6, earlier) == D
+
+
+def test_a_full_disk_is_never_restarted() -> None:
+    from orchestrator.checkpoint.format.dcp_io import DiskFull
+
+    assert ending.classify(DiskFull("no space left on device"), 6, []) == D

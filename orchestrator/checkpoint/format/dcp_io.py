@@ -50,6 +50,7 @@ from orchestrator.storage import Store
 class DiskFull(CheckpointError):
     """A save ran out of space (ENOSPC); its attempt is removed, the previous checkpoint stays."""
 
+    restart = "never"  # the disk stays full until someone frees it: free space and run again
     leader_only = True  # every rank raises the same line; the leader says it (worker.py)
 
 
