@@ -19,15 +19,15 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.chaos import faults, inputs, jobs, report
+from bench.chaos import crashes, faults, inputs, jobs, report
 from bench.chaos.jobs import Trial
 from bench.chaos.s3env import S3Env, s3_faults
 from orchestrator.storage import Store
 
 # One cycle of the schedule: kills weigh most, every scenario appears.
-CYCLE = ("kill", "setup", "corrupt", "kill", "s3", "disk-full", "kill", "corrupt", "hang",
-         "setup", "kill", "corrupt", "setup", "s3", "corrupt", "setup", "kill", "corrupt",
-         "setup")  # fmt: skip
+CYCLE = ("kill", "setup", "crash-kill", "corrupt", "kill", "s3", "disk-full", "kill", "corrupt",
+         "crash-bug", "hang", "setup", "kill", "corrupt", "setup", "crash-hang", "s3", "corrupt",
+         "setup", "kill", "corrupt", "setup")  # fmt: skip
 QUICK_TRIALS = len(CYCLE)
 
 
@@ -37,6 +37,7 @@ def variants(scenario: str) -> tuple[str, ...]:
         "s3": ("ddp-sync",),
         "disk-full": ("ddp-sync",),
         "hang": ("ddp-sync",),
+        **crashes.CRASH_VARIANTS,
         "setup": inputs.SETUPS,
         "corrupt": tuple(f"{t}:{d}" for d in inputs.DAMAGES for t in inputs.TARGETS),
     }[scenario]
@@ -65,6 +66,7 @@ class Suite:
             "kill": lambda t, w: faults.kill(t, w, self.refs, rng),
             "disk-full": lambda t, w: faults.disk_full(t, w, self.refs, rng),
             "hang": lambda t, w: faults.hung_rank(t, w, self.refs, rng),
+            **dict.fromkeys(crashes.FAULT, lambda t, w: crashes.crash(t, w, self.refs, rng)),
             "s3": lambda t, w: s3_faults(t, w, self.refs, rng, self.s3),
             "setup": lambda t, w: inputs.bad_setup(t, w, self.s3),
             "corrupt": lambda t, w: inputs.corrupt(t, w, self.refs, rng, self.base()),
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             trial = suite.trial(n, scenario, variant)
             trials.append(trial)
             mark = "ok  " if trial.ok else "FAIL"
-            print(f"{mark} {n:3d} {scenario:9s} {variant:26s} {trial.seconds:6.1f}s {trial.why}",
+            print(f"{mark} {n:3d} {scenario:10s} {variant:26s} {trial.seconds:6.1f}s {trial.why}",
                   flush=True)  # fmt: skip
     finally:
         suite.s3.close()

@@ -20,6 +20,10 @@ from orchestrator.checkpoint.format import CHECKPOINTS_DIR, TMP_PREFIX
 from orchestrator.storage import Store
 
 KILL_VARIANTS = ("ddp-sync", "fsdp-async", "ddp-async", "fsdp-sync")
+# kill and hang judge the next `stockpot run`'s resume: no restart inside the job (one killed or
+# stopped rank would be restarted there, and the resume judged would be the finished run's).
+# The restarts themselves are crashes.py's.
+NO_RESTART = "launcher.max_restarts=0"
 HANG_TIMEOUT_S = 15  # trainer.collective_timeout_s in the hung-rank trial
 DISK_MB = 16  # the tmpfs the full-disk trial runs on
 DISK_LEFT = 200_000  # bytes left free once filled: metrics lines fit, a checkpoint does not
@@ -34,7 +38,7 @@ def kill(trial: Trial, work: Path, refs, rng: random.Random) -> None:
     """SIGKILL a random rank or the whole job, usually while a save is in flight; resume."""
     run_dir = str(work / "run")
     store, log = Store(run_dir), work / "run.log"
-    argv = argv_for(run_dir, *variant_args(trial.variant))
+    argv = argv_for(run_dir, *variant_args(trial.variant), NO_RESTART)
     target = rng.randrange(EVERY, MAX_STEPS - EVERY, EVERY)
     job = jobs.start(argv, log)
     try:
@@ -119,7 +123,7 @@ def hung_rank(trial: Trial, work: Path, refs, rng: random.Random) -> None:
     exits non-zero; a rerun resumes from the last commit."""
     run_dir = str(work / "run")
     store, log = Store(run_dir), work / "run.log"
-    argv = argv_for(run_dir, "trainer.parallel=ddp")
+    argv = argv_for(run_dir, "trainer.parallel=ddp", NO_RESTART)
     job = jobs.start([*argv, f"trainer.collective_timeout_s={HANG_TIMEOUT_S}"], log)
     try:
         jobs.wait_for(lambda: jobs.newest_step(store) >= EVERY, job, "a first commit")

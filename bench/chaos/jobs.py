@@ -130,24 +130,36 @@ def verify_all(store: Store) -> catalog.Scan:
     return scan
 
 
-def final_weights(store: Store) -> dict[str, torch.Tensor]:
+WEIGHTS = (".model.",)  # the tensors `judge` compares: the model's
+STATE = (".model.", ".optim.state.")  # and the optimizer's (AdamW's moments and step counts)
+
+
+def final_weights(store: Store, parts: Sequence[str] = WEIGHTS) -> dict[str, torch.Tensor]:
+    """The final checkpoint's tensors whose names contain one of `parts`."""
     scan = catalog.scan(store)
     found = [c for c in scan.committed if c.step == MAX_STEPS]
     check(bool(found), f"no committed checkpoint at step {MAX_STEPS}")
     rel = found[0].data_rel
-    keys = [k for k in stored_items(store, rel) if ".model." in k]
+    keys = [k for k in stored_items(store, rel) if any(p in k for p in parts)]
     return load_flat(store, rel, keys)
 
 
-def judge(store: Store, reference: Store, log: Path, *, verify: bool = True) -> None:
+def judge(
+    store: Store,
+    reference: Store,
+    log: Path,
+    *,
+    verify: bool = True,
+    parts: Sequence[str] = WEIGHTS,
+) -> None:
     """The checks every resuming trial ends with (`verify`: every commit must verify; off where
-    the trial damaged one on purpose)."""
+    the trial damaged one on purpose; `parts`: which tensors must equal the reference's)."""
     if verify:
         verify_all(store)
-    mine, ref = final_weights(store), final_weights(reference)
+    mine, ref = final_weights(store, parts), final_weights(reference, parts)
     check(sorted(mine) == sorted(ref), "final checkpoints hold different tensors")
     differ = [k for k in ref if not torch.equal(mine[k], ref[k])]
-    check(not differ, f"final weights differ from the uninterrupted run's: {differ[:3]}")
+    check(not differ, f"final state differs from the uninterrupted run's: {differ[:3]}")
     check("Traceback" not in log.read_text(errors="replace"), f"a traceback in {log}")
 
 

@@ -17,6 +17,9 @@ WHAT = {
     "s3": "S3 via a proxy failing requests (500, 503 SlowDown, resets, slow); kill; resume",
     "disk-full": "disk fills before a save: one line, exit 1, previous checkpoint whole; resume",
     "hang": "SIGSTOP a rank: the others exit within trainer.collective_timeout_s; resume",
+    "crash-kill": "a rank SIGKILLs itself: one `stockpot run` restarts every rank, exits 0",
+    "crash-hang": "a rank SIGSTOPs itself: its peer times out, every rank restarts, exit 0",
+    "crash-bug": "a rank raises at the same step each life: one restart, then deterministic exit 1",
     "corrupt": "random bytes / truncation / bit flip in a checkpoint file or config.yaml",
     "setup": "no credentials, 403, unknown bucket, unreachable endpoint, read-only dir: exit 2",
 }
