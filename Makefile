@@ -89,7 +89,7 @@ bench: venv
 
 # Chaos trials on real 2-rank jobs (bench/chaos): SIGKILLs, S3 faults, a full disk, a hung rank,
 # corrupted files, bad storage set-ups; each must lose nothing and resume bit-identical. Quick mode
-# (19 trials, < 10 min on 2 quiet cores); TRIALS=N for more; README=1 rewrites README's table;
+# (22 trials, < 10 min on 2 quiet cores); TRIALS=N for more; README=1 rewrites README's table;
 # CHAOS_ARGS e.g. "--only kill s3 --s3-fault-rate 0.1". Needs root (tmpfs mounts).
 chaos: venv
 	$(BIN)/python -m bench.chaos $(if $(TRIALS),--trials $(TRIALS)) $(if $(README),--readme) $(CHAOS_ARGS)
