@@ -13,23 +13,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from bench.chaos import jobs
 from bench.common import PY, REPO, Row, Sizes, median, ratio_row
 from bench.disk import evict, files_under
 from bench.load import CONFIG, _bare_start
+from orchestrator.storage import Store
 
 COMMIT_STEP = 2
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return sorted(out)
 
 
 def _restart_once(run_dir: Path, sizes: Sizes, log: Path) -> tuple[float, float]:
@@ -42,11 +32,11 @@ def _restart_once(run_dir: Path, sizes: Sizes, log: Path) -> tuple[float, float]
     with open(log, "w") as out:
         job = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
-        while not _has_commit(run_dir):
+        while jobs.newest_step(Store(str(run_dir))) < COMMIT_STEP:
             if job.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"no commit at step {COMMIT_STEP}: {log.read_text()[-2000:]}")
             time.sleep(0.01)
-        ranks = _children(job.pid)
+        ranks = jobs.ranks_of(job)
         os.kill(ranks[-1], signal.SIGSTOP)  # hold it while the files are evicted
         evict(files_under(run_dir / "checkpoints"))
         killed_at = time.time()
@@ -58,14 +48,6 @@ def _restart_once(run_dir: Path, sizes: Sizes, log: Path) -> tuple[float, float]
     first_step = next(x["time"] for x in lines[last_resume:] if "loss" in x)
     decided = _log_time(log.read_text(), "transient failure after")
     return first_step - killed_at, decided - killed_at
-
-
-def _has_commit(run_dir: Path) -> bool:
-    from orchestrator.checkpoint import catalog
-    from orchestrator.storage import Store
-
-    latest = catalog.scan(Store(str(run_dir))).latest()
-    return latest is not None and latest.step >= COMMIT_STEP
 
 
 def _log_time(text: str, pattern: str) -> float:

@@ -22,6 +22,7 @@ from orchestrator.preemption import catch_early
 
 if TYPE_CHECKING:
     from orchestrator.loop import Outcome
+    from orchestrator.storage import Store
 
 # setup_logging: for launch/job.py
 __all__ = ["RankEnd", "exit_now", "main", "main_with", "run_rank", "setup_logging"]
@@ -55,9 +56,9 @@ def run_rank(cfg: Config, env: DistEnv) -> RankEnd:
     if env.is_leader or os.environ.get(ending.END_DIR_VAR):
         klass = ending.FINISHED if outcome.finished else ending.STOPPED
         cause = "finished" if outcome.finished else f"stopped by {outcome.signal or 'a signal'}"
-        _record(
-            cfg, env, ending.make_end(_life(env), env.rank, klass, cause), run_dir=env.is_leader
-        )
+        end = ending.make_end(_life(env), env.rank, klass, cause, world=env.world_size)
+        # Every rank finished or stopped alike: the leader's record says it for the run dir.
+        ending.record(_run_store(cfg) if env.is_leader else None, os.environ, end)
     return RankEnd(outcome.exit_code, outcome)
 
 
@@ -76,15 +77,19 @@ def _failed(cfg: Config, env: DistEnv, exc: Exception) -> RankEnd:
     else:  # the task's or the user's code (or a bug of ours): keep the traceback
         line, code = f"rank {env.rank}: {one_line(exc)}", 1
         say.exception("%s", line)
-    life = _life(env)
-    earlier = [e for e in _earlier_ends(cfg) if e.life != life]
+    life, store = _life(env), _run_store(cfg)
+    earlier: list[ending.EndRecord] = []
+    try:
+        earlier = [e for e in ending.read_ends(store) if e.life != life] if store else []
+    except Exception as problem:  # the store may be what failed
+        say.warning("could not read earlier lives' records: %s", problem)
     klass = ending.classify(exc, ending.current_step(), earlier, lost_peer=peer is not None)
     if klass == ending.DETERMINISTIC and code == 1:
         say.error("rank %d: the same failure ended an earlier life at this step: deterministic, "
                   "not restarting", env.rank)  # fmt: skip
     own = None if peer is not None else exc
     end = ending.make_end(life, env.rank, klass, line, own, world=env.world_size)
-    _record(cfg, env, end, run_dir=True)
+    ending.record(store, os.environ, end)
     return RankEnd(code, failure=line)
 
 
@@ -92,24 +97,16 @@ def _life(env: DistEnv) -> str:
     return ending.life_id(os.environ, env.job_id, env.restart_count)
 
 
-def _earlier_ends(cfg: Config) -> list[ending.EndRecord]:
+def _run_store(cfg: Config) -> Store | None:
+    """run.dir for this rank's end record; None if it cannot even be opened (the store may be
+    what failed): the supervisor still gets the class word."""
     try:
         from orchestrator.session import run_dir_store
 
-        return ending.read_ends(run_dir_store(cfg))
-    except Exception as exc:  # the store may be what failed
-        logging.getLogger("stockpot").warning("could not read earlier lives' records: %s", exc)
-        return []
-
-
-def _record(cfg: Config, env: DistEnv, end: ending.EndRecord, *, run_dir: bool) -> None:
-    try:
-        from orchestrator.session import run_dir_store
-
-        store = run_dir_store(cfg) if run_dir else None
-    except Exception:  # still tell the supervisor
-        store = None
-    ending.record(store, os.environ, end)
+        return run_dir_store(cfg)
+    except Exception as exc:
+        logging.getLogger("stockpot").warning("could not open run.dir to record the end: %s", exc)
+        return None
 
 
 def main_with(cfg: Config, environ: dict[str, str] | None = None) -> int:

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.checkpoint import catalog
+from launch.jobs import job_state
 from orchestrator.metrics import read_metrics
 from orchestrator.storage import Store
 from tests.ckpt_helpers import assert_same, final_state
 from tests.fixtures.slurm import SlurmCluster, start_cluster, unavailable
-from tests.runs import REPO, STOCKPOT, frozen, losses, wait_until
+from tests.runs import REPO, STOCKPOT, frozen, losses, newest_step, wait_until
 from tests.sbatch_jobs import (
     MAX_STEPS,
     START_TIMEOUT_S,
@@ -115,31 +115,24 @@ def test_a_node_failure_requeues_onto_healthy_nodes_and_ends_bit_identical(
     assert out.returncode == 0, out.stderr
     job_id = str(json.loads((run_dir / "jobs.json").read_text())[0]["job_id"])
     try:
-        wait_until(lambda: _newest(run_dir) >= 10, "step 10 committed", timeout=START_TIMEOUT_S)
+        wait_until(lambda: newest_step(run_dir) >= 10, "step 10 committed", timeout=START_TIMEOUT_S)
         with frozen(_ranks_of(job_id)):
-            committed = _newest(run_dir)
+            committed = newest_step(run_dir)
             assert _node_of(job_id) == "n[1-2]"
             _fail_node(job_id, "n2")
-        wait_until(lambda: _state(job_id) in ("COMPLETED", "FAILED"), "the job's end", 300)
+        wait_until(
+            lambda: job_state({"job_id": job_id}) in ("COMPLETED", "FAILED"), "the job's end", 300
+        )
     finally:
         reason = start_cluster("--nodes", "3", timeout_s=SWITCH_TIMEOUT_S)  # n2 back
         assert reason is None, reason
     batch_log = (logs / f"{job_id}_0_log.out").read_text()
-    assert _state(job_id) == "COMPLETED", batch_log[-3000:]
+    assert job_state({"job_id": job_id}) == "COMPLETED", batch_log[-3000:]
     assert f"life {job_id}-1-0: starting 2 rank(s) on n[1,3]" in batch_log, batch_log[-3000:]
     resumed = [r for r in read_metrics(Store(str(run_dir))) if r.get("event") == "resumed"]
     assert [(r["step"], r["restart"]) for r in resumed] == [(committed, 1)], resumed
     assert_same(final_state(run_dir, MAX_STEPS), final_state(reference, MAX_STEPS))
     assert losses(run_dir) == losses(reference)
-
-
-def _newest(run_dir: Path) -> int:
-    latest = catalog.scan(Store(str(run_dir))).latest()
-    return latest.step if latest else 0
-
-
-def _state(job_id: str) -> str:
-    return slurm("squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T").strip()
 
 
 def _node_of(job_id: str) -> str:
