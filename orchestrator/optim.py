@@ -1,6 +1,6 @@
 """Optimizer and learning-rate schedule from the config.
 
-Built in: AdamW/SGD and warmup + cosine/constant. Or any class by `_target_`: a name in
+Built in: AdamW/SGD and warmup + cosine/constant/warmup-stable-decay (wsd). Or any class by `_target_`: a name in
 `torch.optim` (`torch.optim.lr_scheduler` for schedules) or an import path, built with the
 section's `kwargs`. `check_targets` builds both on a throwaway parameter, so a bad path, class
 or keyword fails as one ConfigError before the model trains.
@@ -62,18 +62,46 @@ def _construct(groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Op
 
 def lr_multiplier(cfg: SchedulerConfig, horizon: Callable[[], int]) -> Callable[[int], float]:
     """Step -> factor of optim.lr: linear warmup over `warmup_steps`, then cosine decay to
-    `min_lr_ratio` at `horizon()` (or constant). Pure, so a resumed run recomputes it exactly;
-    the horizon is read when needed because a resume restores it after the scheduler exists."""
+    `min_lr_ratio` at `horizon()`, constant, or warmup-stable-decay (`wsd`: constant, then a
+    cooldown to `min_lr_ratio` over the last `cooldown_steps` before the horizon). Pure, so a
+    resumed run recomputes it exactly (and a stable run resumed as `wsd` follows the new
+    schedule from its step on); the horizon is read when needed because a resume restores it
+    after the scheduler exists."""
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.name == "constant":
             return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, horizon() - cfg.warmup_steps))
+        end = horizon()
+        if cfg.name == "wsd":
+            length = cooldown_steps(cfg, end)
+            start = end - length
+            if step < start:
+                return 1.0
+            shape = COOLDOWNS[cfg.cooldown_shape](min(1.0, (step - start) / max(1, length)))
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, end - cfg.warmup_steps))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+# Cooldown shapes: progress through the cooldown (0..1) -> remaining fraction of the LR.
+# minus-sqrt is the 1 - sqrt(t) cooldown of Hägele et al. 2024 ("Scaling Laws and
+# Compute-Optimal Training Beyond Fixed Training Durations").
+COOLDOWNS: dict[str, Callable[[float], float]] = {
+    "linear": lambda t: 1.0 - t,
+    "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t)),
+    "minus-sqrt": lambda t: 1.0 - math.sqrt(t),
+}
+
+
+def cooldown_steps(cfg: SchedulerConfig, horizon: int) -> int:
+    """`wsd`'s cooldown length: scheduler.cooldown_steps, or cooldown_fraction of the horizon."""
+    if cfg.cooldown_steps is not None:
+        return min(cfg.cooldown_steps, horizon)
+    return round(cfg.cooldown_fraction * horizon)
 
 
 def build_scheduler(

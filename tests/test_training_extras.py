@@ -22,7 +22,13 @@ from torch import nn
 from orchestrator import parallel
 from orchestrator.config import OptimConfig, SchedulerConfig, load
 from orchestrator.errors import ConfigError
-from orchestrator.optim import build_optimizer, build_scheduler, check_targets, param_groups
+from orchestrator.optim import (
+    build_optimizer,
+    build_scheduler,
+    check_targets,
+    lr_multiplier,
+    param_groups,
+)
 from tests import runs
 from tests.ckpt_helpers import assert_same, final_state
 
@@ -84,6 +90,21 @@ def test_decay_norms_and_biases_false_puts_every_vector_in_a_group_without_decay
     assert all(n.endswith(("bias", "norm.weight")) for n in kept) and len(kept) == 8
     optimizer = build_optimizer(model, cfg)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("shape", "halfway"), [("linear", 0.5), ("cosine", 0.5), ("minus-sqrt", 1 - 0.5**0.5)]
+)
+def test_wsd_is_flat_then_cools_down_over_its_last_steps(shape: str, halfway: float) -> None:
+    cfg = SchedulerConfig(name="wsd", warmup_steps=10, cooldown_steps=20, cooldown_shape=shape,
+                          min_lr_ratio=0.1)  # fmt: skip
+    factor = lr_multiplier(cfg, lambda: 100)
+    assert [factor(s) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]  # warmup
+    assert {factor(s) for s in range(10, 81)} == {1.0}  # stable, up to the cooldown's start
+    assert factor(90) == pytest.approx(0.1 + 0.9 * halfway)
+    assert factor(100) == pytest.approx(0.1) and factor(99) > factor(100)
+    fraction = lr_multiplier(SchedulerConfig(name="wsd", cooldown_fraction=0.25), lambda: 100)
+    assert fraction(75) == 1.0 and fraction(76) < 1.0
 
 
 def test_targets_are_torch_names_or_import_paths_built_with_their_kwargs() -> None:

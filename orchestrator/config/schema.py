@@ -187,8 +187,10 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    # `cosine` (linear warmup then cosine decay to min_lr_ratio x lr) or `constant` (after warmup).
-    name: Literal["cosine", "constant"] = "cosine"
+    # `cosine` (linear warmup then cosine decay to min_lr_ratio x lr), `constant` (after
+    # warmup), or `wsd` (warmup-stable-decay: constant, then a cooldown to min_lr_ratio x lr
+    # over the last cooldown_steps before decay_steps; the usual pretraining schedule).
+    name: Literal["cosine", "constant", "wsd"] = "cosine"
     # Any schedule instead, called as `_target_(optimizer=..., **kwargs)`: a class in
     # torch.optim.lr_scheduler (`StepLR`), or an import path to a class or factory function.
     # It is stepped once per optimizer step; warmup_steps, min_lr_ratio and decay_steps do not apply.
@@ -202,6 +204,12 @@ class SchedulerConfig:
     # Steps over which the cosine decays; null: trainer.max_steps as of the run's first start
     # (kept on resume, so raising max_steps later does not bend the schedule already followed).
     decay_steps: int | None = None
+    # `wsd`: steps of the cooldown at the end of the schedule; null: cooldown_fraction of it.
+    cooldown_steps: int | None = None
+    # `wsd`: the cooldown's share of the schedule when cooldown_steps is null.
+    cooldown_fraction: float = 0.2
+    # `wsd`: the cooldown's shape: `linear`, `cosine` or `minus-sqrt` (1 - sqrt(progress)).
+    cooldown_shape: Literal["linear", "cosine", "minus-sqrt"] = "linear"
 
     def __post_init__(self) -> None:
         require(
@@ -212,6 +220,11 @@ class SchedulerConfig:
             f"scheduler.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})",
         )
         _positive_or_none(self.decay_steps, "scheduler.decay_steps", "null for trainer.max_steps")
+        _positive_or_none(self.cooldown_steps, "scheduler.cooldown_steps", "null for a fraction")
+        require(
+            0 < self.cooldown_fraction <= 1,
+            f"scheduler.cooldown_fraction must be in (0, 1] (got {self.cooldown_fraction})",
+        )
         _check_target(self.target, "scheduler._target_")
         require(
             self.target is not None or not self.kwargs,
