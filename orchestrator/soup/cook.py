@@ -4,7 +4,8 @@
     open each one's tensor index; same keys, shapes, dtypes       reader.py, engine.check_layout
     verify what it reads against its manifest, as it reads it     checks.py, provenance.Integrity
     recipe: uniform / weighted need no model; greedy / learned    engine.py, recipes.py
-            score with the run's task (evaluate.py)
+            score with the run's task (evaluate.py) or the user's --eval
+            command / --eval-hook (user_eval.py)
     stream the output (sharded safetensors), then SOUP.json last  writer.py, checkpoint/commit.py
 
 Nothing is committed unless every check passed: a refusal after the files were written leaves

@@ -83,8 +83,9 @@ class UserJudge:
 
     def value(self, scores: Mapping[str, float]) -> float:
         if self.metric not in scores:
+            evaluation = self.describe()
             raise UsageError(
-                f"--metric {self.metric}: {self.describe()} reports {', '.join(sorted(scores))}"
+                f"--metric {self.metric}: {evaluation} reports {', '.join(sorted(scores))}"
             )
         return scores[self.metric]
 
@@ -132,11 +133,12 @@ def run_command(cmd: str, state: State) -> dict[str, float]:
     if scores is None:
         _log_tail(cmd, done)
         last = next((t for t in reversed(done.stderr.splitlines()) if t.strip()), "")
-        what = f"exit code {done.returncode}" if done.returncode else "exit code 0 but"
-        why = "" if done.returncode else " its last stdout line is not a JSON object of numbers"
+        status = f"exit code {done.returncode}" if done.returncode else "exit code 0"
+        if not done.returncode:
+            status += " but its last stdout line is not a JSON object of numbers"
+        stderr = last.strip() or "(none)"
         raise UsageError(
-            f"--eval {cmd!r} failed: {what}{why}; last stderr line: {last.strip() or '(none)'}; "
-            "nothing was committed"
+            f"--eval {cmd!r} failed: {status}; last stderr line: {stderr}; nothing was committed"
         )
     return scores
 
@@ -209,13 +211,13 @@ def call_hook(hook: Callable[[State], Any], spec: str, state: State) -> dict[str
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _default_metric(scores: Mapping[str, float], who: str) -> str:
+def _default_metric(scores: Mapping[str, float], evaluation: str) -> str:
     if "eval/loss" in scores:
         return "eval/loss"
     if len(scores) == 1:
         return next(iter(scores))
     raise UsageError(
-        f"{who} reports {', '.join(sorted(scores))}: say which one ranks soups with --metric"
+        f"{evaluation} reports {', '.join(sorted(scores))}: say which one ranks soups with --metric"
     )
 
 
