@@ -14,3 +14,7 @@ def distance(state: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def broken(state: dict[str, torch.Tensor]) -> list[float]:
     return [0.0]
+
+
+def raises(state: dict[str, torch.Tensor]) -> dict[str, float]:
+    raise RuntimeError("no GPU here")

@@ -95,6 +95,18 @@ def test_a_uniform_soup_records_the_hooks_scores(
     assert "soup scores: eval/error=" in got.stdout
 
 
+def test_a_uniform_soup_needs_no_metric_to_record_the_commands_scores(
+    capsys: pytest.CaptureFixture[str], kitchen: Path
+) -> None:
+    cmd = _cmd(kitchen)
+    got = _soup(capsys, kitchen, "--eval", cmd, "--out", str(kitchen / "u"))
+    assert got.returncode == 0, got.stderr
+    record = record_of(kitchen / "u")
+    assert set(record["soup_scores"]) == {"eval/score", "eval/error"}
+    assert record["evaluation"] == {"command": cmd}  # nothing was ranked
+    assert len((kitchen / "calls").read_text().split()) == 1  # the soup as written, only
+
+
 @pytest.mark.parametrize(
     ("cmd", "says"),
     [
@@ -122,11 +134,14 @@ def test_a_failing_command_is_one_line_and_commits_nothing(
         (["--eval-hook", "tests.soup_eval_hooks:broken"], "returned list, not a dict"),
         (["--eval-hook", "tests.soup_eval_hooks:nope"], "has no function nope"),
         (["--recipe", "greedy"], "or score with your own --eval CMD"),
+        (["--eval-hook", "tests.soup_eval_hooks:raises"], "raised RuntimeError: no GPU here"),
+        (["--recipe", "greedy", "--eval", "SCRIPT"], "say which one ranks soups with --metric"),
     ],
 )
 def test_what_a_user_evaluation_cannot_do_is_refused_in_one_line(
     capsys: pytest.CaptureFixture[str], kitchen: Path, args: list[str], says: str
 ) -> None:
+    args = [_cmd(kitchen) if a == "SCRIPT" else a for a in args]
     got = _soup(capsys, kitchen, *args, "--out", str(kitchen / "no"))
     assert got.returncode == 2
     assert says in got.stderr and len(got.stderr.strip().splitlines()) == 1, got.stderr

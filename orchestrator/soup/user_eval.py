@@ -53,7 +53,8 @@ class UserJudge:
     `evaluation`, and the key under which a sibling soup's ingredient scores are reused).
 
     The metric is `--metric`, else `eval/loss` when the evaluation reports it, else the one
-    metric it reports; known after the first score (greedy reads it only after that)."""
+    metric it reports, known after the first score (greedy ranks only after that); several
+    and no `--metric` is an error only where something ranks by it (`value`)."""
 
     has_test = False
 
@@ -77,11 +78,16 @@ class UserJudge:
         t0 = time.perf_counter()
         scores = self.scorer(dict(state))
         if self._metric is None:
-            self._metric = _default_metric(scores, self.describe())
+            self._metric = _default_metric(scores)
         log.info("soup eval: %s (%.1f s)", _fmt(scores), time.perf_counter() - t0)
         return scores
 
     def value(self, scores: Mapping[str, float]) -> float:
+        if self._metric is None:
+            raise UsageError(
+                f"{self.describe()} reports {', '.join(sorted(scores))}: say which one ranks "
+                "soups with --metric"
+            )
         if self.metric not in scores:
             evaluation = self.describe()
             raise UsageError(
@@ -97,7 +103,9 @@ class UserJudge:
         return f"--eval {what!r}" if kind == "command" else f"--eval-hook {what}"
 
     def record(self) -> dict[str, str]:
-        """SOUP.json's `evaluation`: how the scores were made and what ranked them."""
+        """SOUP.json's `evaluation`: how the scores were made, and the metric that ranks."""
+        if self._metric is None:
+            return dict(self.how)
         return {**self.how, "metric": self.metric, "mode": self.mode}
 
 
@@ -211,14 +219,11 @@ def call_hook(hook: Callable[[State], Any], spec: str, state: State) -> dict[str
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _default_metric(scores: Mapping[str, float], evaluation: str) -> str:
+def _default_metric(scores: Mapping[str, float]) -> str | None:
+    """`eval/loss` if reported, else the only metric; None when that is ambiguous."""
     if "eval/loss" in scores:
         return "eval/loss"
-    if len(scores) == 1:
-        return next(iter(scores))
-    raise UsageError(
-        f"{evaluation} reports {', '.join(sorted(scores))}: say which one ranks soups with --metric"
-    )
+    return next(iter(scores)) if len(scores) == 1 else None
 
 
 def _fmt(scores: Mapping[str, float]) -> str:
