@@ -131,8 +131,8 @@ def run_command(cmd: str, state: State) -> dict[str, float]:
         line = cmd.replace(PLACEHOLDER, shlex.quote(path))
         # The process's own environment (never logged), plus where the model is.
         env = {**os.environ, MODEL_ENV: path}
-        done = subprocess.run(line, shell=True, env=env, capture_output=True, text=True,
-                              check=False)  # fmt: skip
+        done = subprocess.run(line, shell=True, env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, check=False)  # fmt: skip
     finally:
         os.unlink(path)
     for text in done.stderr.splitlines()[-TAIL_LINES:]:
