@@ -27,6 +27,7 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "report": ("report", "flag"), "out_checkpoint": ("out_checkpoint", "str"),
     "verify": ("verify", "raw"), "shard_mb": ("shard_mb", "raw"), "workers": ("read_workers", "raw"),
 }  # fmt: skip
+_FLAGS.update({"eval": ("eval_cmd", "str"), "eval_hook": ("eval_hook", "str")})
 
 
 class _Intermixed(argparse.ArgumentParser):
@@ -78,6 +79,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--allow-unrelated", action="store_true",
                    help="skip the shared-starting-point check")  # fmt: skip
     p.add_argument("--report", action="store_true", help="score table and <out>/soup.png")
+    p.add_argument("--eval", metavar="CMD",
+                   help="score soups with this shell command instead of the run's task: "
+                   "{model} (or $STOCKPOT_SOUP_MODEL) is the candidate's .safetensors file; "
+                   'its last stdout line is JSON metrics, e.g. {"eval/accuracy": 0.91}')  # fmt: skip
+    p.add_argument("--eval-hook", metavar="MOD:FN",
+                   help="score soups with this Python function of the state dict, returning "
+                   "a dict of metrics")  # fmt: skip
     p.add_argument("--out-checkpoint", metavar="RUN_DIR",
                    help="also write the soup as a committed checkpoint of RUN_DIR")  # fmt: skip
     p.add_argument(

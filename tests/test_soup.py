@@ -244,6 +244,16 @@ def test_greedy_is_never_worse_than_its_best_ingredient(run: Path, tmp_path: Pat
         ]
     )
     assert_close_to_rounding(soup_tensors(out), want)
+    # A sibling scored by a hook under the same metric name does not reuse the task's scores;
+    # the next sibling scored by that hook reuses the hook's (tests/test_soup_eval.py: the rest).
+    from tests import soup_eval_hooks
+
+    flags = ["--recipe", "greedy", "--metric", "eval/accuracy"]
+    for name, calls in (("hooked", 4 + 3 + 1), ("hooked-again", 3 + 1)):
+        soup_eval_hooks.CALLS.clear()
+        hook = ["--eval-hook", "tests.soup_eval_hooks:counted", "--out", tmp_path / name]
+        assert in_process(capsys, "soup", run, *flags, *hook).returncode == 0
+        assert len(soup_eval_hooks.CALLS) == calls, name
 
 
 @pytest.mark.parametrize("per_layer", [False, True])

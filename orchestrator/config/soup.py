@@ -73,6 +73,14 @@ class SoupConfig:
     read_workers: int = 4
     # Samples per batch when scoring on held-out data.
     eval_batch_size: int = 256
+    # Score soups with this shell command instead of the run's task (greedy, --report, the
+    # soup's scores): it gets the candidate model as a .safetensors file, its path in place of
+    # `{model}` (quoted) and in $STOCKPOT_SOUP_MODEL, and prints a JSON object of metrics on its
+    # last stdout line, e.g. {"eval/accuracy": 0.91}. See docs/soups.md.
+    eval_cmd: str | None = None
+    # Score soups with this Python function instead (`pkg.module:function`): given the state
+    # dict (name -> tensor), it returns a dict of metrics.
+    eval_hook: str | None = None
 
     def __post_init__(self) -> None:
         require(
@@ -106,6 +114,26 @@ class SoupConfig:
             f"soup.steps must be A:B, e.g. 100:500 or 200: (got {self.steps!r})",
         )
         self._check_urls()
+        self._check_eval()
+
+    def _check_eval(self) -> None:
+        require(
+            not (self.eval_cmd and self.eval_hook),
+            "soup.eval_cmd and soup.eval_hook are two ways to score soups: set one",
+        )
+        hook = self.eval_hook
+        require(
+            hook is None or (":" in hook and all(hook.split(":", 1))),
+            f"soup.eval_hook must be pkg.module:function (got {hook!r})",
+        )
+        user = "--eval" if self.eval_cmd else "--eval-hook" if hook else None
+        for what, on in (("recipe learned", self.recipe == "learned"),
+                         ("--recompute-bn", self.recompute_bn)):  # fmt: skip
+            require(
+                not (user and on),
+                f"{what} runs the task's own model, which {user} does not give; use greedy "
+                f"(or uniform/weighted) with {user}, or drop {user} to use the run's task",
+            )
 
     def _check_urls(self) -> None:
         """A URL no storage backend serves fails on load, not when the soup job starts."""

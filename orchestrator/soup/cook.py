@@ -4,7 +4,8 @@
     open each one's tensor index; same keys, shapes, dtypes       reader.py, engine.check_layout
     verify what it reads against its manifest, as it reads it     checks.py, provenance.Integrity
     recipe: uniform / weighted need no model; greedy / learned    engine.py, recipes.py
-            score with the run's task (evaluate.py)
+            score with the run's task (evaluate.py) or the user's --eval
+            command / --eval-hook (user_eval.py)
     stream the output (sharded safetensors), then SOUP.json last  writer.py, checkpoint/commit.py
 
 Nothing is committed unless every check passed: a refusal after the files were written leaves
@@ -20,7 +21,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import CheckpointCorrupt, UsageError
-from orchestrator.soup import engine, evaluate, provenance, recipes, segments, writer
+from orchestrator.soup import engine, evaluate, provenance, recipes, segments, user_eval, writer
 from orchestrator.soup.ingredients import resolve
 from orchestrator.soup.kitchen import Kitchen, Mixture
 from orchestrator.soup.reader import open_source
@@ -83,15 +84,19 @@ def _mb(n: int) -> str:
 
 
 def needs_judge(cfg: SoupConfig) -> bool:
-    return cfg.recipe in EVAL_RECIPES or cfg.report or cfg.recompute_bn
+    return cfg.recipe in EVAL_RECIPES or cfg.report or cfg.recompute_bn or user_eval.wanted(cfg)
 
 
-def build_judge(kitchen: Kitchen) -> evaluate.Judge:
+def build_judge(kitchen: Kitchen) -> evaluate.Judge | user_eval.UserJudge:
+    """The user's evaluation when one is given (soup.eval_cmd/eval_hook), else the run's task."""
+    if user_eval.wanted(kitchen.cfg):
+        return user_eval.build(kitchen.cfg)
     run = next((i.run for i in kitchen.ingredients if i.run), None)
     if run is None:
         raise UsageError(
             f"recipe {kitchen.cfg.recipe} (or --report/--recompute-bn) needs the run's task: "
-            "name run dirs or their checkpoints, not only .safetensors files"
+            "name run dirs or their checkpoints, not only .safetensors files, or score with "
+            "your own --eval CMD / --eval-hook MOD:FN (greedy, --report)"
         )
     cfg = kitchen.cfg
     return evaluate.Judge(run, kitchen.storage, cfg.metric, cfg.mode, cfg.eval_batch_size)
@@ -121,6 +126,7 @@ def choose(kitchen: Kitchen) -> Mixture:
             ],
         }
         return Mixture([srcs[i] for i in g.chosen], None, None, details, scores)
+    assert isinstance(judge, evaluate.Judge)  # config refuses learned with a user evaluation
     got = recipes.learned(
         judge, srcs, per_layer=cfg.per_layer, epochs=cfg.learned_epochs, lr=cfg.learned_lr,
         max_memory_gb=cfg.max_memory_gb,
@@ -139,7 +145,7 @@ def score_ingredients(kitchen: Kitchen) -> list[dict[str, float]]:
     assert judge is not None
     t0 = time.perf_counter()
     want_test = kitchen.cfg.report and judge.has_test
-    cached = _cached_scores(kitchen)
+    cached = _cached_scores(kitchen, judge.how if isinstance(judge, user_eval.UserJudge) else None)
     scores = []
     for ing, src in zip(kitchen.ingredients, kitchen.sources, strict=True):
         got = cached.get(ing.manifest_checksum or "")
@@ -159,8 +165,9 @@ def score_ingredients(kitchen: Kitchen) -> list[dict[str, float]]:
     return scores
 
 
-def _cached_scores(kitchen: Kitchen) -> dict[str, dict[str, float]]:
-    """manifest checksum -> scores, from the committed soups next to this one."""
+def _cached_scores(kitchen: Kitchen, how: dict[str, str] | None) -> dict[str, dict[str, float]]:
+    """manifest checksum -> scores, from the committed soups next to this one scored the same
+    way (`how`: the user's command or hook; None: the run's task)."""
     parent, _ = writer.split_out(kitchen.out, kitchen.storage)
     found: dict[str, dict[str, float]] = {}
     try:
@@ -171,6 +178,9 @@ def _cached_scores(kitchen: Kitchen) -> dict[str, dict[str, float]]:
         try:
             record = writer.read_record(parent.child(name))
         except (UsageError, CheckpointCorrupt, OSError):
+            continue
+        made = record.get("evaluation") or {}
+        if (how or {}) != {k: v for k, v in made.items() if k in ("command", "hook")}:
             continue
         for ing in record.get("ingredients", []):
             if ing.get("manifest_checksum") and ing.get("scores"):
@@ -204,8 +214,9 @@ def _cook_checked(kitchen: Kitchen, progress: Callable[[int], object] | None,
     if needs_judge(kitchen.cfg):
         kitchen.judge = build_judge(kitchen)
     related: dict[str, Any] = {"method": "skipped (--allow-unrelated)"}
-    if kitchen.cfg.recipe in EVAL_RECIPES and not kitchen.cfg.allow_unrelated:
-        assert kitchen.judge is not None
+    midpoint = isinstance(kitchen.judge, evaluate.Judge) and kitchen.cfg.recipe in EVAL_RECIPES
+    if midpoint and not kitchen.cfg.allow_unrelated:
+        assert isinstance(kitchen.judge, evaluate.Judge)
         labels = [i.label for i in kitchen.ingredients]
         related = evaluate.check_related(kitchen.judge, kitchen.sources, labels)
     t0 = time.perf_counter()
@@ -219,11 +230,13 @@ def _cook_checked(kitchen: Kitchen, progress: Callable[[int], object] | None,
     t0 = time.perf_counter()
     written, mixer_info = _write(kitchen, mixture, parent, attempt.write_rel, progress, integrity)
     kitchen.timings["write_s"] = time.perf_counter() - t0
-    if kitchen.cfg.recipe not in EVAL_RECIPES and not kitchen.cfg.allow_unrelated:
+    if not midpoint and not kitchen.cfg.allow_unrelated:
         related = _check_cosine(kitchen, mixer_info["cosine"])
     record = provenance.record(kitchen, mixture, written, mixer_info, related, attempt.data_dir)
     if kitchen.judge is not None:
         record["soup_scores"] = _score_written(kitchen, parent, attempt.write_rel, written)
+        if isinstance(kitchen.judge, user_eval.UserJudge):
+            record["evaluation"] = kitchen.judge.record()
     if kitchen.cfg.report:
         from orchestrator.soup import report
 
@@ -242,7 +255,7 @@ def _cook_checked(kitchen: Kitchen, progress: Callable[[int], object] | None,
 
 def _recompute_bn(kitchen: Kitchen, mixture: Mixture) -> Mixture:
     judge = kitchen.judge
-    assert judge is not None
+    assert isinstance(judge, evaluate.Judge)  # config refuses --recompute-bn with a user eval
     if not evaluate.has_batchnorm(judge):
         log.warning("--recompute-bn: the model has no BatchNorm layer; nothing to recompute")
         return mixture

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from orchestrator.soup.evaluate import Judge
     from orchestrator.soup.ingredients import Ingredient
     from orchestrator.soup.reader import Source
+    from orchestrator.soup.user_eval import UserJudge
     from orchestrator.storage import StorageOptions
 
 
@@ -27,7 +28,7 @@ class Kitchen:
     sources: list[Source]
     out: str
     timings: dict[str, float] = field(default_factory=dict)
-    judge: Judge | None = None
+    judge: Judge | UserJudge | None = None  # UserJudge: soup.eval_cmd / eval_hook
 
 
 @dataclass

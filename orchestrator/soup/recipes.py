@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ from torch import nn
 from orchestrator.errors import UsageError
 from orchestrator.soup.evaluate import Judge, State, read_state
 from orchestrator.soup.reader import Source
+
+if TYPE_CHECKING:
+    from orchestrator.soup.user_eval import UserJudge
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ class GreedyResult:
 
 
 def greedy(
-    judge: Judge, sources: Sequence[Source], scores: Sequence[dict[str, float]]
+    judge: Judge | UserJudge, sources: Sequence[Source], scores: Sequence[dict[str, float]]
 ) -> GreedyResult:
     """Greedy soup over `sources`, whose validation `scores` are already known."""
     sign = 1 if judge.mode == "min" else -1

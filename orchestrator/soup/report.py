@@ -27,7 +27,7 @@ def best_single(record: Mapping[str, Any], metric: str, mode: str) -> dict[str, 
 
 def table(record: Mapping[str, Any], metric: str, mode: str) -> str:
     """Ingredient by ingredient, then the best single one and the soup."""
-    test = "test/" + metric.split("/", 1)[1]
+    test = "test/" + metric.split("/", 1)[-1]
     rows = [f"{'INGREDIENT':<40} {'IN':>3} {metric:>14} {test:>14}"]
     for ing in record["ingredients"]:
         label = f"step {ing['step']}" if ing.get("step") is not None else ing["path"]
@@ -56,7 +56,7 @@ def plot(record: Mapping[str, Any], metric: str) -> bytes:
     ings = record["ingredients"]
     xs = [i["step"] if i.get("step") is not None else k for k, i in enumerate(ings)]
     for split, marker in (("eval", "o"), ("test", "s")):
-        key = f"{split}/{metric.split('/', 1)[1]}"
+        key = metric if split == "eval" else f"test/{metric.split('/', 1)[-1]}"
         pts = [(x, i["scores"][key]) for x, i in zip(xs, ings, strict=True)
                if key in (i.get("scores") or {})]  # fmt: skip
         if pts:
@@ -66,7 +66,7 @@ def plot(record: Mapping[str, Any], metric: str) -> bytes:
             ax.axhline(soup, linestyle="--" if split == "test" else "-",
                        label=f"soup ({key})", color="C2" if split == "eval" else "C3")  # fmt: skip
     ax.set_xlabel("step" if any(i.get("step") is not None for i in ings) else "ingredient")
-    ax.set_ylabel(metric.split("/", 1)[1])
+    ax.set_ylabel(metric.split("/", 1)[-1])
     ax.set_title(f"{record['recipe']} soup of {len(ings)} ingredients")
     return png_bytes(fig)
 
