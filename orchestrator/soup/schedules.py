@@ -49,7 +49,7 @@ class Window:
     rule: str  # canonical: an alias resolved
     formula: str
     steps: list[int]
-    weights: list[float]  # >= 0, summing to exactly 1.0 (the mixer uses them as they are)
+    weights: list[float]  # > 0; in step order their float sum is exactly 1.0 (see _exact_sum)
     covers: list[tuple[int, int]]  # checkpoint i stands for steps (start, end]
 
 
