@@ -53,7 +53,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="merge checkpoints into a model soup (uniform, weighted, greedy, learned, window)",
         description="Merge committed checkpoints (a run's, a sweep's, or named ones) or "
         ".safetensors files into one model, streamed tensor by tensor; writes "
-        "<out>/model.safetensors and <out>/SOUP.json (provenance), committed.",
+        "<out>/model.safetensors and <out>/SOUP.json (provenance), committed. Pretraining: "
+        "--recipe window --weights decay:cosine --steps A:B weighs one run's checkpoints by the "
+        "steps each covers, as the LR cooldown they emulate (docs/soups.md).",
     )
     p.add_argument("items", nargs="*", metavar="SOURCE|key=value",
                    help="run dirs, a sweep dir, checkpoints or .safetensors files (local or "
