@@ -78,3 +78,14 @@ def test_a_bad_window_is_one_line_and_commits_nothing(
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_checkpoints_of_several_runs_are_no_window(run: Path, tmp_path: Path, capsys) -> None:
+    other = tmp_path / "other"
+    train_run(other, saves=(2,))
+    capsys.readouterr()
+    assert (
+        main(["soup", str(run), str(other), "--recipe", "window", "--out", str(tmp_path / "o")])
+        == 2
+    )
+    assert "a window merge is over one run's checkpoints; got 2 runs" in capsys.readouterr().err

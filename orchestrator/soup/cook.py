@@ -87,6 +87,12 @@ def planned_weights(kitchen: Kitchen) -> list[float] | None:
 
 
 def window_of(ingredients: Sequence[Ingredient], rule: str) -> schedules.Window:
+    runs = sorted({i.run for i in ingredients if i.run})
+    if len(runs) > 1:  # distinct steps of several runs are no one trajectory's window
+        raise UsageError(
+            f"a window merge is over one run's checkpoints; got {len(runs)} runs ({runs[0]}, "
+            "...): name one run dir (several runs: --recipe uniform or weighted)"
+        )
     return schedules.window_weights([i.step for i in ingredients], rule)
 
 
