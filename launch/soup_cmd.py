@@ -26,6 +26,7 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "recompute_bn": ("recompute_bn", "flag"), "allow_unrelated": ("allow_unrelated", "flag"),
     "report": ("report", "flag"), "out_checkpoint": ("out_checkpoint", "str"),
     "verify": ("verify", "raw"), "shard_mb": ("shard_mb", "raw"), "workers": ("read_workers", "raw"),
+    "schedule": ("schedule", "str"),
 }  # fmt: skip
 _FLAGS.update({"eval": ("eval_cmd", "str"), "eval_hook": ("eval_hook", "str")})
 
@@ -50,19 +51,25 @@ class _Intermixed(argparse.ArgumentParser):
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "soup",
-        help="merge checkpoints into a model soup (uniform, weighted, greedy, learned)",
+        help="merge checkpoints into a model soup (uniform, weighted, greedy, learned, window)",
         description="Merge committed checkpoints (a run's, a sweep's, or named ones) or "
         ".safetensors files into one model, streamed tensor by tensor; writes "
-        "<out>/model.safetensors and <out>/SOUP.json (provenance), committed.",
+        "<out>/model.safetensors and <out>/SOUP.json (provenance), committed. Pretraining: "
+        "--recipe window --weights decay:cosine --steps A:B weighs one run's checkpoints by the "
+        "steps each covers, as the LR cooldown they emulate (docs/soups.md).",
     )
     p.add_argument("items", nargs="*", metavar="SOURCE|key=value",
                    help="run dirs, a sweep dir, checkpoints or .safetensors files (local or "
                    "s3://); key=value items are config overrides, e.g. soup.metric=eval/accuracy")  # fmt: skip
     p.add_argument("--config", help="a run config: its soup: section, run.dir and storage")
-    p.add_argument("--recipe", choices=["uniform", "weighted", "greedy", "learned"])
+    p.add_argument("--recipe", choices=["uniform", "weighted", "greedy", "learned", "window"],
+                   help="window: one run's checkpoints weighted by step (pretraining)")  # fmt: skip
     p.add_argument("--name", help="soup name (default out dir <run.dir>/soups/<name>)")
     p.add_argument("--out", help="output directory, local or s3://")
-    p.add_argument("--weights", help="weighted: comma-separated, one per ingredient")
+    p.add_argument("--weights", metavar="W1,W2|RULE",
+                   help="weighted: comma-separated, one per ingredient; window: a rule "
+                   "(uniform, linear, decay:linear, decay:cosine, decay:minus-sqrt)")  # fmt: skip
+    p.add_argument("--schedule", metavar="RULE", help="window: the rule (as --weights RULE)")
     p.add_argument("--steps", metavar="A:B", help="keep checkpoints with A <= step <= B")
     p.add_argument("--every", type=int, metavar="N", help="keep steps that are multiples of N")
     p.add_argument("--last", type=int, metavar="K", help="keep the newest K checkpoints")
@@ -118,6 +125,8 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag, None)
         if value is None or (how == "flag" and not value):
             continue
+        if flag == "weights" and not _numbers(str(value)):
+            field, how = "schedule", "str"  # `--recipe window --weights decay:cosine`
         if how == "str":
             text = _quote(str(value))
         elif how == "list":
@@ -130,6 +139,14 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
             text = str(value)
         out.append(f"soup.{field}={text}")
     return out
+
+
+def _numbers(text: str) -> bool:
+    try:
+        [float(v) for v in text.split(",")]
+    except ValueError:
+        return False
+    return True
 
 
 def cmd_soup(args: argparse.Namespace) -> int:

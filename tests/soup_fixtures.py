@@ -144,3 +144,35 @@ def assert_close_to_rounding(got: dict[str, torch.Tensor], want: dict[str, torch
             assert bool(((a - b).abs() <= ulp).all()), f"{name}: {(a - b).abs().max()}"
         else:
             assert torch.equal(a, b), name
+
+
+def mixer_reference(
+    states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """The weighted mean by the mixer's own arithmetic (engine.Mixer._mix, unequal weights), on
+    whole tensors: float64 copy of the first times w_1, then `add_(x_i, alpha=w_i)` in ingredient
+    order, cast once. Bit for bit the mixer's output: the same float64 operations on the same
+    values in the same order, and each is elementwise, so how the mixer cuts a tensor into
+    segments does not change a bit (torch's add with alpha is one fused multiply-add per element
+    in its vector loop and, as built, in its scalar tail too). `f64_mean` rounds w_i x_i first:
+    the same to 1 ulp, not to the bit."""
+    assert len(set(weights)) > 1, "equal weights take the mixer's uniform path (sum, then / n)"
+    out = {}
+    for name, first in states[0].items():
+        if not first.dtype.is_floating_point:
+            out[name] = first
+            continue
+        acc = first.to(torch.float64 if first.dtype.itemsize >= 4 else torch.float32, copy=True)
+        acc.mul_(weights[0])
+        for w, state in zip(weights[1:], states[1:], strict=True):
+            acc.add_(state[name].to(acc.dtype), alpha=w)
+        out[name] = acc.to(first.dtype)
+    return out
+
+
+def assert_bitwise(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        a, b = (t.reshape(-1).view(torch.uint8) for t in (got[name], want[name]))
+        assert torch.equal(a, b), name

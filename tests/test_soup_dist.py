@@ -13,14 +13,17 @@ from devtools.s3server import S3Server
 from launch.cli import main
 from orchestrator.soup.ingredients import Ingredient
 from orchestrator.soup.reader import open_source
+from orchestrator.soup.schedules import window_weights
 from orchestrator.storage import Store
 from tests import runs
 from tests.fixtures.s3 import s3_storage
 from tests.soup_fixtures import (
+    assert_bitwise,
     assert_close_to_rounding,
     ckpt_dir,
     dcp_model,
     f64_mean,
+    mixer_reference,
     soup_tensors,
 )
 
@@ -83,3 +86,33 @@ def test_s3_input_gives_bit_identical_output(
     assert record["data_dir"] and record["ingredients"][0]["path"].startswith("s3://")
     assert out.read_bytes(f"{record['data_dir']}/model.safetensors") == want
     assert main(["soup", url, "--name", "u", endpoint]) == 1  # never committed twice
+
+
+def test_ddp_window_is_the_stated_mean_bit_for_bit(
+    runs_by: dict[str, Path], tmp_path: Path
+) -> None:
+    out, run = tmp_path / "window", runs_by["ddp"]
+    assert main(["soup", str(run), "--recipe", "window", "--weights", "minus-sqrt",
+                 "--out", str(out)]) == 0  # fmt: skip
+    weights = window_weights(STEPS, "decay:minus-sqrt").weights
+    want = mixer_reference([dcp_model(ckpt_dir(run, s)) for s in STEPS], weights)
+    assert_bitwise(soup_tensors(out), want)
+
+
+@pytest.mark.s3
+def test_fsdp_window_from_s3_is_the_stated_mean_bit_for_bit(
+    runs_by: dict[str, Path], s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    url = f"{s3_bucket}/fsdp-window"
+    _upload(runs_by["fsdp"], Store(url, s3_storage(s3_server.endpoint_url)))
+    out = tmp_path / "window"
+    argv = ["soup", url, "--recipe", "window", "--schedule", "linear", "--steps", f"{STEPS[1]}:"]
+    assert (
+        main([*argv, "--out", str(out), f"storage.s3.endpoint_url={s3_server.endpoint_url}"]) == 0
+    )
+    record = json.loads((out / "SOUP.json").read_text())
+    weights = window_weights(STEPS[1:], "linear").weights
+    assert [i["weight"] for i in record["ingredients"]] == weights
+    assert weights == pytest.approx([1 / 3, 2 / 3])  # d_i (s_i - a): 4 * 4, 4 * 8
+    want = mixer_reference([dcp_model(ckpt_dir(runs_by["fsdp"], s)) for s in STEPS[1:]], weights)
+    assert_bitwise(soup_tensors(out), want)

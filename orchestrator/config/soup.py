@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from orchestrator.errors import require
+from orchestrator.soup.schedules import RULES
 from orchestrator.storage.registry import check_url
 
 
@@ -18,8 +19,9 @@ class SoupConfig:
     # After training, merge checkpoints into a model soup in a dependent job.
     enabled: bool = False
     # How to merge: `uniform` mean, `weighted` mean (soup.weights), `greedy` (add an ingredient
-    # only if the held-out score does not drop), `learned` (mixing coefficients fit on held-out).
-    recipe: Literal["uniform", "weighted", "greedy", "learned"] = "uniform"
+    # only if the held-out score does not drop), `learned` (mixing coefficients fit on held-out),
+    # `window` (one run's checkpoints weighted by step, soup.schedule; for pretraining).
+    recipe: Literal["uniform", "weighted", "greedy", "learned", "window"] = "uniform"
     # Name of the soup; it is written to <run.dir>/soups/<name>/ unless soup.out is set.
     name: str = "soup"
     # Where the ingredients come from: run dirs, a sweep dir, committed checkpoints or
@@ -29,6 +31,10 @@ class SoupConfig:
     out: str | None = None
     # `weighted` only: one weight per ingredient, in ingredient order; normalised to sum 1.
     weights: tuple[float, ...] = ()
+    # `window` only: how the checkpoints weigh, by the steps each covers: `uniform`, `linear`
+    # (later heavier), or the LR cooldown it emulates: `decay:linear`, `decay:cosine`,
+    # `decay:minus-sqrt` (alias `minus-sqrt`); see docs/soups.md.
+    schedule: str = "uniform"
     # Keep checkpoints with step in [A, B] (`A:B`; either side may be empty); null: all.
     steps: str | None = None
     # Keep checkpoints whose step is a multiple of this; null: all.
@@ -95,6 +101,7 @@ class SoupConfig:
             not self.weights or self.recipe == "weighted",
             f"soup.weights is for recipe weighted (recipe is {self.recipe})",
         )
+        self._check_schedule()
         for key in ("every", "last", "top"):
             value = getattr(self, key)
             require(
@@ -134,6 +141,17 @@ class SoupConfig:
                 f"{what} runs the task's own model, which {user} does not give; use greedy "
                 f"(or uniform/weighted) with {user}, or drop {user} to use the run's task",
             )
+
+    def _check_schedule(self) -> None:
+        require(
+            self.schedule in RULES,
+            f"soup.schedule must be one of {', '.join(RULES)} (got {self.schedule!r})",
+        )
+        require(
+            self.schedule == "uniform" or self.recipe == "window",
+            f"soup.schedule {self.schedule} is for recipe window (recipe is {self.recipe}); "
+            "set soup.recipe=window (--recipe window)",
+        )
 
     def _check_urls(self) -> None:
         """A URL no storage backend serves fails on load, not when the soup job starts."""

@@ -7,6 +7,7 @@ window       the reads, in parallel ahead of the mixer, into reused buffers
 checks       the ingredients' checksums, from the bytes the mixer reads
 engine       the streaming weighted mean (memory independent of N, model size, largest tensor)
 recipes      greedy and learned (uniform and weighted are the engine alone)
+schedules    window weights from the checkpoints' steps (uniform, linear, an LR cooldown's)
 evaluate     the run's task: scores on the validation split, test split for reports
 writer       sharded safetensors + SOUP.json, committed through checkpoint/commit.py
 provenance   the ingredients' integrity before the commit, SOUP.json's body, memory figures

@@ -21,8 +21,17 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import CheckpointCorrupt, UsageError
-from orchestrator.soup import engine, evaluate, provenance, recipes, segments, user_eval, writer
-from orchestrator.soup.ingredients import resolve
+from orchestrator.soup import (
+    engine,
+    evaluate,
+    provenance,
+    recipes,
+    schedules,
+    segments,
+    user_eval,
+    writer,
+)
+from orchestrator.soup.ingredients import Ingredient, resolve
 from orchestrator.soup.kitchen import Kitchen, Mixture
 from orchestrator.soup.reader import open_source
 
@@ -47,6 +56,8 @@ def prepare(
     engine.check_layout(opened)
     if cfg.recipe == "weighted":
         engine.normalised(cfg.weights, len(opened))
+    if cfg.recipe == "window":
+        window_of(ingredients, cfg.schedule)
     kitchen = Kitchen(cfg, storage, ingredients, opened, out)
     kitchen.timings["plan_s"] = time.perf_counter() - t0
     return kitchen
@@ -56,9 +67,15 @@ def dry_run(kitchen: Kitchen) -> list[str]:
     """The ingredients chosen and why, and the bytes a real run reads."""
     cfg = kitchen.cfg
     lines = [f"soup {cfg.recipe} -> {kitchen.out} ({len(kitchen.ingredients)} ingredients)"]
-    for ing in kitchen.ingredients:
+    weights = planned_weights(kitchen)
+    for i, ing in enumerate(kitchen.ingredients):
         metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(ing.metrics.items()))
-        lines.append(f"  {ing.label:>12}  {ing.url}  [{ing.why}]  {metrics}".rstrip())
+        weight = f"weight={weights[i]:.4f}  " if weights else ""
+        lines.append(f"  {ing.label:>12}  {weight}{ing.url}  [{ing.why}]  {metrics}".rstrip())
+    if cfg.recipe == "window":
+        lines.append(
+            f"window {cfg.schedule}: {window_of(kitchen.ingredients, cfg.schedule).formula}"
+        )
     model = kitchen.sources[0].model_bytes
     mixer_bytes = _planned_bytes(kitchen)
     lines.append(f"model tensors: {_mb(model)} per ingredient; the soup reads {_mb(mixer_bytes)}")
@@ -69,8 +86,28 @@ def dry_run(kitchen: Kitchen) -> list[str]:
     return lines
 
 
+def planned_weights(kitchen: Kitchen) -> list[float] | None:
+    """Each ingredient's weight, in ingredient order, for the recipes that know it up front."""
+    cfg = kitchen.cfg
+    if cfg.recipe == "window":
+        return window_of(kitchen.ingredients, cfg.schedule).weights
+    if cfg.recipe in ("uniform", "weighted"):
+        return engine.normalised(cfg.weights or None, len(kitchen.ingredients))
+    return None
+
+
+def window_of(ingredients: Sequence[Ingredient], rule: str) -> schedules.Window:
+    runs = sorted({i.run for i in ingredients if i.run})
+    if len(runs) > 1:  # distinct steps of several runs are no one trajectory's window
+        raise UsageError(
+            f"a window merge is over one run's checkpoints; got {len(runs)} runs ({runs[0]}, "
+            "...): name one run dir (several runs: --recipe uniform or weighted)"
+        )
+    return schedules.window_weights([i.step for i in ingredients], rule)
+
+
 def _planned_bytes(kitchen: Kitchen) -> int:
-    weights = kitchen.cfg.weights if kitchen.cfg.recipe == "weighted" else None
+    weights = planned_weights(kitchen) if kitchen.cfg.recipe in ("weighted", "window") else None
     names = list(kitchen.sources[0].specs)
     mixer = engine.Mixer(kitchen.sources, weights, names)
     try:
@@ -112,6 +149,8 @@ def choose(kitchen: Kitchen) -> Mixture:
     if cfg.recipe == "weighted":
         weights = engine.normalised(cfg.weights, len(srcs))
         return Mixture(srcs, weights, details={"weights": weights})
+    if cfg.recipe == "window":
+        return _window(kitchen)
     judge = kitchen.judge
     assert judge is not None
     scores = score_ingredients(kitchen)
@@ -135,6 +174,16 @@ def choose(kitchen: Kitchen) -> Mixture:
     if got.weights is not None:
         return Mixture(srcs, got.weights, None, {**details, "weights": got.weights}, scores)
     return Mixture(srcs, None, got.state, {**details, "coefficients": got.per_layer}, scores)
+
+
+def _window(kitchen: Kitchen) -> Mixture:
+    """The window's weights, sources in step order (the order the mixer adds them in)."""
+    w = window_of(kitchen.ingredients, kitchen.cfg.schedule)
+    order = sorted(range(len(w.steps)), key=lambda k: w.steps[k])
+    weights = [w.weights[k] for k in order]
+    details = {"schedule": w.rule, "formula": w.formula, "steps": [w.steps[k] for k in order],
+               "weights": weights, "covers": [list(w.covers[k]) for k in order]}  # fmt: skip
+    return Mixture([kitchen.sources[k] for k in order], weights, details=details)
 
 
 def score_ingredients(kitchen: Kitchen) -> list[dict[str, float]]:

@@ -61,13 +61,16 @@ def record(kitchen: Kitchen, mixture: Mixture, written: writer.Written, info: di
 
     cfg = kitchen.cfg
     chosen = {id(s) for s in mixture.sources}
+    weights = _weights(mixture)
     ingredients = []
     for k, (ing, src) in enumerate(zip(kitchen.ingredients, kitchen.sources, strict=True)):
-        entry = {
+        entry: dict[str, Any] = {
             "path": ing.url, "kind": ing.kind, "step": ing.step, "run": ing.run,
             "manifest_checksum": ing.manifest_checksum, "why": ing.why,
             "metrics": dict(ing.metrics), "in_soup": id(src) in chosen,
         }  # fmt: skip
+        if id(src) in weights:
+            entry["weight"] = weights[id(src)]
         if mixture.ingredient_scores:
             entry["scores"] = mixture.ingredient_scores[k]
         ingredients.append(entry)
@@ -90,6 +93,15 @@ def record(kitchen: Kitchen, mixture: Mixture, written: writer.Written, info: di
         "created_at": time.time(),
         "command": sys.argv,
     }
+
+
+def _weights(mixture: Mixture) -> dict[int, float]:
+    """id(source) -> its weight in the mean (none for a state mixed per layer)."""
+    if mixture.weights is not None:
+        return {id(s): w for s, w in zip(mixture.sources, mixture.weights, strict=True)}
+    if mixture.state is not None:
+        return {}
+    return {id(s): 1.0 / len(mixture.sources) for s in mixture.sources}
 
 
 def rss_bytes() -> int:
