@@ -59,7 +59,7 @@ def test_dense_tail_is_not_overweighted() -> None:
     assert sum(w[s] for s in range(210, 301, 10)) == pytest.approx(w[200])
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", [r.replace("<beta>", "0.9") for r in RULES])
 def test_weights_sum_to_exactly_one_and_follow_the_given_order(rule: str) -> None:
     rng = random.Random(rule)
     for _ in range(50):
@@ -102,9 +102,23 @@ def test_minus_sqrt_is_an_alias() -> None:
         ([10, 20], "cosine", "unknown window rule 'cosine'; use one of uniform, linear, decay:"),
         ([10, 20, 10], "uniform", "step 10 appears twice"),
         ([10, None], "linear", "ingredient 2 has no step (a .safetensors file)"),
+        ([10, 20], "ema:1", "the EMA decay must be a number in (0, 1), e.g. ema:0.999"),
+        ([10, 20], "ema:x", "the EMA decay must be a number in (0, 1)"),
     ],
 )
 def test_errors_say_what_to_do(steps: list[int | None], rule: str, message: str) -> None:
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
         window_weights(steps, rule)
     assert "\n" not in str(e.value)
+
+
+def test_ema_rule_is_the_ema_of_the_steps_each_checkpoint_stands_for() -> None:
+    """ema:beta at s_n, step by step: step k counts as the checkpoint covering it (the first
+    one after k), beta^(s_n - k) each, the mass before the window dropped."""
+    steps, beta = [10, 20, 30, 40, 45, 50], 0.95
+    brute = [0.0] * len(steps)
+    for k in range(1, 51):
+        brute[next(i for i, s in enumerate(steps) if s >= k)] += beta ** (50 - k)
+    got = window_weights(steps, f"ema:{beta}")
+    assert got.weights == pytest.approx([b / sum(brute) for b in brute], rel=1e-12)
+    assert "beta = 0.95" in got.formula and math.fsum(got.weights) == pytest.approx(1.0)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from orchestrator.errors import require
-from orchestrator.soup.schedules import RULES
+from orchestrator.soup.schedules import rule_problem
 from orchestrator.storage.registry import check_url
 
 
@@ -143,10 +143,8 @@ class SoupConfig:
             )
 
     def _check_schedule(self) -> None:
-        require(
-            self.schedule in RULES,
-            f"soup.schedule must be one of {', '.join(RULES)} (got {self.schedule!r})",
-        )
+        problem = rule_problem(self.schedule)
+        require(problem is None, f"soup.schedule: {problem}")
         require(
             self.schedule == "uniform" or self.recipe == "window",
             f"soup.schedule {self.schedule} is for recipe window (recipe is {self.recipe}); "

@@ -7,6 +7,9 @@ steps covered, not by how many checkpoints there are.
     uniform            w_i ~ d_i
     linear             w_i ~ d_i (s_i - a), a = s_1 - d_1: later checkpoints heavier (LAWA)
     decay:<shape>      the merge that emulates an LR cooldown of that shape over [s_1, s_n]
+    ema:<beta>         a post-hoc EMA at s_n from the saved checkpoints: checkpoint i stands for
+                       the d_i steps it covers, w_i ~ beta^(s_n - s_i) (1 - beta^d_i), the
+                       EMA's mass before the window dropped (renormalised)
 
 The decay rules follow WSM (arXiv 2507.17634): with theta_(k+1) = theta_k - lr g_k, the merge
 sum_i c_i theta_i equals training whose step-k gradient is scaled by alpha(k) = sum of c_i
@@ -32,7 +35,7 @@ _SHAPES: dict[str, tuple[str, Callable[[float], float]]] = {
     "minus-sqrt": ("1 - sqrt(t)", lambda t: t - 2 / 3 * t**1.5),
 }
 ALIASES = {"minus-sqrt": "decay:minus-sqrt"}
-RULES = ("uniform", "linear", *(f"decay:{s}" for s in _SHAPES), *ALIASES)
+RULES = ("uniform", "linear", *(f"decay:{s}" for s in _SHAPES), *ALIASES, "ema:<beta>")
 
 _SPAN = "d_i = s_i - s_(i-1), d_1 = s_2 - s_1"
 _DECAY = (
@@ -56,11 +59,19 @@ class Window:
 def window_weights(steps: Sequence[int | None], rule: str) -> Window:
     """Normalised weights for checkpoints at `steps` (any order) under `rule`."""
     rule = ALIASES.get(rule, rule)
-    if rule not in RULES:
+    beta = _ema_beta(rule) if rule.startswith("ema:") else None
+    if rule not in RULES and beta is None:
         raise UsageError(f"unknown window rule {rule!r}; use one of {', '.join(RULES)}")
     ordered = _checked(steps)
     spans = [ordered[1] - ordered[0]] + [b - a for a, b in pairwise(ordered)]
-    if rule == "uniform":
+    if beta is not None:
+        last = ordered[-1]
+        raw = [
+            beta ** (last - s) * -math.expm1(d * math.log(beta))
+            for s, d in zip(ordered, spans, strict=True)
+        ]
+        formula = f"w_i ~ beta^(s_n - s_i) (1 - beta^d_i), beta = {beta!r}; {_SPAN}"
+    elif rule == "uniform":
         raw, formula = [float(d) for d in spans], f"w_i ~ d_i; {_SPAN}"
     elif rule == "linear":
         start = ordered[0] - spans[0]
@@ -73,6 +84,29 @@ def window_weights(steps: Sequence[int | None], rule: str) -> Window:
     covers = {s: (s - d, s) for s, d in zip(ordered, spans, strict=True)}
     given = [int(s) for s in steps if s is not None]
     return Window(rule, formula, given, [by_step[s] for s in given], [covers[s] for s in given])
+
+
+def rule_problem(rule: str) -> str | None:
+    """Why `rule` is not a window rule (one line), or None: for validating configs."""
+    try:
+        window_weights([0, 1], rule)
+    except UsageError as exc:
+        return str(exc)
+    return None
+
+
+def _ema_beta(rule: str) -> float:
+    """The decay of an `ema:<beta>` rule; UsageError unless 0 < beta < 1."""
+    text = rule.partition(":")[2]
+    try:
+        beta = float(text)
+    except ValueError:
+        beta = math.nan
+    if not 0 < beta < 1:
+        raise UsageError(
+            f"window rule {rule!r}: the EMA decay must be a number in (0, 1), e.g. ema:0.999"
+        )
+    return beta
 
 
 def _checked(steps: Sequence[int | None]) -> list[int]:
