@@ -64,7 +64,10 @@ def test_uniform_window_weighs_the_steps_each_checkpoint_covers(run: Path, tmp_p
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--weights", "cosine"], "soup.schedule: unknown window rule 'cosine'; use one of uniform, linear, decay:linear"),
+        (
+            ["--weights", "cosine"],
+            "soup.schedule: unknown window rule 'cosine'; use one of uniform, linear, decay:linear",
+        ),
         (["--steps", "16:"], "a soup needs at least 2 ingredients"),
         (["--schedule", "linear", "--recipe", "uniform"], "soup.schedule linear is for recipe"),
     ],
