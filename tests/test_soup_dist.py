@@ -97,6 +97,9 @@ def test_ddp_window_is_the_stated_mean_bit_for_bit(
     weights = window_weights(STEPS, "decay:minus-sqrt").weights
     want = mixer_reference([dcp_model(ckpt_dir(run, s)) for s in STEPS], weights)
     assert_bitwise(soup_tensors(out), want)
+    # the run's task is known: the merge scored itself on the held-out split
+    scores = json.loads((out / "SOUP.json").read_text())["soup_scores"]
+    assert 0 < scores["eval/loss"] < 10 and "eval/accuracy" in scores, scores
 
 
 @pytest.mark.s3

@@ -139,6 +139,20 @@ def build_judge(kitchen: Kitchen) -> evaluate.Judge | user_eval.UserJudge:
     return evaluate.Judge(run, kitchen.storage, cfg.metric, cfg.mode, cfg.eval_batch_size)
 
 
+def _optional_judge(kitchen: Kitchen) -> evaluate.Judge | None:
+    """The run's task, so a window merge scores itself on the held-out split (its
+    `soup_scores`); None, with a warning, when the task cannot be built here."""
+    from orchestrator.errors import ConfigError
+
+    try:
+        judge = build_judge(kitchen)
+    except (UsageError, ConfigError) as exc:
+        log.warning("the merge is not scored: %s", exc)
+        return None
+    assert isinstance(judge, evaluate.Judge)
+    return judge
+
+
 # --- the recipes -------------------------------------------------------------------------------
 
 
@@ -262,6 +276,8 @@ def _cook_checked(kitchen: Kitchen, progress: Callable[[int], object] | None,
 
     if needs_judge(kitchen.cfg):
         kitchen.judge = build_judge(kitchen)
+    elif kitchen.cfg.recipe == "window":
+        kitchen.judge = _optional_judge(kitchen)
     related: dict[str, Any] = {"method": "skipped (--allow-unrelated)"}
     midpoint = isinstance(kitchen.judge, evaluate.Judge) and kitchen.cfg.recipe in EVAL_RECIPES
     if midpoint and not kitchen.cfg.allow_unrelated:
