@@ -26,6 +26,7 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "recompute_bn": ("recompute_bn", "flag"), "allow_unrelated": ("allow_unrelated", "flag"),
     "report": ("report", "flag"), "out_checkpoint": ("out_checkpoint", "str"),
     "verify": ("verify", "raw"), "shard_mb": ("shard_mb", "raw"), "workers": ("read_workers", "raw"),
+    "prefix": ("prefix", "str"),
 }  # fmt: skip
 
 
@@ -87,6 +88,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--shard-mb", type=float, help="largest output file (MB) before sharding")
     p.add_argument("--workers", type=int, help="parallel reads")
+    p.add_argument("--prefix", help="which model: auto (the trained one), or e.g. ema_999")
     p.add_argument("--dry-run", action="store_true",
                    help="list the ingredients and why, and the bytes to read; write nothing")  # fmt: skip
     p.set_defaults(handler=cmd_soup)

@@ -73,6 +73,9 @@ class SoupConfig:
     read_workers: int = 4
     # Samples per batch when scoring on held-out data.
     eval_batch_size: int = 256
+    # Which model of each DCP checkpoint to mix: `auto` the trained one, or a name such as
+    # `ema_999` (trainer.ema's average with decay 0.999), or a flat key prefix (`train.model.`).
+    prefix: str = "auto"
 
     def __post_init__(self) -> None:
         require(
@@ -105,6 +108,7 @@ class SoupConfig:
             self.steps is None or self.steps.count(":") == 1,
             f"soup.steps must be A:B, e.g. 100:500 or 200: (got {self.steps!r})",
         )
+        require(bool(self.prefix), "soup.prefix must not be empty; `auto` picks the trained model")
         self._check_urls()
 
     def _check_urls(self) -> None:
