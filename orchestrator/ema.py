@@ -116,12 +116,22 @@ class EMA:
 def averages(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, decays: Sequence[float]
 ) -> list[EMA]:
-    """One EMA per decay of trainer.ema, hooked to `optimizer`."""
+    """One EMA per decay of trainer.ema, hooked to `optimizer`; says what they cost in memory
+    (bench/loop.py reads the line)."""
     if not decays:
         return []
     if optimizer is None:
         raise ValueError("trainer.ema averages after each optimizer step: register the optimizer")
-    return [EMA(model, optimizer, d) for d in decays]
+    made = [EMA(model, optimizer, d) for d in decays]
+    params = sum(_local(p).nbytes for p in _unwrapped(model).parameters() if p.is_floating_point())
+    log.info(
+        "trainer.ema: %s; %.1f MB of shadows per EMA on this rank, %.2fx its parameters",
+        ", ".join(e.name for e in made),
+        made[0].nbytes / 1e6,
+        made[0].nbytes / max(params, 1),
+        extra=LEADER_ONLY,
+    )
+    return made
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
