@@ -110,8 +110,9 @@ def ranks(
     return [json.loads(line) for line in outs[0][0].splitlines() if line.startswith("{")]
 
 
-def run_cli(args: Sequence[str], env: dict[str, str] | None = None) -> None:
-    """`python -m launch ARGS` (what `stockpot` runs), raising with its stderr if it fails."""
+def run_cli(args: Sequence[str], env: dict[str, str] | None = None) -> str:
+    """`python -m launch ARGS` (what `stockpot` runs), raising with its stderr if it fails;
+    its stderr (the log) if it does not."""
     done = subprocess.run(
         [PY, "-m", "launch", *args],
         cwd=REPO,
@@ -123,6 +124,7 @@ def run_cli(args: Sequence[str], env: dict[str, str] | None = None) -> None:
     if done.returncode != 0:
         raise RuntimeError(f"stockpot {' '.join(args[:2])} exited {done.returncode}: "
                            f"{done.stderr[-2000:]}")  # fmt: skip
+    return done.stderr
 
 
 def ratio_row(figure: str, value: float, goal: str, at_least: float | None = None,

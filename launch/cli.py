@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--key-prefix",
         dest="prefix",
         default="auto",
-        help="flat key prefix of the model tensors, e.g. train.model. (default: auto-detect)",
+        help="which model: a flat key prefix (train.model.) or a name (ema_999: trainer.ema's "
+        "average); default: the trained model",
     )
     export.set_defaults(handler=_inspect("cmd_export"))
 

@@ -27,6 +27,7 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "report": ("report", "flag"), "out_checkpoint": ("out_checkpoint", "str"),
     "verify": ("verify", "raw"), "shard_mb": ("shard_mb", "raw"), "workers": ("read_workers", "raw"),
     "schedule": ("schedule", "str"),
+    "prefix": ("prefix", "str"),
 }  # fmt: skip
 _FLAGS.update({"eval": ("eval_cmd", "str"), "eval_hook": ("eval_hook", "str")})
 
@@ -102,6 +103,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--shard-mb", type=float, help="largest output file (MB) before sharding")
     p.add_argument("--workers", type=int, help="parallel reads")
+    p.add_argument("--prefix", help="which model: auto (the trained one), or e.g. ema_999")
     p.add_argument("--dry-run", action="store_true",
                    help="list the ingredients and why, and the bytes to read; write nothing")  # fmt: skip
     p.set_defaults(handler=cmd_soup)

@@ -44,7 +44,6 @@ from orchestrator.config import Config
 from orchestrator.env import DistEnv
 from orchestrator.logs import LEADER_ONLY, setup_logging
 from orchestrator.session import RESERVED, Outcome, Session, commit_stop
-from orchestrator.state import ModelAndOptimizer
 
 log = logging.getLogger("stockpot.training")
 
@@ -146,11 +145,12 @@ class Training:
         """What every checkpoint holds: the (wrapped) model and its optimizer under the names the
         export and soups read, the LR scheduler, the loader's position, and any object of yours
         with `state_dict()`/`load_state_dict()` (an EMA, a curriculum) under its keyword. Every
-        rank's RNG streams are saved too. Call once, before `restore()`/`steps()`."""
+        rank's RNG streams are saved too, and trainer.ema's averages of the model (updated
+        after each `optimizer.step()` by a hook). Call once, before `restore()`/`steps()`."""
         taken = sorted(set(others) & {"train", "scheduler", "sampler", *RESERVED})
         if taken:
             raise ValueError(f"register(): {', '.join(taken)} is a name stockpot uses; rename it")
-        self._s.register("train", ModelAndOptimizer(model, optimizer))
+        self._s.register_model(model, optimizer)  # and trainer.ema's averages, if any
         if scheduler is not None:
             self._s.register("scheduler", scheduler)
         if loader is not None:

@@ -21,7 +21,6 @@ from orchestrator.logs import LEADER_ONLY
 from orchestrator.loop import Outcome, TrainingRun, train
 from orchestrator.optim import TargetError, build_optimizer, build_scheduler, check_targets
 from orchestrator.session import Session, run_dir_store
-from orchestrator.state import ModelAndOptimizer
 from orchestrator.storage import Store
 from orchestrator.tasks import build_task
 
@@ -68,7 +67,7 @@ def build(cfg: Config, session: Session) -> TrainingRun:
         seed=cfg.run.seed,
         num_workers=cfg.trainer.num_workers,
     )
-    session.register("train", ModelAndOptimizer(model, optimizer))
+    session.register_model(model, optimizer)  # `train`, and trainer.ema's averages
     session.register("scheduler", scheduler)
     session.register("sampler", loader)  # the key of the bare sampler it replaced
     session.restore()

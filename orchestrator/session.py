@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from orchestrator import dist, ending, parallel
+from orchestrator import dist, ema, ending, parallel
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.checkpoint.stateful import Stateful
 from orchestrator.config import Config, computation_view, config_hash, diff_views, to_yaml
@@ -28,7 +28,7 @@ from orchestrator.logs import LEADER_ONLY
 from orchestrator.metrics import MetricsLog, StartupClock
 from orchestrator.preemption import StopFlag
 from orchestrator.progress import Progress
-from orchestrator.state import RNGState
+from orchestrator.state import ModelAndOptimizer, RNGState
 from orchestrator.storage import Store
 from orchestrator.storage.check import StorageSetupError
 
@@ -147,6 +147,15 @@ class Session:
         if self.restored_step is not None:
             raise RuntimeError(f"register({name!r}) after restore(): register everything first")
         self.ckpt.register(name, obj, per_rank=per_rank)
+
+    def register_model(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> None:
+        """The model and optimizer as `train` (the names export and soups read), and one EMA
+        of the model per trainer.ema decay, each under its own name (`ema_999`, ema.py)."""
+        self.register("train", ModelAndOptimizer(model, optimizer))
+        for average in ema.averages(model, optimizer, self.cfg.trainer.ema):
+            self.register(average.name, average)
 
     def restore(self) -> int:
         """Register progress and RNG, then load the newest committed checkpoint (if any) into

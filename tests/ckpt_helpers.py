@@ -35,12 +35,12 @@ def load_dump(path: Any) -> Any:
 
 
 def final_state(run_dir: Path | str, step: int | None = None) -> dict[str, Any]:
-    """Model and optimizer (`train.*`) of the newest checkpoint, as DCP flat entries; the newest
-    must be at `step`, when given."""
+    """Model and optimizer (`train.*`) and trainer.ema's averages (`ema_*`) of the newest
+    checkpoint, as DCP flat entries; the newest must be at `step`, when given."""
     store = Store(str(run_dir))
     info = catalog.scan(store).latest()
     assert info is not None and (step is None or info.step == step), f"{run_dir}: newest {info}"
-    return _load(store, info.data_rel, "train.")
+    return _load(store, info.data_rel, ("train.", "ema_"))
 
 
 def state_at(run_dir: Path | str, step: int, prefix: str = "train.model.") -> dict[str, Any]:
@@ -51,6 +51,6 @@ def state_at(run_dir: Path | str, step: int, prefix: str = "train.model.") -> di
     return _load(store, found[0].data_rel, prefix)
 
 
-def _load(store: Store, data_rel: str, prefix: str) -> dict[str, Any]:
+def _load(store: Store, data_rel: str, prefix: str | tuple[str, ...]) -> dict[str, Any]:
     keys = list(stored_items(store, data_rel))
     return load_flat(store, data_rel, [k for k in keys if k.startswith(prefix)])

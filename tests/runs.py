@@ -27,12 +27,13 @@ STOCKPOT = str(Path(sys.executable).parent / "stockpot")
 SMALL_DATA = ["task.n_train=4096", "task.n_eval=512"]
 # The uninterrupted demo run of the `demo_reference` fixture (tests/fixtures/reference.py), and
 # the base of the exact-resume tests' runs: a checkpoint every REFERENCE_EVERY steps, the newest
-# 3 kept (the multi-rank soup tests' ingredients).
+# 3 kept (the multi-rank soup tests' ingredients), with an EMA of decay 0.9 (`ema_9`): every
+# exact-resume test of it checks the EMA's tensors too, and `auto` prefixes must pass it over.
 REFERENCE_STEPS, REFERENCE_EVERY = 60, 4
 REFERENCE = [
     "configs/demo.yaml", f"trainer.max_steps={REFERENCE_STEPS}", "trainer.log_every=1",
     "trainer.eval_every=12", f"checkpoint.every_steps={REFERENCE_EVERY}", "checkpoint.keep_last=3",
-    *SMALL_DATA,
+    "trainer.ema=[0.9]", *SMALL_DATA,
 ]  # fmt: skip
 
 

@@ -94,14 +94,14 @@ def train_run(
     return states
 
 
-def dcp_model(ckpt: Path | str) -> dict[str, torch.Tensor]:
+def dcp_model(ckpt: Path | str, prefix: str = "train.model.") -> dict[str, torch.Tensor]:
     """A committed checkpoint's model tensors, loaded by DCP itself (the independent path)."""
     store = Store(str(ckpt))
     info = catalog.load_info(store)
     keys = list(stored_items(store, info.data_rel))
-    model_keys = [k for k in keys if k.startswith("train.model.")]
+    model_keys = [k for k in keys if k.startswith(prefix)]
     loaded = load_flat(store, info.data_rel, model_keys)
-    return {k.removeprefix("train.model."): v for k, v in loaded.items()}
+    return {k.removeprefix(prefix): v for k, v in loaded.items()}
 
 
 def ckpt_dir(run: Path, step: int) -> Path:

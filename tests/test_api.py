@@ -25,7 +25,7 @@ def _config(tmp_path: Path, **task: float) -> Path:
     path.write_text(
         "entrypoint: tests.user_loops:manual\n"
         f"run: {{dir: {tmp_path / 'run'}, name: loop}}\n"
-        f"trainer: {{max_steps: {MAX_STEPS}, nproc: 2, parallel: ddp}}\n"
+        f"trainer: {{max_steps: {MAX_STEPS}, nproc: 2, parallel: ddp, ema: [0.99]}}\n"
         "checkpoint: {every_steps: 30}\n"
         "logging: {tensorboard: false}\n"
         f"task:\n{body}\n"
@@ -55,7 +55,9 @@ def test_own_loop_stops_on_a_signal_saves_and_resumes_exactly(tmp_path: Path) ->
     ref_cfg = tmp_path / "ref.yaml"
     ref_cfg.write_text(cfg.read_text().replace(str(tmp_path / "run"), str(ref)))
     assert runs.stockpot_run([str(ref_cfg)], log=tmp_path / "ref.log") == 0
-    assert_same(final_state(tmp_path / "run", MAX_STEPS), final_state(ref, MAX_STEPS))
+    want = final_state(ref, MAX_STEPS)
+    assert any(k.startswith("ema_99.model.") for k in want)  # a user's loop gets trainer.ema
+    assert_same(final_state(tmp_path / "run", MAX_STEPS), want)
     (counter,) = state_at(tmp_path / "run", MAX_STEPS, "counter.").values()
     assert int(counter) == MAX_STEPS  # the user's own object was saved and restored
     assert runs.losses(tmp_path / "run") == runs.losses(ref)

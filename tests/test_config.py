@@ -82,6 +82,14 @@ def test_task_block_keeps_its_own_keys_as_params() -> None:
         ("task._target_=nodots", r"task._target_ must be an import path"),
         ("run.dir=${nope}", r"config: Interpolation key 'nope' not found"),
         ("trainer", r"override 'trainer' is not key=value"),
+        (
+            "trainer.ema=[1.0]",
+            r"trainer.ema: each decay must be in \(0, 1\), e.g. 0.999 \(got 1.0\)",
+        ),
+        ("trainer.ema=[0]", r"trainer.ema: each decay must be in \(0, 1\)"),
+        ("trainer.ema=[0.9999995]", r"trainer.ema: a decay has at most 6 decimals"),
+        ("trainer.ema=[0.9,0.90]", r"trainer.ema lists a decay twice \(ema_9\); list each once"),
+        ("soup.prefix=''", r"soup.prefix must not be empty"),
     ],
 )
 def test_bad_input_is_refused_with_one_line_saying_how_to_fix(override: str, message: str) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from devtools.s3server import S3Server
 from launch.cli import main
@@ -119,3 +120,22 @@ def test_fsdp_window_from_s3_is_the_stated_mean_bit_for_bit(
     assert weights == pytest.approx([1 / 3, 2 / 3])  # d_i (s_i - a): 4 * 4, 4 * 8
     want = mixer_reference([dcp_model(ckpt_dir(runs_by["fsdp"], s)) for s in STEPS[1:]], weights)
     assert_bitwise(soup_tensors(out), want)
+
+
+def test_an_fsdp_runs_ema_exports_and_soups_by_name(
+    runs_by: dict[str, Path], tmp_path: Path
+) -> None:
+    """trainer.ema's average (`ema_9`, sharded like its parameters under FSDP) is a model an
+    export and a soup read by name; `auto` keeps meaning the trained model."""
+    run = runs_by["fsdp"]
+    averages = [dcp_model(ckpt_dir(run, s), "ema_9.model.") for s in STEPS]
+    source = open_source(Ingredient(str(ckpt_dir(run, LAST)), "dcp", "test"), prefix="ema_9")
+    assert max(len(p) for p in source.pieces.values()) == 2  # sharded like its parameters
+    assert averages[-1].keys() >= dcp_model(ckpt_dir(run, LAST)).keys()  # and the buffers
+    out = tmp_path / "ema.safetensors"
+    assert main(["export", str(ckpt_dir(run, LAST)), "--out", str(out), "--prefix", "ema_9"]) == 0
+    assert_close_to_rounding(load_file(out), averages[-1])
+    assert main(["soup", str(run), "--out", str(tmp_path / "soup"), "--prefix", "ema_9"]) == 0
+    assert_close_to_rounding(soup_tensors(tmp_path / "soup"), f64_mean(averages))
+    record = json.loads((tmp_path / "soup" / "SOUP.json").read_text())
+    assert record["params"]["prefix"] == "ema_9"  # the provenance says which model

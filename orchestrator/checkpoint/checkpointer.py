@@ -39,6 +39,7 @@ from orchestrator.checkpoint.format import (
     load_shards,
     rank_state_name,
     save_shards,
+    stored_items,
 )
 from orchestrator.checkpoint.retention import NO_HOOKS, RetentionHooks
 from orchestrator.checkpoint.schedule import due
@@ -254,8 +255,12 @@ class Checkpointer:
             if not per_rank
         }
 
+        absent: list[str] = []
+
         def load(info: CheckpointInfo) -> None:
-            load_shards(shared, self.store, info.data_rel, self._group)
+            absent[:] = self._absent(info, shared)
+            present = {k: v for k, v in shared.items() if k not in absent}
+            load_shards(present, self.store, info.data_rel, self._group)
 
         info = restoring.newest_loaded(
             self.store, infos, load if shared else None, self._group,
@@ -264,11 +269,25 @@ class Checkpointer:
         if info is None:
             return None
         for name, state in shared.items():
-            self._entries[name][0].load_state_dict(state)
+            obj = self._entries[name][0]
+            if name in absent:
+                obj.not_in_checkpoint(info.step)  # type: ignore[attr-defined]
+            else:
+                obj.load_state_dict(state)
         self._restore_rank_state(info)
         self._saved_step, self._saved_time = info.step, self._clock()
         log.info("restored %s (step %d)", self.store.path(info.rel), info.step, extra=LEADER_ONLY)
         return info
+
+    def _absent(self, info: CheckpointInfo, shared: Mapping[str, Any]) -> list[str]:
+        """The registered states that may be missing (they have `not_in_checkpoint`, as an
+        EMA added since the checkpoint was saved) and that `info` holds no key of. Every rank
+        reads the same `.metadata`, so all agree; without such states nothing is read."""
+        optional = [n for n in shared if hasattr(self._entries[n][0], "not_in_checkpoint")]
+        if not optional:
+            return []
+        keys = stored_items(self.store, info.data_rel)
+        return [n for n in optional if not any(k.startswith(n + ".") for k in keys)]
 
     def _restore_rank_state(self, info: CheckpointInfo) -> None:
         per_rank = [name for name, (_, flag) in self._entries.items() if flag]

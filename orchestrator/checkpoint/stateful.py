@@ -2,7 +2,9 @@
 
 An object may also have `before_change(callback) -> Handle | None`: it promises to call
 `callback` before the tensors its `state_dict()` returned next change, which lets a background
-save write them without copying them first (snapshot.py, state.ModelAndOptimizer).
+save write them without copying them first (snapshot.py, state.ModelAndOptimizer). One with
+`not_in_checkpoint(step)` may be missing from a checkpoint: a restore calls that instead of
+failing (ema.EMA, added to a run since the checkpoint was saved).
 """
 
 from __future__ import annotations

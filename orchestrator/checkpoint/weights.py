@@ -2,7 +2,8 @@
 
 `ModelAndOptimizer` registered under a name (e.g. `train`) stores the model's tensors under the
 flat DCP keys `<name>.model.<param>`, and its ties beside them (`<name>.tied`, ties.py). Used
-by `stockpot export`, the soup and `model.init_from`.
+by `stockpot export`, the soup and `model.init_from`. trainer.ema's averages are stored the
+same way under `ema_<digits>` (ema.py), and are read when asked for by name.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.checkpoint.format import MODEL_KEY
+from orchestrator.config.ema import EMA_PREFIX
 from orchestrator.errors import CheckpointCorrupt, UsageError
 from orchestrator.ties import TIED_KEY, aliases
 
@@ -31,15 +33,22 @@ def model_prefixes(keys: Iterable[str]) -> list[str]:
 
 
 def choose_prefix(tensors: Mapping[str, Any], requested: str) -> str:
-    """`requested`, or the one model prefix there is when it is `auto`; UsageError otherwise."""
+    """`requested` (a registered name alone, `ema_999`, means its model: `ema_999.model.`), or
+    when it is `auto` the one model prefix there is, not counting trainer.ema's averages
+    (`ema_*`: the trained model is what `auto` means); UsageError otherwise."""
     present = model_prefixes(tensors)
     if requested != "auto":
         prefix = requested if requested.endswith(".") else requested + "."
+        if prefix[:-1] + MODEL_KEY in present:
+            return prefix[:-1] + MODEL_KEY
         if not any(k.startswith(prefix) for k in tensors):
             raise UsageError(
                 f"no tensors under --prefix {prefix!r}; model prefixes here: {_listed(present)}"
             )
         return prefix
+    trained = [p for p in present if not p.startswith(EMA_PREFIX)]
+    if len(trained) == 1:
+        return trained[0]
     if len(present) == 1:
         return present[0]
     others = sorted({k.partition(".")[0] + "." for k in tensors})

@@ -22,11 +22,11 @@ def config_hash(cfg: Config) -> str:
 # sample index; trainer.num_workers loads the same batches, orchestrator/loader.py;
 # model.init_from is ignored once a run has checkpoints of its own;
 # trainer.activation_checkpointing recomputes the same values: a run toggling it across a
-# resume ends bit-identical, tests/test_training_extras.py.)
+# resume ends bit-identical, tests/test_training_extras.py; trainer.ema only reads the weights.)
 _NON_COMPUTATIONAL = (
     "run.dir", "run.name", "trainer.max_steps", "trainer.nproc", "trainer.log_every",
     "trainer.eval_every", "trainer.device", "trainer.collective_timeout_s", "trainer.num_workers",
-    "trainer.activation_checkpointing", "model.init_from",
+    "trainer.activation_checkpointing", "trainer.ema", "model.init_from",
     "checkpoint", "storage", "launcher", "resume", "soup", "sweep", "logging",
 )  # fmt: skip
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from orchestrator.config.checkpoint import CheckpointConfig
+from orchestrator.config.ema import check_decays
 from orchestrator.config.soup import SoupConfig
 from orchestrator.config.sweeps import check_sweep
 from orchestrator.errors import require
@@ -129,8 +130,12 @@ class TrainerConfig:
     # Recompute each FSDP unit's activations in backward instead of keeping them (the same
     # units as trainer.fsdp.shard_modules chooses, under DDP too): less memory, ~1/3 more compute.
     activation_checkpointing: bool = False
+    # Moving averages of the weights, one per decay (e.g. [0.999]), updated after every optimizer
+    # step and saved as `ema_<digits>` (ema_999): export/soup it with --prefix ema_999.
+    ema: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        check_decays(self.ema)
         require(self.max_steps >= 0, f"trainer.max_steps must be >= 0 (got {self.max_steps})")
         require(self.nproc >= 1, f"trainer.nproc must be >= 1 (got {self.nproc})")
         require(self.batch_size >= 1, f"trainer.batch_size must be >= 1 (got {self.batch_size})")

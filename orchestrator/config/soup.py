@@ -87,6 +87,9 @@ class SoupConfig:
     # Score soups with this Python function instead (`pkg.module:function`): given the state
     # dict (name -> tensor), it returns a dict of metrics.
     eval_hook: str | None = None
+    # Which model of each DCP checkpoint to mix: `auto` the trained one, or a name such as
+    # `ema_999` (trainer.ema's average with decay 0.999), or a flat key prefix (`train.model.`).
+    prefix: str = "auto"
 
     def __post_init__(self) -> None:
         require(
@@ -120,6 +123,7 @@ class SoupConfig:
             self.steps is None or self.steps.count(":") == 1,
             f"soup.steps must be A:B, e.g. 100:500 or 200: (got {self.steps!r})",
         )
+        require(bool(self.prefix), "soup.prefix must not be empty; `auto` picks the trained model")
         self._check_urls()
         self._check_eval()
 

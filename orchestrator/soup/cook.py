@@ -52,7 +52,7 @@ def prepare(
 ) -> Kitchen:
     t0 = time.perf_counter()
     ingredients = resolve(sources, cfg, storage)
-    opened = [open_source(i, storage) for i in ingredients]
+    opened = [open_source(i, storage, cfg.prefix) for i in ingredients]
     engine.check_layout(opened)
     if cfg.recipe == "weighted":
         engine.normalised(cfg.weights, len(opened))

@@ -123,7 +123,11 @@ class Source:
         return sorted(files)
 
 
-def open_source(ingredient: Ingredient, storage: StorageOptions | None = None) -> Source:
+def open_source(
+    ingredient: Ingredient, storage: StorageOptions | None = None, prefix: str = "auto"
+) -> Source:
+    """`ingredient`'s model tensors, indexed; of a DCP checkpoint, those under `prefix`
+    (soup.prefix: `auto`, a registered name such as `ema_999`, or a flat key prefix)."""
     from orchestrator.storage import Store
 
     if ingredient.kind == "safetensors":
@@ -132,7 +136,7 @@ def open_source(ingredient: Ingredient, storage: StorageOptions | None = None) -
         _index_safetensors(source, name)
     else:
         source = Source(ingredient, Store(ingredient.url, storage))
-        _index_dcp(source)
+        _index_dcp(source, prefix)
     if not source.specs:
         raise UsageError(f"{ingredient.url}: no model tensors")
     return source
@@ -143,7 +147,7 @@ def _index_safetensors(source: Source, name: str) -> None:
         _add(source, read_safetensors_index(f, name, source.store.path(name)))
 
 
-def _index_dcp(source: Source) -> None:
+def _index_dcp(source: Source, requested: str) -> None:
     from orchestrator.checkpoint import catalog
     from orchestrator.checkpoint.weights import choose_prefix
 
@@ -156,7 +160,7 @@ def _index_dcp(source: Source) -> None:
     if problems:
         raise CheckpointCorrupt(f"{problems[0]}; run `stockpot verify {source.ingredient.url}`")
     items = stored_items(source.store, source.data_dir)
-    prefix = choose_prefix(items, "auto")
+    prefix = choose_prefix(items, requested)
     tensors = {}
     for key, stored in items.items():
         if stored is None or not key.startswith(prefix):
