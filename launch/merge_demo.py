@@ -36,7 +36,7 @@ from typing import Any
 from orchestrator.config import Config, load
 
 CONFIG = "configs/merge-demo.yaml"
-RULES = ("uniform", "linear", "decay:linear", "decay:minus-sqrt")
+RULES = ("uniform", "linear", "decay:linear", "decay:minus-sqrt", "ema:0.99")
 README_BEGIN = "<!-- merge-demo:begin (written by `make merge-demo README=1`; do not edit) -->"
 README_END = "<!-- merge-demo:end -->"
 REPO = Path(__file__).resolve().parents[1]
