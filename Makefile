@@ -8,7 +8,7 @@ STAMP := $(VENV)/.stockpot-installed
 # Debian's python3 lacks venv and ensurepip until python3-venv is installed.
 NEED_VENV := $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip; }
 
-.PHONY: venv demo soup-demo test test-torch lint bench chaos services clean
+.PHONY: venv demo soup-demo merge-demo test test-torch lint bench chaos services clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,12 @@ demo: venv
 # learned); prints best single vs soups on the test split; README=1 rewrites README's table.
 soup-demo: venv
 	$(BIN)/python -m launch.soup_demo configs/soup-demo.yaml $(if $(README),--readme)
+
+# Per seed (3): a constant-LR CharLM run, its decay branch (wsd) from step T-D, and merges of its
+# last D steps' checkpoints (window recipe rules) and its EMA; held-out bits per byte of each,
+# mean and spread over seeds; README=1 rewrites README's table and docs/merge-demo.png.
+merge-demo: venv
+	$(BIN)/python -m launch.merge_demo configs/merge-demo.yaml $(if $(README),--readme)
 
 # Starts the real services the tests need (Slurm here; the S3 server is started by the tests),
 # then runs the whole suite. Under CI=true (.ci/run sets it) the Slurm and S3 tests must run,
