@@ -83,8 +83,18 @@ def warm_up(specs: Mapping[str, TensorSpec]) -> None:
 
     The first call of a torch kernel faults its code pages in (~15-20 MB of libtorch for the
     type-promoting add alone): a constant of the interpreter, not of the soup. Doing it before
-    the start RSS is taken keeps the memory figures about the soup's data.
+    the start RSS is taken keeps the memory figures about the soup's data. On one thread,
+    as the mix runs: with torch's default threads each tiny kernel waits for an OpenMP team,
+    which on a loaded 2-core node made this 0.1-0.3 s instead of ~0.01.
     """
+    threads = SingleThreaded()
+    try:
+        _warm_up(specs)
+    finally:
+        threads.restore()
+
+
+def _warm_up(specs: Mapping[str, TensorSpec]) -> None:
     import io
 
     for dtype in {spec.dtype for spec in specs.values()}:
@@ -194,8 +204,8 @@ class Mixer:
         budget = ahead or default_ahead(model, largest)
         slot = self.chunk + 2 * HEAD_BYTES  # a chunk and the zip records around it
         self._window = Window(self.sources, iter(reads), self._pool, workers, budget, slot,
-                               self.stats)  # fmt: skip
-        self._position = self._segment = 0
+                              self.stats, self.checks.feed if checksums else None)  # fmt: skip
+        self._position = self._segment = self._turn = 0
         self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def _contributors(self, spec: TensorSpec) -> list[int]:
@@ -222,7 +232,9 @@ class Mixer:
 
     def chunks(self, name: str) -> Iterator[torch.Tensor]:
         """The soup's tensor `name` as consecutive flat parts, in row-major order. Each part is
-        valid until the next is asked for (buffers are reused); names must come in order."""
+        valid until the one after the next is asked for (two output buffers take turns, so a
+        writer may still be writing one part while the next is mixed); names must come in
+        order."""
         if self._position >= len(self.names) or self.names[self._position] != name:
             raise RuntimeError(f"soup: {name} asked out of order")
         self._position += 1
@@ -240,8 +252,7 @@ class Mixer:
         """Each read of `seg`, checked, with its tensor (flat for streamed segments)."""
         for want in seg.reads:
             r, data = self._window.take()
-            assert r is want, (r, want)
-            self.checks.feed(r, data)
+            assert r is want, (r, want)  # the window fed it to the checksums
             if r.mode == "hash":
                 yield r, None
             elif r.mode == "range":
@@ -287,7 +298,8 @@ class Mixer:
             acc.div_(len(self.weights))
         if compare:
             self.similarity.add_mean(acc)
-        out = self._buffer("out", spec.dtype, seg.count)
+        self._turn ^= 1
+        out = self._buffer(("out", "out2")[self._turn], spec.dtype, seg.count)
         out.copy_(acc)
         return out
 
