@@ -249,7 +249,9 @@ class Mixer:
             self._note_tie(name, spec, [h.hexdigest() for h in hashes.values()])
 
     def _take(self, seg: Segment, spec: TensorSpec) -> Iterator[tuple[Read, torch.Tensor | None]]:
-        """Each read of `seg`, checked, with its tensor (flat for streamed segments)."""
+        """Each read of `seg`, checked, with its tensor (flat for streamed segments). A tensor
+        stays valid until the one after it is taken (the mix adds the first two in one pass)."""
+        held: memoryview | None = None
         for want in seg.reads:
             r, data = self._window.take()
             assert r is want, (r, want)  # the window fed it to the checksums
@@ -259,7 +261,11 @@ class Mixer:
                 yield r, torch.frombuffer(data, dtype=spec.dtype, count=seg.count, offset=r.skip)
             else:
                 yield r, self.sources[r.source].decode(r.piece, spec, data)
-            self._window.release(data)  # the consumer is done with this read's tensor
+            if held is not None:
+                self._window.release(held)  # its buffer serves a later read
+            held = data
+        if held is not None:
+            self._window.release(held)
 
     def _buffer(self, role: str, dtype: torch.dtype, n: int) -> torch.Tensor:
         have = self._buffers.get((role, dtype))
@@ -271,15 +277,23 @@ class Mixer:
         acc_dtype = spec.accumulator
         acc = self._buffer("acc", acc_dtype, seg.count)
         compare = len(spec.shape) >= 2 and len(seg.reads) > 1
+        first: Any = None  # the first ingredient's array, added with the second
         for k, (r, x) in enumerate(self._take(seg, spec)):
             assert x is not None
             x = x.reshape(-1)
             if hashes is not None:
                 hashes[r.source].update(x.view(torch.uint8).numpy())
             if self.uniform and spec.dtype in _NUMPY_ADDS:
-                # numpy adds a float32 array into a float64 one in one pass, without a copy
+                # numpy adds float32 arrays into a float64 one in one pass, without a copy; the
+                # first two in one pass too (float64(x0) + float64(x1), as copy then add)
                 a, xn = acc.numpy(), x.numpy()
-                np.copyto(a, xn) if k == 0 else np.add(a, xn, out=a)
+                if k == 0 and len(seg.reads) == 1:
+                    np.copyto(a, xn)
+                elif k == 1:
+                    np.add(first, xn, out=a, dtype=np.float64)
+                elif k > 1:
+                    np.add(a, xn, out=a)
+                first = xn
                 if compare:
                     self.similarity.add_squares(r.source, float(np.dot(xn, xn)))
                 continue
@@ -300,7 +314,10 @@ class Mixer:
             self.similarity.add_mean(acc)
         self._turn ^= 1
         out = self._buffer(("out", "out2")[self._turn], spec.dtype, seg.count)
-        out.copy_(acc)
+        if spec.dtype in _NUMPY_ADDS:  # numpy's cast: the same rounding, ~30% faster
+            np.copyto(out.numpy(), acc.numpy(), casting="unsafe")
+        else:
+            out.copy_(acc)
         return out
 
     def _whole(self, seg: Segment, spec: TensorSpec, hashes: dict[int, Any] | None) -> torch.Tensor:
