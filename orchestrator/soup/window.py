@@ -18,6 +18,7 @@ class Stats:
     bytes_read: int = 0
     pieces: int = 0
     read_s: float = 0.0
+    wait_s: float = 0.0  # the consumer's time waiting for reads (and their checksums)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, nbytes: int, seconds: float) -> None:
@@ -123,8 +124,10 @@ class Window:
         if not self.inflight:
             raise RuntimeError("soup reader: asked for more pieces than planned")
         r, future, fed = self.inflight.popleft()
+        t0 = time.perf_counter()
         data = future.result()
         fed.wait()
+        self.stats.wait_s += time.perf_counter() - t0
         if self._error is not None:
             raise self._error
         self.inflight_bytes -= r.length

@@ -14,6 +14,7 @@ committed soup back; `write_checkpoint` turns one into a committed stockpot chec
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ class Written:
     files: dict[str, FileEntry]  # name relative to the out dir -> size, checksum
     shards: list[str]
     nbytes: int
+    wait_s: float = 0.0  # the producer's time waiting for the writer thread
 
 
 class _HashingFile:
@@ -68,6 +70,7 @@ class _HashingFile:
         self._pending: Future[None] | None = None
         self._fd = _fileno(raw)
         self._unsynced = 0
+        self.wait_s = 0.0
 
     def write(self, data: Any) -> int:
         self.wait()
@@ -87,7 +90,9 @@ class _HashingFile:
         """Until the last write is done (raising its error)."""
         pending, self._pending = self._pending, None
         if pending is not None:
+            t0 = time.perf_counter()
             pending.result()
+            self.wait_s += time.perf_counter() - t0
 
     def __enter__(self) -> _HashingFile:
         return self
@@ -165,12 +170,14 @@ def write_files(
     names = shard_names(len(shards))
     files: dict[str, FileEntry] = {}
     weight_map: dict[str, str] = {}
+    waited = 0.0
     for fname, entries in zip(names, shards, strict=True):
         with store.open_write(f"{write_rel}/{fname}") as raw, _HashingFile(raw) as f:
             write_safetensors_parts(
                 f, entries, lambda e: parts(e.name), metadata, order=order, progress=progress
             )
         files[fname] = f.hasher.entry()
+        waited += f.wait_s
         weight_map.update({e.name: fname for e in entries})
     total = sum(e.nbytes for entries in shards for e in entries)
     if len(names) > 1:
@@ -178,7 +185,7 @@ def write_files(
         raw_index = (json.dumps(body, indent=1) + "\n").encode()
         store.write_bytes(f"{write_rel}/{INDEX}", raw_index)
         files[INDEX] = hash_bytes(raw_index)
-    return Written(files, names, total)
+    return Written(files, names, total, waited)
 
 
 def record_bytes(record: Mapping[str, Any]) -> bytes:
