@@ -138,8 +138,9 @@ def measure(sizes: Sizes, work: Path, counts: tuple[int, ...]) -> list[Row]:
                  "checksums of what it reads and the fsynced output"),
         Row("soup: where the mix's time goes (medians)",
             "; ".join(f"N={n}: {_limits(recs[n])}" for n in counts), "report", None,
-            note=f"cores busy = CPU s of all threads / mix s (2 cores: >1.6 is CPU-bound); "
-                 f"load average 1 min during the soups {median(loads):.1f}"),
+            note="cores busy = CPU s of all threads / mix s; little waiting with well under 2 "
+                 "cores busy: runnable threads not running (other load); load average (1 min) "
+                 f"during the soups {median(loads):.1f}"),
         Row("naive load-all-and-average (DCP, stacked) / soup: time, peak RSS above start",
             ", ".join(f"N={n}: {t:.1f}x, {m:.0f}x" for n, (t, m) in naive.items()),
             "report", None, note="the naive script holds N whole checkpoints"),
