@@ -20,7 +20,7 @@ from orchestrator.errors import CheckpointCorrupt
 from orchestrator.soup import engine
 from orchestrator.soup.ingredients import Ingredient
 from orchestrator.soup.reader import TensorSpec, open_source
-from orchestrator.soup.writer import _ModelOnly
+from orchestrator.soup.writer import _HashingFile, _ModelOnly
 from orchestrator.storage import Store
 
 CHUNK = 256 << 10
@@ -144,3 +144,27 @@ def test_half_precision_ingredients_mix_in_float32_and_look_related(tmp_path: Pa
         assert got[name].dtype == dtype and torch.equal(got[name], want), name
     cosine = mixer.similarity.cosine()
     assert cosine is not None and cosine > 0.99, cosine
+
+
+def test_a_read_failing_on_a_read_thread_reaches_the_mixer(
+    ckpts: list[Path], tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(ckpts[1], copy)
+    sources = [open_source(Ingredient(str(p), "dcp", "test")) for p in (ckpts[0], copy)]
+    mixer = engine.Mixer(sources, None, list(sources[0].specs), chunk=CHUNK, checksums=True)
+    (piece,) = sources[1].pieces["big"]
+    os.truncate(copy / piece.file, piece.offset + piece.length // 2)  # after the plan was made
+    try:
+        with pytest.raises(CheckpointCorrupt, match="truncated"):
+            for name in mixer.names:
+                mixer.next(name)
+    finally:
+        mixer.close()
+
+
+def test_the_writer_threads_error_reaches_the_caller(tmp_path: Path) -> None:
+    raw = open(tmp_path / "out", "wb")  # noqa: SIM115 -- closed below, before the write runs
+    raw.close()
+    with pytest.raises(ValueError, match="closed file"), _HashingFile(raw) as f:
+        f.write(b"x" * 10)  # runs on the writer thread; its error comes out at the exit

@@ -354,7 +354,7 @@ def _write(kitchen: Kitchen, mixture: Mixture, parent: Any, write_rel: str,
         return written, {"cosine": None, "ties": {}, "bytes_read": 0}
     mixer = engine.Mixer(mixture.sources, mixture.weights, names, workers=kitchen.cfg.read_workers,
                          checksums=kitchen.cfg.verify == "checksums")  # fmt: skip
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     threads = engine.SingleThreaded()
     try:
         written = writer.write_files(parent, write_rel, shards, mixer.chunks, metadata,
@@ -363,7 +363,7 @@ def _write(kitchen: Kitchen, mixture: Mixture, parent: Any, write_rel: str,
     finally:
         mixer.close()
         threads.restore()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     info = {
         "cosine": mixer.similarity.cosine(),
         "ties": mixer.ties,
@@ -373,6 +373,10 @@ def _write(kitchen: Kitchen, mixture: Mixture, parent: Any, write_rel: str,
         "chunk_bytes": mixer.chunk,
         "mix_s": seconds,
         "mix_mb_per_s": mixer.stats.bytes_read / 1e6 / max(seconds, 1e-9),
+        # what limits it: waiting for the disk, for the writer thread, or CPU (all threads)
+        "read_wait_s": mixer.stats.wait_s,
+        "write_wait_s": written.wait_s,
+        "cpu_s": cpu,
     }
     return written, info
 

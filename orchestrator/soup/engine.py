@@ -83,8 +83,18 @@ def warm_up(specs: Mapping[str, TensorSpec]) -> None:
 
     The first call of a torch kernel faults its code pages in (~15-20 MB of libtorch for the
     type-promoting add alone): a constant of the interpreter, not of the soup. Doing it before
-    the start RSS is taken keeps the memory figures about the soup's data.
+    the start RSS is taken keeps the memory figures about the soup's data. On one thread,
+    as the mix runs: with torch's default threads each tiny kernel waits for an OpenMP team,
+    which on a loaded 2-core node made this 0.1-0.3 s instead of ~0.01.
     """
+    threads = SingleThreaded()
+    try:
+        _warm_up(specs)
+    finally:
+        threads.restore()
+
+
+def _warm_up(specs: Mapping[str, TensorSpec]) -> None:
     import io
 
     for dtype in {spec.dtype for spec in specs.values()}:
@@ -194,8 +204,8 @@ class Mixer:
         budget = ahead or default_ahead(model, largest)
         slot = self.chunk + 2 * HEAD_BYTES  # a chunk and the zip records around it
         self._window = Window(self.sources, iter(reads), self._pool, workers, budget, slot,
-                               self.stats)  # fmt: skip
-        self._position = self._segment = 0
+                              self.stats, self.checks.feed if checksums else None)  # fmt: skip
+        self._position = self._segment = self._turn = 0
         self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def _contributors(self, spec: TensorSpec) -> list[int]:
@@ -222,7 +232,9 @@ class Mixer:
 
     def chunks(self, name: str) -> Iterator[torch.Tensor]:
         """The soup's tensor `name` as consecutive flat parts, in row-major order. Each part is
-        valid until the next is asked for (buffers are reused); names must come in order."""
+        valid until the one after the next is asked for (two output buffers take turns, so a
+        writer may still be writing one part while the next is mixed); names must come in
+        order."""
         if self._position >= len(self.names) or self.names[self._position] != name:
             raise RuntimeError(f"soup: {name} asked out of order")
         self._position += 1
@@ -237,18 +249,23 @@ class Mixer:
             self._note_tie(name, spec, [h.hexdigest() for h in hashes.values()])
 
     def _take(self, seg: Segment, spec: TensorSpec) -> Iterator[tuple[Read, torch.Tensor | None]]:
-        """Each read of `seg`, checked, with its tensor (flat for streamed segments)."""
+        """Each read of `seg`, checked, with its tensor (flat for streamed segments). A tensor
+        stays valid until the one after it is taken (the mix adds the first two in one pass)."""
+        held: memoryview | None = None
         for want in seg.reads:
             r, data = self._window.take()
-            assert r is want, (r, want)
-            self.checks.feed(r, data)
+            assert r is want, (r, want)  # the window fed it to the checksums
             if r.mode == "hash":
                 yield r, None
             elif r.mode == "range":
                 yield r, torch.frombuffer(data, dtype=spec.dtype, count=seg.count, offset=r.skip)
             else:
                 yield r, self.sources[r.source].decode(r.piece, spec, data)
-            self._window.release(data)  # the consumer is done with this read's tensor
+            if held is not None:
+                self._window.release(held)  # its buffer serves a later read
+            held = data
+        if held is not None:
+            self._window.release(held)
 
     def _buffer(self, role: str, dtype: torch.dtype, n: int) -> torch.Tensor:
         have = self._buffers.get((role, dtype))
@@ -260,15 +277,23 @@ class Mixer:
         acc_dtype = spec.accumulator
         acc = self._buffer("acc", acc_dtype, seg.count)
         compare = len(spec.shape) >= 2 and len(seg.reads) > 1
+        first: Any = None  # the first ingredient's array, added with the second
         for k, (r, x) in enumerate(self._take(seg, spec)):
             assert x is not None
             x = x.reshape(-1)
             if hashes is not None:
                 hashes[r.source].update(x.view(torch.uint8).numpy())
             if self.uniform and spec.dtype in _NUMPY_ADDS:
-                # numpy adds a float32 array into a float64 one in one pass, without a copy
+                # numpy adds float32 arrays into a float64 one in one pass, without a copy; the
+                # first two in one pass too (float64(x0) + float64(x1), as copy then add)
                 a, xn = acc.numpy(), x.numpy()
-                np.copyto(a, xn) if k == 0 else np.add(a, xn, out=a)
+                if k == 0 and len(seg.reads) == 1:
+                    np.copyto(a, xn)
+                elif k == 1:
+                    np.add(first, xn, out=a, dtype=np.float64)
+                elif k > 1:
+                    np.add(a, xn, out=a)
+                first = xn
                 if compare:
                     self.similarity.add_squares(r.source, float(np.dot(xn, xn)))
                 continue
@@ -287,8 +312,12 @@ class Mixer:
             acc.div_(len(self.weights))
         if compare:
             self.similarity.add_mean(acc)
-        out = self._buffer("out", spec.dtype, seg.count)
-        out.copy_(acc)
+        self._turn ^= 1
+        out = self._buffer(("out", "out2")[self._turn], spec.dtype, seg.count)
+        if spec.dtype in _NUMPY_ADDS:  # numpy's cast: the same rounding, ~30% faster
+            np.copyto(out.numpy(), acc.numpy(), casting="unsafe")
+        else:
+            out.copy_(acc)
         return out
 
     def _whole(self, seg: Segment, spec: TensorSpec, hashes: dict[int, Any] | None) -> torch.Tensor:

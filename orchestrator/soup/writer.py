@@ -14,7 +14,9 @@ committed soup back; `write_checkpoint` turns one into a committed stockpot chec
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,7 @@ from orchestrator.checkpoint.format import (
     write_safetensors_parts,
 )
 from orchestrator.errors import CheckpointCorrupt, UsageError
+from orchestrator.storage import start_writeback
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +43,7 @@ RECORD = "SOUP.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 FORMAT = "stockpot.soup"
+WRITEBACK_BYTES = 16 << 20  # as checkpoint/format/dcp_write.py
 
 
 @dataclass(frozen=True)
@@ -47,18 +51,69 @@ class Written:
     files: dict[str, FileEntry]  # name relative to the out dir -> size, checksum
     shards: list[str]
     nbytes: int
+    wait_s: float = 0.0  # the producer's time waiting for the writer thread
 
 
 class _HashingFile:
-    """Passes writes to `raw` and hashes them, so the record's checksums cost no re-read."""
+    """Passes writes to `raw` and hashes them, so the record's checksums cost no re-read.
+
+    Both happen on a thread of its own, one write behind the caller: the mixer makes the next
+    part while this one is hashed and copied into the page cache (xxhash, the file write and
+    the mixer's numpy/torch kernels all release the GIL, so two cores work). `write` returns
+    once the previous write is done, so a part must stay valid until the write after it
+    returns (the mixer alternates two output buffers). Writeback to the disk is started every
+    WRITEBACK_BYTES (a local file), so the final fsync waits only for the rest."""
 
     def __init__(self, raw: Any) -> None:
         self.raw, self.hasher = raw, Hasher()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soup-write")
+        self._pending: Future[None] | None = None
+        self._fd = _fileno(raw)
+        self._unsynced = 0
+        self.wait_s = 0.0
 
     def write(self, data: Any) -> int:
+        self.wait()
+        self._pending = self._thread.submit(self._write, data)
+        return memoryview(data).nbytes
+
+    def _write(self, data: Any) -> None:
         self.hasher.update(data)
         self.raw.write(data)
-        return memoryview(data).nbytes
+        self._unsynced += memoryview(data).nbytes
+        if self._fd is not None and self._unsynced >= WRITEBACK_BYTES:
+            self.raw.flush()
+            start_writeback(self._fd)
+            self._unsynced = 0
+
+    def wait(self) -> None:
+        """Until the last write is done (raising its error)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            t0 = time.perf_counter()
+            pending.result()
+            self.wait_s += time.perf_counter() - t0
+
+    def __enter__(self) -> _HashingFile:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            elif self._pending is not None:  # the error in flight says more than this one
+                self._pending.exception()
+        finally:
+            self._thread.shutdown(wait=True)
+
+
+def _fileno(raw: Any) -> int | None:
+    """The local file descriptor under `raw`, or None (S3's upload has none)."""
+    try:
+        fd = raw.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
+    return fd if isinstance(fd, int) else None
 
 
 def split_out(url: str, storage: StorageOptions | None) -> tuple[Store, str]:
@@ -111,17 +166,18 @@ def write_files(
     progress: Callable[[int], object] | None = None,
 ) -> Written:
     """Stream every shard (each tensor as consecutive flat parts from `parts(name)`, in file
-    order) and the index."""
+    order; each part must stay valid until the part after it is asked for) and the index."""
     names = shard_names(len(shards))
     files: dict[str, FileEntry] = {}
     weight_map: dict[str, str] = {}
+    waited = 0.0
     for fname, entries in zip(names, shards, strict=True):
-        with store.open_write(f"{write_rel}/{fname}") as raw:
-            f = _HashingFile(raw)
+        with store.open_write(f"{write_rel}/{fname}") as raw, _HashingFile(raw) as f:
             write_safetensors_parts(
                 f, entries, lambda e: parts(e.name), metadata, order=order, progress=progress
             )
         files[fname] = f.hasher.entry()
+        waited += f.wait_s
         weight_map.update({e.name: fname for e in entries})
     total = sum(e.nbytes for entries in shards for e in entries)
     if len(names) > 1:
@@ -129,7 +185,7 @@ def write_files(
         raw_index = (json.dumps(body, indent=1) + "\n").encode()
         store.write_bytes(f"{write_rel}/{INDEX}", raw_index)
         files[INDEX] = hash_bytes(raw_index)
-    return Written(files, names, total)
+    return Written(files, names, total, waited)
 
 
 def record_bytes(record: Mapping[str, Any]) -> bytes:
