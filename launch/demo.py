@@ -118,7 +118,7 @@ def _checkpoint_soup(cfg: Config, run_dir: Path) -> None:
     """The BirdCLEF-style checkpoint soup: the checkpoints of the run's second half that improved
     on any tracked metric; selection on the validation split, the test split only reported."""
     from orchestrator.config import SoupConfig
-    from orchestrator.soup import cook
+    from orchestrator.soup import cook, scoring
 
     rule: tuple[str, ...] = ("eval/loss", "eval/accuracy")
     soup = SoupConfig(improved_any=rule, steps=f"{cfg.trainer.max_steps // 2}:",
@@ -133,7 +133,7 @@ def _checkpoint_soup(cfg: Config, run_dir: Path) -> None:
     record = cook.cook(kitchen)  # report=True: the soup is scored on validation and test
     steps = [i["step"] for i in record["ingredients"]]
     # A uniform soup scores no ingredient: score them here, choose the best by validation.
-    scores = cook.score_ingredients(kitchen)
+    scores = scoring.score_ingredients(kitchen)
     best = {"scores": max(scores, key=lambda s: s["eval/accuracy"])}
     how = f", improved_any {', '.join(rule)}" if rule else ""
     print(f"\n=== checkpoint soup (uniform over steps {steps}: second half{how}) ===")

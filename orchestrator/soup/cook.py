@@ -20,13 +20,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.errors import CheckpointCorrupt, UsageError
+from orchestrator.errors import UsageError
 from orchestrator.soup import (
     engine,
     evaluate,
     provenance,
     recipes,
     schedules,
+    scoring,
     segments,
     user_eval,
     writer,
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 UNRELATED_COSINE = 0.2  # below: the weights share no starting point (see engine.Similarity)
-EVAL_RECIPES = ("greedy", "learned")
+EVAL_RECIPES = scoring.EVAL_RECIPES
 
 
 def prepare(
@@ -120,39 +121,6 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def needs_judge(cfg: SoupConfig) -> bool:
-    return cfg.recipe in EVAL_RECIPES or cfg.report or cfg.recompute_bn or user_eval.wanted(cfg)
-
-
-def build_judge(kitchen: Kitchen) -> evaluate.Judge | user_eval.UserJudge:
-    """The user's evaluation when one is given (soup.eval_cmd/eval_hook), else the run's task."""
-    if user_eval.wanted(kitchen.cfg):
-        return user_eval.build(kitchen.cfg)
-    run = next((i.run for i in kitchen.ingredients if i.run), None)
-    if run is None:
-        raise UsageError(
-            f"recipe {kitchen.cfg.recipe} (or --report/--recompute-bn) needs the run's task: "
-            "name run dirs or their checkpoints, not only .safetensors files, or score with "
-            "your own --eval CMD / --eval-hook MOD:FN (greedy, --report)"
-        )
-    cfg = kitchen.cfg
-    return evaluate.Judge(run, kitchen.storage, cfg.metric, cfg.mode, cfg.eval_batch_size)
-
-
-def _optional_judge(kitchen: Kitchen) -> evaluate.Judge | None:
-    """The run's task, so a window merge scores itself on the held-out split (its
-    `soup_scores`); None, with a warning, when the task cannot be built here."""
-    from orchestrator.errors import ConfigError
-
-    try:
-        judge = build_judge(kitchen)
-    except (UsageError, ConfigError) as exc:
-        log.warning("the merge is not scored: %s", exc)
-        return None
-    assert isinstance(judge, evaluate.Judge)
-    return judge
-
-
 # --- the recipes -------------------------------------------------------------------------------
 
 
@@ -167,7 +135,7 @@ def choose(kitchen: Kitchen) -> Mixture:
         return _window(kitchen)
     judge = kitchen.judge
     assert judge is not None
-    scores = score_ingredients(kitchen)
+    scores = scoring.score_ingredients(kitchen)
     if cfg.recipe == "greedy":
         g = recipes.greedy(judge, srcs, scores)
         details = {
@@ -200,57 +168,6 @@ def _window(kitchen: Kitchen) -> Mixture:
     return Mixture([kitchen.sources[k] for k in order], weights, details=details)
 
 
-def score_ingredients(kitchen: Kitchen) -> list[dict[str, float]]:
-    """Each ingredient's validation (and test, for the report) scores, one model at a time;
-    scores recorded for the same checkpoint (same manifest checksum) by a sibling soup's
-    SOUP.json are reused instead of recomputed."""
-    judge = kitchen.judge
-    assert judge is not None
-    t0 = time.perf_counter()
-    want_test = kitchen.cfg.report and judge.has_test
-    cached = _cached_scores(kitchen, judge.how if isinstance(judge, user_eval.UserJudge) else None)
-    scores = []
-    for ing, src in zip(kitchen.ingredients, kitchen.sources, strict=True):
-        got = cached.get(ing.manifest_checksum or "")
-        if (
-            got
-            and judge.metric in got
-            and (not want_test or any(k.startswith("test/") for k in got))
-        ):
-            scores.append(dict(got))
-            continue
-        state = evaluate.read_state(src)
-        got = judge.score(state)
-        if want_test:
-            got.update(judge.score(state, split="test"))
-        scores.append(got)
-    kitchen.timings["score_ingredients_s"] = time.perf_counter() - t0
-    return scores
-
-
-def _cached_scores(kitchen: Kitchen, how: dict[str, str] | None) -> dict[str, dict[str, float]]:
-    """manifest checksum -> scores, from the committed soups next to this one scored the same
-    way (`how`: the user's command or hook; None: the run's task)."""
-    parent, _ = writer.split_out(kitchen.out, kitchen.storage)
-    found: dict[str, dict[str, float]] = {}
-    try:
-        names = parent.list("")
-    except (FileNotFoundError, NotADirectoryError):
-        return found
-    for name in names:
-        try:
-            record = writer.read_record(parent.child(name))
-        except (UsageError, CheckpointCorrupt, OSError):
-            continue
-        made = record.get("evaluation") or {}
-        if (how or {}) != {k: v for k, v in made.items() if k in ("command", "hook")}:
-            continue
-        for ing in record.get("ingredients", []):
-            if ing.get("manifest_checksum") and ing.get("scores"):
-                found.setdefault(ing["manifest_checksum"], ing["scores"])
-    return found
-
-
 # --- the whole thing ---------------------------------------------------------------------------
 
 
@@ -274,10 +191,10 @@ def _cook_checked(kitchen: Kitchen, progress: Callable[[int], object] | None,
                   integrity: provenance.Integrity, t_start: float, rss0: int) -> dict[str, Any]:  # fmt: skip
     from orchestrator.checkpoint.commit import commit_strategy
 
-    if needs_judge(kitchen.cfg):
-        kitchen.judge = build_judge(kitchen)
+    if scoring.needs_judge(kitchen.cfg):
+        kitchen.judge = scoring.build_judge(kitchen)
     elif kitchen.cfg.recipe == "window":
-        kitchen.judge = _optional_judge(kitchen)
+        kitchen.judge = scoring.optional_judge(kitchen)
     related: dict[str, Any] = {"method": "skipped (--allow-unrelated)"}
     midpoint = isinstance(kitchen.judge, evaluate.Judge) and kitchen.cfg.recipe in EVAL_RECIPES
     if midpoint and not kitchen.cfg.allow_unrelated:
@@ -299,7 +216,7 @@ def _cook_checked(kitchen: Kitchen, progress: Callable[[int], object] | None,
         related = _check_cosine(kitchen, mixer_info["cosine"])
     record = provenance.record(kitchen, mixture, written, mixer_info, related, attempt.data_dir)
     if kitchen.judge is not None:
-        record["soup_scores"] = _score_written(kitchen, parent, attempt.write_rel, written)
+        record["soup_scores"] = scoring.score_written(kitchen, parent, attempt.write_rel, written)
         if isinstance(kitchen.judge, user_eval.UserJudge):
             record["evaluation"] = kitchen.judge.record()
     if kitchen.cfg.report:
@@ -391,19 +308,3 @@ def _check_cosine(kitchen: Kitchen, cosine: float | None) -> dict[str, Any]:
         )
     return {"method": "mean pairwise cosine of the weight matrices",
             "threshold": UNRELATED_COSINE, "cosine": cosine}  # fmt: skip
-
-
-def _score_written(kitchen: Kitchen, parent: Any, write_rel: str,
-                   written: writer.Written) -> dict[str, float]:  # fmt: skip
-    """Scores of the soup exactly as written (read back before the commit)."""
-    from safetensors.torch import load
-
-    judge = kitchen.judge
-    assert judge is not None
-    state: dict[str, torch.Tensor] = {}
-    for shard in written.shards:
-        state.update(load(parent.read_bytes(f"{write_rel}/{shard}")))
-    scores = judge.score(state)
-    if judge.has_test:
-        scores.update(judge.score(state, split="test"))
-    return scores
