@@ -156,3 +156,28 @@ def test_s3_urls_are_checked() -> None:
     with pytest.raises(ValueError, match="environment"):
         Store("s3://KEY:SECRET@bucket/prefix")
     assert repr(Store("s3://b/p/")) == "Store('s3://b/p')"
+
+
+def test_streams_upload_parts_in_parallel_and_land_whole(
+    s3_faults: FaultProxy, s3_bucket: str
+) -> None:
+    # 5 MiB parts (S3's minimum), 3 at once: parts go up while later bytes are written, and the
+    # object appears only at close, byte for byte; a discarded stream leaves no upload behind.
+    store = Store(f"{s3_bucket}/root", s3_storage(s3_faults.endpoint_url, upload_part_mb=5,
+                                                  upload_concurrency=3))  # fmt: skip
+    prefix = "/" + s3_bucket.removeprefix("s3://") + "/root/"
+    data = bytes(range(256)) * (42 << 10)  # 10.5 MiB: parts of 5, 5 and 0.5
+    with store.open_write("big") as f:
+        f.write(data[:1000])
+        f.write(memoryview(data)[1000 : 10 << 20])  # one write across two parts
+        assert f.tell() == 10 << 20
+        assert not store.exists("big")  # two parts are up (or going), nothing shows yet
+        f.write(data[10 << 20 :])
+    assert store.read_bytes("big") == data
+    parts = [p for m, p in s3_faults.requests if m == "PUT" and p.startswith(prefix + "big?")]
+    assert len(parts) == 3 and all("partNumber=" in p for p in parts)
+    f = store.open_write("dropped")
+    f.write(data)
+    f.discard()
+    assert not store.exists("dropped") and store.abort_multipart_uploads() == 0
+
