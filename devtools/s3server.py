@@ -34,6 +34,7 @@ FAKE_ENV = {
     "AWS_EC2_METADATA_DISABLED": "true",  # never wait on an instance-metadata probe
 }
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
+_SLICE = 64 << 10  # bytes a capped proxy passes on at a time
 _ERROR_CODES = {403: "AccessDenied", 500: "InternalError", 503: "SlowDown", 429: "SlowDown"}
 
 
@@ -122,19 +123,51 @@ class Rule:
     remaining: int | None = None  # None: forever
 
 
+class Throttle:
+    """One direction of a link of `mb_s` MB/s (10**6 bytes), shared by every connection through
+    it: whoever sends n bytes waits until the link would have carried them after what was
+    sent before."""
+
+    def __init__(self, mb_s: float) -> None:
+        self._bytes_per_s = mb_s * 1e6
+        self._free_at = 0.0  # when the link has carried everything taken so far
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._free_at = max(now, self._free_at) + n / self._bytes_per_s
+            wait = self._free_at - now
+        time.sleep(wait)
+
+
 @dataclass
 class FaultProxy:
     """An HTTP proxy in front of moto that fails chosen requests over real HTTP.
 
     Rules match a substring of the request path (path-style: `/bucket/key`). The first matching
     rule with budget left fires; everything else is forwarded to moto unchanged.
+
+    `rate_mb_s` caps the bodies' throughput in each direction (requests up, answers down),
+    shared by all connections like one network link: a slow remote S3 for benchmarks.
     """
 
     upstream: str
+    rate_mb_s: float | None = None
     rules: list[Rule] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
+    _links: tuple[Throttle, Throttle] | None = None  # (up, down), with a rate
+
+    def __post_init__(self) -> None:
+        if self.rate_mb_s is not None:
+            self._links = (Throttle(self.rate_mb_s), Throttle(self.rate_mb_s))
+
+    def carry(self, n: int, up: bool) -> None:
+        """Wait until the capped link has carried n more bytes (no wait without a cap)."""
+        if self._links is not None:
+            self._links[0 if up else 1].take(n)
 
     @property
     def endpoint_url(self) -> str:
@@ -208,16 +241,32 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
         pass
 
+    def _read(self, n: int) -> bytes:
+        """n bytes of the request body, at the proxy's rate if it has one."""
+        pieces = []
+        while n > 0 and (piece := self.rfile.read(min(n, _SLICE))):
+            self.owner.carry(len(piece), up=True)
+            pieces.append(piece)
+            n -= len(piece)
+        return b"".join(pieces)
+
+    def _write(self, data: bytes) -> None:
+        """The answer's body to the client, at the proxy's rate if it has one."""
+        view = memoryview(data)
+        for start in range(0, len(view), _SLICE):
+            self.owner.carry(len(view[start : start + _SLICE]), up=False)
+            self.wfile.write(view[start : start + _SLICE])
+
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             chunks = []
             while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
-                chunks.append(self.rfile.read(size))
+                chunks.append(self._read(size))
                 self.rfile.readline()
             while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                 pass  # trailers
             return b"".join(chunks)
-        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        return self._read(int(self.headers.get("Content-Length", 0)))
 
     def _handle(self) -> None:
         body = self._read_body()
@@ -268,6 +317,6 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", length or str(len(data)))
             self.end_headers()
             if self.command != "HEAD":
-                self.wfile.write(data)
+                self._write(data)
         finally:
             conn.close()

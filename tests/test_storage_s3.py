@@ -181,3 +181,15 @@ def test_streams_upload_parts_in_parallel_and_land_whole(
     f.discard()
     assert not store.exists("dropped") and store.abort_multipart_uploads() == 0
 
+
+def test_rate_capped_proxy_forwards_bytes_exactly(s3_server: S3Server, s3_bucket: str) -> None:
+    # The bench's slow remote S3 (FaultProxy(rate_mb_s=...)); its speed is the bench's to show.
+    proxy = FaultProxy(upstream=s3_server.endpoint_url, rate_mb_s=500).start()
+    try:
+        store = Store(f"{s3_bucket}/capped", s3_storage(proxy.endpoint_url))
+        data = bytes(range(251)) * 12_000  # 3 MB, not a multiple of the proxy's slices
+        store.write_bytes("blob", data)
+        assert store.read_bytes("blob") == data
+        assert proxy.seen("/capped/blob", "PUT") == 1
+    finally:
+        proxy.stop()
