@@ -109,7 +109,10 @@ class S3Backend:
     # --- small objects -----------------------------------------------------------------------
 
     def read_bytes(self, path: str) -> bytes:
-        data: bytes = self._retry("read", path, lambda: self._fs().cat_file(_key(path)))
+        """One GET. (s3fs's cat_file HEADs first to decide whether to read in concurrent
+        ranges, and on a missing key also LISTs: three round trips where one answers.)"""
+        key = _key(path)
+        data: bytes = self._retry("read", path, lambda: self._fs().cat_file(key, max_concurrency=1))
         return data
 
     def read_into(self, path: str, start: int, into: memoryview) -> int:
