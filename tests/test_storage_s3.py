@@ -180,6 +180,10 @@ def test_streams_upload_parts_in_parallel_and_land_whole(
     f.write(data)
     f.discard()
     assert not store.exists("dropped") and store.abort_multipart_uploads() == 0
+    s3_faults.fail("partNumber=2", status=403, times=None)  # a part fails in the background
+    with pytest.raises(PermissionError), store.open_write("failed") as f:
+        f.write(data)
+    assert not store.exists("failed") and store.abort_multipart_uploads() == 0
 
 
 def test_rate_capped_proxy_forwards_bytes_exactly(s3_server: S3Server, s3_bucket: str) -> None:
