@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -149,7 +150,9 @@ class FaultProxy:
     rule with budget left fires; everything else is forwarded to moto unchanged.
 
     `rate_mb_s` caps the bodies' throughput in each direction (requests up, answers down),
-    shared by all connections like one network link: a slow remote S3 for benchmarks.
+    shared by all connections like one network link: a slow remote S3 for benchmarks. A capped
+    proxy passes bodies of known length on as they arrive; without a cap, bodies are read whole
+    first, as the fault rules have always seen them.
     """
 
     upstream: str
@@ -241,14 +244,15 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
         pass
 
-    def _read(self, n: int) -> bytes:
-        """n bytes of the request body, at the proxy's rate if it has one."""
-        pieces = []
+    def _pieces(self, n: int) -> Iterator[bytes]:
+        """The next n bytes of the request body, a slice at a time, at the proxy's rate."""
         while n > 0 and (piece := self.rfile.read(min(n, _SLICE))):
             self.owner.carry(len(piece), up=True)
-            pieces.append(piece)
             n -= len(piece)
-        return b"".join(pieces)
+            yield piece
+
+    def _read(self, n: int) -> bytes:
+        return b"".join(self._pieces(n))
 
     def _write(self, data: bytes) -> None:
         """The answer's body to the client, at the proxy's rate if it has one."""
@@ -256,6 +260,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         for start in range(0, len(view), _SLICE):
             self.owner.carry(len(view[start : start + _SLICE]), up=False)
             self.wfile.write(view[start : start + _SLICE])
+
+    def _streams(self) -> bool:
+        """A capped proxy passes bodies of known length on as they arrive (a link, not a
+        store-and-forward hop that would add moto's time to the link's)."""
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        return self.owner.rate_mb_s is not None and not chunked
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -269,8 +279,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         return self._read(int(self.headers.get("Content-Length", 0)))
 
     def _handle(self) -> None:
-        body = self._read_body()
+        body = None if self._streams() else self._read_body()  # None: forwarded as it comes
         rule = self.owner.decide(self.command, self.path)
+        if rule is not None and body is None:
+            body = self._read_body()
         if rule is not None and rule.action == "reset":
             self._reset()
         elif rule is not None:
@@ -299,24 +311,31 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(payload)
 
-    def _forward(self, body: bytes) -> None:
+    def _forward(self, body: bytes | None) -> None:
         host, port = self.owner.upstream.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-        if body or self.command in ("PUT", "POST"):
-            headers["Content-Length"] = str(len(body))
+        n = int(self.headers.get("Content-Length", 0)) if body is None else len(body)
+        if n or self.command in ("PUT", "POST"):
+            headers["Content-Length"] = str(n)
+        payload = (self._pieces(n) if body is None else body) if n else None
         try:
-            conn.request(self.command, self.path, body=body or None, headers=headers)
+            conn.request(self.command, self.path, body=payload, headers=headers)
             resp = conn.getresponse()
-            data = resp.read()
+            length = resp.getheader("Content-Length")
+            streamed = body is None and length is not None and self.command != "HEAD"
+            data = b"" if streamed else resp.read()
             self.send_response(resp.status, resp.reason)
             for k, v in resp.getheaders():
                 if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
                     self.send_header(k, v)
-            length = resp.getheader("Content-Length") if self.command == "HEAD" else None
-            self.send_header("Content-Length", length or str(len(data)))
+            keep = streamed or self.command == "HEAD"
+            self.send_header("Content-Length", (length if keep else None) or str(len(data)))
             self.end_headers()
-            if self.command != "HEAD":
+            if streamed:
+                while piece := resp.read(_SLICE):
+                    self._write(piece)
+            elif self.command != "HEAD":
                 self._write(data)
         finally:
             conn.close()

@@ -190,10 +190,11 @@ def test_rate_capped_proxy_forwards_bytes_exactly(s3_server: S3Server, s3_bucket
     # The bench's slow remote S3 (FaultProxy(rate_mb_s=...)); its speed is the bench's to show.
     proxy = FaultProxy(upstream=s3_server.endpoint_url, rate_mb_s=500).start()
     try:
-        store = Store(f"{s3_bucket}/capped", s3_storage(proxy.endpoint_url))
+        store = Store(f"{s3_bucket}/capped", s3_storage(proxy.endpoint_url, **FAST))
         data = bytes(range(251)) * 12_000  # 3 MB, not a multiple of the proxy's slices
+        proxy.fail("/capped/blob", status=503, times=1)  # its body is drained, then answered
         store.write_bytes("blob", data)
         assert store.read_bytes("blob") == data
-        assert proxy.seen("/capped/blob", "PUT") == 1
+        assert proxy.seen("/capped/blob", "PUT") == 2
     finally:
         proxy.stop()
