@@ -1,6 +1,7 @@
 """S3 on a real endpoint (moto_server; a correctness server, not a speed reference): save
 throughput against one s3fs `put_file` of the same bytes, and the HTTP requests a save and a
-resume make, counted at a proxy (devtools/s3server.py's FaultProxy, forwarding everything).
+resume make, counted at a proxy (devtools/s3server.py's FaultProxy, forwarding everything);
+and the same save through that proxy capped at 50 MB/s, a slow remote S3.
 
 Requests are split per save by marks: after each save every rank meets at a barrier and rank 0
 sends `GET /__bench_mark__/NAME` through the same proxy, so the log reads save | mark | save ...
@@ -18,6 +19,7 @@ from bench.common import Row, Sizes, median, ranks, ratio_row, run_cli
 from devtools.s3server import FAKE_ENV, FaultProxy, make_bucket, start_moto_server, stop
 
 MARK = "__bench_mark__"
+CAP_MB_S = 50.0  # the capped proxy's link: a slow remote S3
 
 
 @contextlib.contextmanager
@@ -120,22 +122,45 @@ def resume_request_row(endpoint: str, keep: int, worlds: tuple[int, ...]) -> Row
                note="manifest GETs " + ", ".join(f"{n}r {c[1]}" for n, c in got.items()))  # fmt: skip
 
 
-def _throughput_row(endpoint: str, sizes: Sizes, work: Path) -> Row:
+def _saves_and_puts(
+    endpoint: str, sizes: Sizes, work: Path, via: str | None = None
+) -> tuple[list[float], list[float], int]:
+    """(save seconds, put_file seconds, bytes) of the interleaved repeats; `via`: the URL
+    that the ranks talk to instead of `endpoint` (a capped proxy)."""
     args = {"d_model": 256, "n_layers": sizes.s3_layers, "repeats": sizes.repeats,
-            "endpoint": endpoint, "bucket": bucket_name(endpoint),
+            "endpoint": via or endpoint, "bucket": bucket_name(endpoint),
             "work": str(work)}  # fmt: skip
     lines = ranks("bench.worker", ["s3save", json.dumps(args)], env=FAKE_ENV)
-    put = [x["s"] for x in lines if x["variant"] == "put"]
     save = [x["s"] for x in lines if x["variant"] == "save"]
-    size = lines[0]["bytes"]
+    put = [x["s"] for x in lines if x["variant"] == "put"]
+    return save, put, lines[0]["bytes"]
+
+
+def _throughput_row(endpoint: str, sizes: Sizes, work: Path) -> Row:
+    save, put, size = _saves_and_puts(endpoint, sizes, work)
     return ratio_row("S3 save throughput / one s3fs put_file",
                      median([p / s for p, s in zip(put, save, strict=True)]), ">= 0.9",
                      at_least=0.9, note=f"{size / 1e6:.0f} MB: save {size / median(save) / 1e6:.0f}"
                      f" MB/s, put_file {size / median(put) / 1e6:.0f} MB/s")  # fmt: skip
 
 
+def capped_row(endpoint: str, sizes: Sizes, work: Path, mb_s: float = CAP_MB_S) -> Row:
+    """The same save and put_file through a proxy capping the link at `mb_s` (both ranks
+    share it, as a node's uplink): what a slow remote S3 costs, for a local tier to beat."""
+    proxy = FaultProxy(upstream=endpoint, rate_mb_s=mb_s).start()
+    try:
+        save, put, size = _saves_and_puts(endpoint, sizes, work, via=proxy.endpoint_url)
+    finally:
+        proxy.stop()
+    ratio = median([p / s for p, s in zip(put, save, strict=True)])
+    return Row(f"S3 save through a {mb_s:g} MB/s link (s)", round(median(save), 2), "-", None,
+               note=f"{size / 1e6:.0f} MB: the link alone {size / mb_s / 1e6:.2f} s, put_file "
+               f"{median(put):.2f} s, put_file/save {ratio:.2f}")  # fmt: skip
+
+
 def measure(sizes: Sizes, work: Path) -> list[Row]:
     os.environ.update(FAKE_ENV)  # for boto3 here and every rank
     with moto_server(work / "moto_server.log") as endpoint:
-        rows = [_throughput_row(endpoint, sizes, work), *request_rows(endpoint, work)]
+        rows = [_throughput_row(endpoint, sizes, work), capped_row(endpoint, sizes, work),
+                *request_rows(endpoint, work)]  # fmt: skip
         return [*rows, resume_request_row(endpoint, sizes.s3_resume_kept, sizes.s3_resume_worlds)]

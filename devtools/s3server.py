@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,6 +35,7 @@ FAKE_ENV = {
     "AWS_EC2_METADATA_DISABLED": "true",  # never wait on an instance-metadata probe
 }
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
+_SLICE = 64 << 10  # bytes a capped proxy passes on at a time
 _ERROR_CODES = {403: "AccessDenied", 500: "InternalError", 503: "SlowDown", 429: "SlowDown"}
 
 
@@ -122,19 +124,53 @@ class Rule:
     remaining: int | None = None  # None: forever
 
 
+class Throttle:
+    """One direction of a link of `mb_s` MB/s (10**6 bytes), shared by every connection through
+    it: whoever sends n bytes waits until the link would have carried them after what was
+    sent before."""
+
+    def __init__(self, mb_s: float) -> None:
+        self._bytes_per_s = mb_s * 1e6
+        self._free_at = 0.0  # when the link has carried everything taken so far
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._free_at = max(now, self._free_at) + n / self._bytes_per_s
+            wait = self._free_at - now
+        time.sleep(wait)
+
+
 @dataclass
 class FaultProxy:
     """An HTTP proxy in front of moto that fails chosen requests over real HTTP.
 
     Rules match a substring of the request path (path-style: `/bucket/key`). The first matching
     rule with budget left fires; everything else is forwarded to moto unchanged.
+
+    `rate_mb_s` caps the bodies' throughput in each direction (requests up, answers down),
+    shared by all connections like one network link: a slow remote S3 for benchmarks. A capped
+    proxy passes bodies of known length on as they arrive; without a cap, bodies are read whole
+    first, as the fault rules have always seen them.
     """
 
     upstream: str
+    rate_mb_s: float | None = None
     rules: list[Rule] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
+    _links: tuple[Throttle, Throttle] | None = None  # (up, down), with a rate
+
+    def __post_init__(self) -> None:
+        if self.rate_mb_s is not None:
+            self._links = (Throttle(self.rate_mb_s), Throttle(self.rate_mb_s))
+
+    def carry(self, n: int, up: bool) -> None:
+        """Wait until the capped link has carried n more bytes (no wait without a cap)."""
+        if self._links is not None:
+            self._links[0 if up else 1].take(n)
 
     @property
     def endpoint_url(self) -> str:
@@ -208,20 +244,45 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
         pass
 
+    def _pieces(self, n: int) -> Iterator[bytes]:
+        """The next n bytes of the request body, a slice at a time, at the proxy's rate."""
+        while n > 0 and (piece := self.rfile.read(min(n, _SLICE))):
+            self.owner.carry(len(piece), up=True)
+            n -= len(piece)
+            yield piece
+
+    def _read(self, n: int) -> bytes:
+        return b"".join(self._pieces(n))
+
+    def _write(self, data: bytes) -> None:
+        """The answer's body to the client, at the proxy's rate if it has one."""
+        view = memoryview(data)
+        for start in range(0, len(view), _SLICE):
+            self.owner.carry(len(view[start : start + _SLICE]), up=False)
+            self.wfile.write(view[start : start + _SLICE])
+
+    def _streams(self) -> bool:
+        """A capped proxy passes bodies of known length on as they arrive (a link, not a
+        store-and-forward hop that would add moto's time to the link's)."""
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        return self.owner.rate_mb_s is not None and not chunked
+
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             chunks = []
             while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
-                chunks.append(self.rfile.read(size))
+                chunks.append(self._read(size))
                 self.rfile.readline()
             while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                 pass  # trailers
             return b"".join(chunks)
-        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        return self._read(int(self.headers.get("Content-Length", 0)))
 
     def _handle(self) -> None:
-        body = self._read_body()
+        body = None if self._streams() else self._read_body()  # None: forwarded as it comes
         rule = self.owner.decide(self.command, self.path)
+        if rule is not None and body is None:
+            body = self._read_body()
         if rule is not None and rule.action == "reset":
             self._reset()
         elif rule is not None:
@@ -250,24 +311,31 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(payload)
 
-    def _forward(self, body: bytes) -> None:
+    def _forward(self, body: bytes | None) -> None:
         host, port = self.owner.upstream.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-        if body or self.command in ("PUT", "POST"):
-            headers["Content-Length"] = str(len(body))
+        n = int(self.headers.get("Content-Length", 0)) if body is None else len(body)
+        if n or self.command in ("PUT", "POST"):
+            headers["Content-Length"] = str(n)
+        payload = (self._pieces(n) if body is None else body) if n else None
         try:
-            conn.request(self.command, self.path, body=body or None, headers=headers)
+            conn.request(self.command, self.path, body=payload, headers=headers)
             resp = conn.getresponse()
-            data = resp.read()
+            length = resp.getheader("Content-Length")
+            streamed = body is None and length is not None and self.command != "HEAD"
+            data = b"" if streamed else resp.read()
             self.send_response(resp.status, resp.reason)
             for k, v in resp.getheaders():
                 if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
                     self.send_header(k, v)
-            length = resp.getheader("Content-Length") if self.command == "HEAD" else None
-            self.send_header("Content-Length", length or str(len(data)))
+            keep = streamed or self.command == "HEAD"
+            self.send_header("Content-Length", (length if keep else None) or str(len(data)))
             self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
+            if streamed:
+                while piece := resp.read(_SLICE):
+                    self._write(piece)
+            elif self.command != "HEAD":
+                self._write(data)
         finally:
             conn.close()

@@ -156,3 +156,45 @@ def test_s3_urls_are_checked() -> None:
     with pytest.raises(ValueError, match="environment"):
         Store("s3://KEY:SECRET@bucket/prefix")
     assert repr(Store("s3://b/p/")) == "Store('s3://b/p')"
+
+
+def test_streams_upload_parts_in_parallel_and_land_whole(
+    s3_faults: FaultProxy, s3_bucket: str
+) -> None:
+    # 5 MiB parts (S3's minimum), 3 at once: parts go up while later bytes are written, and the
+    # object appears only at close, byte for byte; a discarded stream leaves no upload behind.
+    store = Store(f"{s3_bucket}/root", s3_storage(s3_faults.endpoint_url, upload_part_mb=5,
+                                                  upload_concurrency=3))  # fmt: skip
+    prefix = "/" + s3_bucket.removeprefix("s3://") + "/root/"
+    data = bytes(range(256)) * (42 << 10)  # 10.5 MiB: parts of 5, 5 and 0.5
+    with store.open_write("big") as f:
+        f.write(data[:1000])
+        f.write(memoryview(data)[1000 : 10 << 20])  # one write across two parts
+        assert f.tell() == 10 << 20
+        assert not store.exists("big")  # two parts are up (or going), nothing shows yet
+        f.write(data[10 << 20 :])
+    assert store.read_bytes("big") == data
+    parts = [p for m, p in s3_faults.requests if m == "PUT" and p.startswith(prefix + "big?")]
+    assert len(parts) == 3 and all("partNumber=" in p for p in parts)
+    f = store.open_write("dropped")
+    f.write(data)
+    f.discard()
+    assert not store.exists("dropped") and store.abort_multipart_uploads() == 0
+    s3_faults.fail("partNumber=2", status=403, times=None)  # a part fails in the background
+    with pytest.raises(PermissionError), store.open_write("failed") as f:
+        f.write(data)
+    assert not store.exists("failed") and store.abort_multipart_uploads() == 0
+
+
+def test_rate_capped_proxy_forwards_bytes_exactly(s3_server: S3Server, s3_bucket: str) -> None:
+    # The bench's slow remote S3 (FaultProxy(rate_mb_s=...)); its speed is the bench's to show.
+    proxy = FaultProxy(upstream=s3_server.endpoint_url, rate_mb_s=500).start()
+    try:
+        store = Store(f"{s3_bucket}/capped", s3_storage(proxy.endpoint_url, **FAST))
+        data = bytes(range(251)) * 12_000  # 3 MB, not a multiple of the proxy's slices
+        proxy.fail("/capped/blob", status=503, times=1)  # its body is drained, then answered
+        store.write_bytes("blob", data)
+        assert store.read_bytes("blob") == data
+        assert proxy.seen("/capped/blob", "PUT") == 2
+    finally:
+        proxy.stop()

@@ -32,6 +32,13 @@ class S3Options:
     backoff_s: float = 0.2
     # Longest single wait between attempts, in seconds.
     max_backoff_s: float = 10.0
+    # Part size of streamed uploads (checkpoint shard files), in MiB (S3's minimum is 5): a
+    # file smaller than one part is a single PUT; a larger one goes up in parts while the
+    # rest is still being written.
+    upload_part_mb: int = 32
+    # Parts of one file uploaded at once; each stream holds up to this many parts (+1) in
+    # memory while they are in flight.
+    upload_concurrency: int = 4
 
     def __post_init__(self) -> None:
         n = self.max_attempts
@@ -39,6 +46,9 @@ class S3Options:
         for key in ("backoff_s", "max_backoff_s"):
             value = getattr(self, key)
             require(value >= 0, f"storage.s3.{key} must be >= 0 (got {value}); 0 retries at once")
+        part, n = self.upload_part_mb, self.upload_concurrency
+        require(part >= 5, f"storage.s3.upload_part_mb must be >= 5 (got {part}); S3's minimum")
+        require(n >= 1, f"storage.s3.upload_concurrency must be >= 1 (got {n})")
 
 
 @dataclass(frozen=True)

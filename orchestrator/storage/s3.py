@@ -26,6 +26,7 @@ from typing import IO, Any, TypeVar
 from orchestrator.storage.base import AtomicWriter
 from orchestrator.storage.options import S3Options
 from orchestrator.storage.retry import cause_chain, server_answer, with_retries
+from orchestrator.storage.s3_upload import stream_filesystem
 
 T = TypeVar("T")
 
@@ -91,8 +92,15 @@ class S3Backend:
             import fsspec
 
             _quiet_s3fs_retries()
-            attempts = self.options.max_attempts if streaming else 1
-            self._fs_cache[streaming] = fsspec.filesystem("s3", **self._s3_kwargs(attempts))
+            opts = self.options
+            if streaming:  # whose writes are PartUploads (s3_upload.py)
+                self._fs_cache[streaming] = stream_filesystem(
+                    self._s3_kwargs(opts.max_attempts),
+                    opts.upload_part_mb << 20,
+                    opts.upload_concurrency,
+                )
+            else:
+                self._fs_cache[streaming] = fsspec.filesystem("s3", **self._s3_kwargs(1))
         return self._fs_cache[streaming]
 
     def _retry(self, op: str, path: str, fn: Callable[[], T]) -> T:
@@ -101,7 +109,10 @@ class S3Backend:
     # --- small objects -----------------------------------------------------------------------
 
     def read_bytes(self, path: str) -> bytes:
-        data: bytes = self._retry("read", path, lambda: self._fs().cat_file(_key(path)))
+        """One GET. (s3fs's cat_file HEADs first to decide whether to read in concurrent
+        ranges, and on a missing key also LISTs: three round trips where one answers.)"""
+        key = _key(path)
+        data: bytes = self._retry("read", path, lambda: self._fs().cat_file(key, max_concurrency=1))
         return data
 
     def read_into(self, path: str, start: int, into: memoryview) -> int:
@@ -145,14 +156,10 @@ class S3Backend:
         return f
 
     def open_write(self, path: str) -> AtomicWriter:
-        """An upload only becomes visible when it completes, at close; discard aborts it."""
+        """An upload only becomes visible when it completes, at close; discard aborts it. Parts
+        go up while later ones are written (s3_upload.PartUpload)."""
         f = self._fs(streaming=True).open(_key(path), "wb")
-
-        def abort() -> None:
-            f.discard()  # aborts the multipart upload, if one was started
-            f.closed = True  # else fsspec's __del__ would try to upload the dropped buffer
-
-        return AtomicWriter(f, f.close, abort)
+        return AtomicWriter(f, f.close, f.discard)
 
     # --- listing and metadata ----------------------------------------------------------------
 
