@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 from orchestrator import dist
 from orchestrator.config.ema import ema_name
 from orchestrator.logs import LEADER_ONLY
-from orchestrator.state import _unwrapped
+from orchestrator.state import unwrapped
 from orchestrator.ties import TIED_KEY, tied_parameters
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class EMA:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, decay: float):
         self.decay, self.name = decay, ema_name(decay)
         self.optimizer = optimizer
-        inner = _unwrapped(model)
+        inner = unwrapped(model)
         self._inner = inner
         # named_parameters() lists a tied tensor once, under its owner's name.
         self._params = {n: p for n, p in inner.named_parameters() if p.is_floating_point()}
@@ -123,7 +123,7 @@ def averages(
     if optimizer is None:
         raise ValueError("trainer.ema averages after each optimizer step: register the optimizer")
     made = [EMA(model, optimizer, d) for d in decays]
-    params = sum(_local(p).nbytes for p in _unwrapped(model).parameters() if p.is_floating_point())
+    params = sum(_local(p).nbytes for p in unwrapped(model).parameters() if p.is_floating_point())
     log.info(
         "trainer.ema: %s; %.1f MB of shadows per EMA on this rank, %.2fx its parameters",
         ", ".join(e.name for e in made),

@@ -32,7 +32,7 @@ class ModelAndOptimizer:
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
     ) -> None:
         self.model, self.optimizer = model, optimizer
-        self._ties = tied_parameters(_unwrapped(model))
+        self._ties = tied_parameters(unwrapped(model))
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any]
@@ -62,7 +62,7 @@ class ModelAndOptimizer:
         buffers are left as they are: the next forward overwrites them anyway)."""
         names = sorted(
             name
-            for name, _ in _unwrapped(self.model).named_buffers()
+            for name, _ in unwrapped(self.model).named_buffers()
             if isinstance(model_sd.get(name), torch.Tensor)
         )
         copies = [model_sd[name].detach().clone() for name in names]
@@ -102,7 +102,7 @@ class RNGState:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     """The user's module under DDP (FSDP2 wraps in place: names are unchanged)."""
     inner = getattr(model, "module", None)
     is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
