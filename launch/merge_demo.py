@@ -26,6 +26,7 @@ README.md (between the merge-demo markers) and docs/merge-demo.png, whatever the
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -93,6 +94,8 @@ def main(argv: list[str]) -> int:
     if cfg.task.params.get("text_path") is None:
         plan.overrides = [*plan.overrides, f"task.text_path={_stdlib_corpus(plan.out)}"]
     results = [run_seed(plan, seed) for seed in range(seeds)]
+    plan.out.mkdir(parents=True, exist_ok=True)
+    (plan.out / "merge-demo.json").write_text(json.dumps(results, indent=1) + "\n")
     table = results_table(plan, results)
     png = plot(plan, results)
     plan.out.mkdir(parents=True, exist_ok=True)
@@ -211,22 +214,31 @@ def _window_merge(run: Path, rule: str, lo: int, hi: int) -> dict[str, Any]:
     return state
 
 
+DECAY, CONSTANT = "decay branch, final", "constant LR, final"
+
+
 def results_table(plan: Plan, results: list[dict[str, float]]) -> str:
+    """Mean and sd over seeds; and, since the seeds differ more than the models do, each
+    model's difference to the decay branch of the same seed (paired), and its share of the
+    decay's gain over the constant-LR model."""
     names = list(results[0])
-    decay = statistics.fmean(r["decay branch, final"] for r in results)
-    const = statistics.fmean(r["constant LR, final"] for r in results)
+    decay = statistics.fmean(r[DECAY] for r in results)
+    const = statistics.fmean(r[CONSTANT] for r in results)
     lines = [
         f"| model (CharLM, {plan.steps} steps, window = cooldown = last {plan.window}) | held-out "
-        f"bits/byte, mean ± sd over {len(results)} seeds | per seed | share of the decay's gain |",
-        "|---|---|---|---|",
+        f"bits/byte, mean ± sd over {len(results)} seeds | per seed | minus the decay branch, "
+        "same seed: mean (min, max) | share of the decay's gain |",
+        "|---|---|---|---|---|",
     ]
     for name in names:
         values = [r[name] for r in results]
         mean = statistics.fmean(values)
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        paired = [r[name] - r[DECAY] for r in results]
+        delta = f"{statistics.fmean(paired):+.4f} ({min(paired):+.4f}, {max(paired):+.4f})"
         share = (const - mean) / (const - decay) if const != decay else math.nan
         per_seed = " / ".join(f"{v:.4f}" for v in values)
-        lines.append(f"| {name} | {mean:.4f} ± {sd:.4f} | {per_seed} | {share:.0%} |")
+        lines.append(f"| {name} | {mean:.4f} ± {sd:.4f} | {per_seed} | {delta} | {share:.0%} |")
     return "\n".join(lines)
 
 
