@@ -24,10 +24,9 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from orchestrator import dist
 from orchestrator.config.ema import ema_name
 from orchestrator.logs import LEADER_ONLY
-from orchestrator.state import unwrapped
+from orchestrator.state import leader_copies, unwrapped
 from orchestrator.ties import TIED_KEY, tied_parameters
 
 log = logging.getLogger(__name__)
@@ -79,10 +78,8 @@ class EMA:
     def state_dict(self) -> dict[str, Any]:
         """The shadows themselves (a restore loads into them in place) and copies of the
         model's buffers as rank 0 holds them, as ModelAndOptimizer saves them."""
-        buffers = dict(self._inner.named_buffers())
-        copies = [buffers[n].detach().clone() for n in self._buffer_names]
-        dist.broadcast_tensors(copies, src=dist.LEADER)
-        model = {**self.shadows, **dict(zip(self._buffer_names, copies, strict=True))}
+        buffers = leader_copies(dict(self._inner.named_buffers()), self._buffer_names)
+        model = {**self.shadows, **buffers}
         state: dict[str, Any] = {"model": model}
         if self._ties:
             state[TIED_KEY] = [list(group) for group in self._ties]

@@ -7,7 +7,7 @@ modules save unwrapped names and load across world sizes. `RNGState` is per rank
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -65,9 +65,7 @@ class ModelAndOptimizer:
             for name, _ in unwrapped(self.model).named_buffers()
             if isinstance(model_sd.get(name), torch.Tensor)
         )
-        copies = [model_sd[name].detach().clone() for name in names]
-        dist.broadcast_tensors(copies, src=dist.LEADER)
-        model_sd.update(zip(names, copies, strict=True))
+        model_sd.update(leader_copies(model_sd, names))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.optimizer is None:
@@ -100,6 +98,14 @@ class RNGState:
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def leader_copies(tensors: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """Copies of `tensors[name]` for each of `names` (the same list on every rank), holding
+    rank 0's values: what buffers are saved as (every rank's next forward starts from them)."""
+    copies = [tensors[name].detach().clone() for name in names]
+    dist.broadcast_tensors(copies, src=dist.LEADER)
+    return dict(zip(names, copies, strict=True))
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
