@@ -44,7 +44,6 @@ CONFIG = "configs/merge-demo.yaml"
 RULES = ("uniform", "linear", "decay:linear", "decay:minus-sqrt", "ema:0.99")
 README_BEGIN = "<!-- merge-demo:begin (written by `make merge-demo README=1`; do not edit) -->"
 README_END = "<!-- merge-demo:end -->"
-REPO = Path(__file__).resolve().parents[1]
 LN2 = math.log(2)
 
 
@@ -269,16 +268,9 @@ def plot(plan: Plan, results: list[dict[str, float]]) -> bytes:
 
 
 def write_readme(table: str, png: bytes) -> None:
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise SystemExit(f"{readme}: no merge-demo block ({README_BEGIN} ... {README_END})")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    (REPO / "docs" / "merge-demo.png").write_bytes(png)
-    block = f"{README_BEGIN}\n{table}\n\n![merge demo](docs/merge-demo.png)\n{README_END}"
-    readme.write_text(head + block + tail)
-    print(f"merge-demo: wrote the table into {readme} and docs/merge-demo.png")
+    from launch.soup_demo import write_readme_block
+
+    write_readme_block("merge-demo", README_BEGIN, README_END, table, png)
 
 
 if __name__ == "__main__":

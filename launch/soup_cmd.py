@@ -13,6 +13,8 @@ import re
 import sys
 from typing import Any
 
+from orchestrator.soup.schedules import RULES  # pure (no torch): the rules --help lists
+
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # key=value; a path has a / or : before its =
 
 # flag -> (soup field, how the value is written into the override)
@@ -69,7 +71,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory, local or s3://")
     p.add_argument("--weights", metavar="W1,W2|RULE",
                    help="weighted: comma-separated, one per ingredient; window: a rule "
-                   "(uniform, linear, decay:linear, decay:cosine, decay:minus-sqrt)")  # fmt: skip
+                   f"({', '.join(RULES)})")  # fmt: skip
     p.add_argument("--schedule", metavar="RULE", help="window: the rule (as --weights RULE)")
     p.add_argument("--steps", metavar="A:B", help="keep checkpoints with A <= step <= B")
     p.add_argument("--every", type=int, metavar="N", help="keep steps that are multiples of N")

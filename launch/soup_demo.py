@@ -157,16 +157,23 @@ def plot(records: dict[str, dict[str, Any]]) -> bytes:
 
 
 def write_readme(table: str, png: bytes) -> None:
+    write_readme_block("soup-demo", README_BEGIN, README_END, table, png)
+
+
+def write_readme_block(demo: str, begin: str, end: str, table: str, png: bytes) -> None:
+    """Replace README.md's block between `begin` and `end` by `table` and the plot, written to
+    docs/<demo>.png (make soup-demo / merge-demo README=1)."""
     readme = REPO / "README.md"
     text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise SystemExit(f"{readme}: no soup-demo block ({README_BEGIN} ... {README_END})")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    (REPO / "docs" / "soup-demo.png").write_bytes(png)
-    block = f"{README_BEGIN}\n{table}\n\n![soup demo](docs/soup-demo.png)\n{README_END}"
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme}: no {demo} block ({begin} ... {end})")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    (REPO / "docs" / f"{demo}.png").write_bytes(png)
+    alt = demo.replace("-", " ")
+    block = f"{begin}\n{table}\n\n![{alt}](docs/{demo}.png)\n{end}"
     readme.write_text(head + block + tail)
-    print(f"soup-demo: wrote the table into {readme} and docs/soup-demo.png")
+    print(f"{demo}: wrote the table into {readme} and docs/{demo}.png")
 
 
 if __name__ == "__main__":
