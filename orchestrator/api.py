@@ -244,7 +244,9 @@ class Training:
 
     def _stop(self, step: int) -> None:
         s = self._s
-        self.outcome = commit_stop(step, self._latest, s.ckpt, s.metrics, s.stop)
+        self.outcome = commit_stop(
+            step, self._latest, s.ckpt, s.metrics, s.stop, s.cfg.launcher.signal_delay_s
+        )
 
     def _leave(self) -> None:
         """The block ended without an exception: unless stopped, commit the last step."""

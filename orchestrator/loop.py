@@ -50,6 +50,7 @@ class TrainingRun:
     ckpt: Checkpointer  # decides when to save (its schedule); the loop offers every step
     metrics: MetricsLog
     stop: StopFlag
+    grace_s: float = 120.0  # launcher.signal_delay_s: a stop's time to make its save durable
 
 
 def train(run: TrainingRun, trainer: TrainerConfig) -> Outcome:
@@ -180,7 +181,7 @@ def evaluate(run: TrainingRun, batch_size: int) -> dict[str, float]:
 
 def _stop(run: TrainingRun, latest: dict[str, float]) -> Outcome:
     """Every rank agreed to stop: save this step (after any save in flight), commit, return."""
-    return commit_stop(run.progress.step, latest, run.ckpt, run.metrics, run.stop)
+    return commit_stop(run.progress.step, latest, run.ckpt, run.metrics, run.stop, run.grace_s)
 
 
 def _finish(run: TrainingRun, trainer: TrainerConfig, latest: dict[str, float]) -> Outcome:

@@ -134,6 +134,12 @@ class MetricsLog:
         """A checkpoint of `step` committed (the checkpointer's on_commit, leader only)."""
         self.record(step, {f"checkpoint/{k}": v for k, v in timings.items()}, event="commit")
 
+    def durable(self, step: int, upload_s: float, at_risk: int) -> None:
+        """Tiered checkpoints: `step` is durable (uploaded in `upload_s`); `at_risk` steps
+        since are on the local tier only (the uploader's on_durable, leader only)."""
+        values = {"checkpoint/upload_s": upload_s, "checkpoint/steps_at_risk": at_risk}
+        self.record(step, values, event="durable")
+
     def flush(self) -> None:
         self.open_deferred()  # a flush before a commit writes everything recorded so far
         with self._lock:

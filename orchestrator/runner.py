@@ -84,6 +84,7 @@ def build(cfg: Config, session: Session) -> TrainingRun:
         ckpt=session.ckpt,
         metrics=session.metrics,
         stop=session.stop,
+        grace_s=session.cfg.launcher.signal_delay_s,
     )
 
 

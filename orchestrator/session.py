@@ -124,6 +124,7 @@ class Session:
                 parallel=self.cfg.trainer.parallel,
                 config_hash=config_hash(self.cfg),
                 after_first_step=self._first_step_done,
+                on_durable=self.metrics.durable,
             )
         return self._ckpt
 
@@ -230,14 +231,37 @@ def _seed_rank(seed: int, rank: int) -> None:
     torch.manual_seed(mixed)
 
 
+# The share of the signal's grace window a stop may spend making its checkpoint durable: the
+# rest is for the exit (and Slurm's clock is not ours).
+FLUSH_SHARE = 0.8
+
+
 def commit_stop(
-    step: int, latest: Mapping[str, float], ckpt: Checkpointer, metrics: MetricsLog, stop: StopFlag
+    step: int,
+    latest: Mapping[str, float],
+    ckpt: Checkpointer,
+    metrics: MetricsLog,
+    stop: StopFlag,
+    grace_s: float,
 ) -> Outcome:
     """Every rank agreed to stop after `step` (either loop): save it (after any save in flight),
     commit, record the stop, flush the metrics (the commit's own line and TensorBoard's events
-    before the process leaves), and say how long signal to commit took."""
+    before the process leaves), and say how long signal to commit took. With tiered
+    checkpoints the step is then made durable within the signal's grace window (`grace_s`,
+    launcher.signal_delay_s, less a margin for the exit), or the log says it is not."""
     t0 = time.monotonic()
     ckpt.save_final(step, latest)
+    flushed = ckpt.flush_durable((stop.received_at or t0) + grace_s * FLUSH_SHARE)
+    if flushed is not None:
+        durable, newest = flushed
+        if not durable:
+            log.warning(
+                "step %d is committed on the local tier only (newest durable step: %s): a "
+                "requeue onto the same nodes resumes from it, elsewhere from the durable one",
+                step,
+                newest,
+                extra=LEADER_ONLY,
+            )
     metrics.stopped(step, stop.signal_name)
     metrics.flush()
     since_signal = time.monotonic() - (stop.received_at or t0)

@@ -79,8 +79,24 @@ def test_the_section_keeps_its_key_order() -> None:
     assert [f.name for f in dataclasses.fields(CheckpointConfig)] == [
         "every_steps", "every_epochs", "every_minutes",
         "keep_last", "keep_best", "keep_every_steps", "keep_weights_every_steps",
-        "keep_weights_improved", "async_save", "verify_checksums",
+        "keep_weights_improved", "local_dir", "local_keep", "durable_every_steps",
+        "durable_every_minutes", "upload_mb_s", "async_save", "verify_checksums",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("checkpoint.local_dir=''", r"checkpoint.local_dir must be a directory path or null"),
+        ("checkpoint.local_keep=0", r"checkpoint.local_keep must be an integer >= 1"),
+        ("checkpoint.durable_every_steps=0", r"checkpoint.durable_every_steps must be an integer"),
+        ("checkpoint.durable_every_minutes=-1", r"checkpoint.durable_every_minutes must be a numb"),
+        ("checkpoint.upload_mb_s=0", r"checkpoint.upload_mb_s must be a number > 0"),
+    ],
+)
+def test_tier_settings_are_checked(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.load(None, [override])
 
 
 def test_the_loaded_keep_best_is_the_retention_rule() -> None:

@@ -45,6 +45,7 @@ from orchestrator.checkpoint.retention import NO_HOOKS, RetentionHooks
 from orchestrator.checkpoint.schedule import due
 from orchestrator.checkpoint.snapshot import Snapshot
 from orchestrator.checkpoint.stateful import Hooks, Stateful
+from orchestrator.checkpoint.tiered import OnDurable, Tiered
 from orchestrator.config.checkpoint import CheckpointConfig
 from orchestrator.dist import Group, one_line
 from orchestrator.errors import CheckpointCorrupt, CheckpointError
@@ -75,13 +76,15 @@ class Checkpointer:
         config_hash: str = "",
         clock: Callable[[], float] = time.monotonic,
         after_first_step: Callable[[int], None] | None = None,
+        on_durable: OnDurable | None = None,
     ) -> None:
         """`config` is the `checkpoint:` section as loaded: its SaveSchedule drives `maybe_save`,
         its RetentionPolicy (and `retention_hooks`, the Python API's predicates) retention.
         `before_save` runs first in every save: what it writes (the metrics lines of the steps
         the checkpoint covers, which a resume never runs again) is durable by the commit.
         `after_first_step` runs once, when `maybe_save` is first offered a step (the session's
-        start-up timing)."""
+        start-up timing). With `config.local_dir`, saves commit on each node first and are made
+        durable in `store` in the background (tiered.py); `on_durable` hears of each."""
         self.store = store
         self._after_first_step = after_first_step
         self.config = config
@@ -94,6 +97,11 @@ class Checkpointer:
             store, config, retention_hooks, parallel=parallel, config_hash=config_hash,
             on_commit=on_commit, log=log,
         )  # fmt: skip
+        self._tiered = (
+            Tiered(store, config, self._committer, on_durable=on_durable)
+            if config.local_dir is not None
+            else None
+        )
         # The step whose state was last saved or restored (a fresh start, step 0, needs no
         # save), and when: what the schedule and `save_final` go by.
         self._saved_step, self._saved_time = 0, clock()
@@ -153,6 +161,13 @@ class Checkpointer:
         if step != self._saved_step:
             self.save(step, metrics)
         self.wait()
+        if self._tiered is not None:
+            self._tiered.make_durable()
+
+    def flush_durable(self, deadline: float) -> tuple[bool, int | None] | None:
+        """With tiers, make the newest local commit durable before `deadline` (monotonic):
+        (whether it is, the newest durable step); None without tiers (every commit is)."""
+        return self._tiered.flush(deadline) if self._tiered is not None else None
 
     def save(self, step: int, metrics: Mapping[str, float] | None = None) -> None:
         """Save everything registered as checkpoint `step`; with async_save only staging blocks."""
@@ -174,12 +189,15 @@ class Checkpointer:
         try:
             return self.background.wait() if self.background is not None else None
         finally:
-            self._committer.wait()
+            if self._tiered is None:  # with tiers, retention runs on the upload thread
+                self._committer.wait()
 
     def close(self) -> None:
         """Commit the save in flight, then stop the background threads."""
         try:
             self.wait()
+            if self._tiered is not None:
+                self._tiered.close()  # the final upload, with its retries
         finally:
             if self.background is not None:
                 self.background.close()
@@ -205,6 +223,10 @@ class Checkpointer:
     def _write(self, snap: Snapshot) -> CheckpointInfo:
         group = self._group
         t0 = time.perf_counter()
+        if self._tiered is not None:
+            info = self._tiered.write(snap, group, self._write_rank_state)
+            self.last_save_s = snap.timings["stage_s"] + time.perf_counter() - t0
+            return info
         attempt = dist.leader_decides(lambda: self._committer.prepare(snap.step), group)
         where = attempt.or_raise(CheckpointError, f"step {snap.step} not saved: ")
         try:
@@ -212,7 +234,7 @@ class Checkpointer:
         finally:
             if snap.lazy is not None:
                 snap.lazy.done()
-        local = self._write_rank_state(where.write_rel, snap.per_rank)
+        local = self._write_rank_state(self.store, where.write_rel, snap.per_rank)
         gathered = dist.gather_objects((records, local), dst=dist.LEADER, group=group)
         snap.timings["write_s"] = time.perf_counter() - t0
         committed = dist.leader_decides(lambda: self._commit(where, snap, gathered), group)
@@ -220,14 +242,15 @@ class Checkpointer:
         self.last_save_s = snap.timings["stage_s"] + time.perf_counter() - t0
         return info
 
+    @staticmethod
     def _write_rank_state(
-        self, rel: str, blob: bytes | None
+        store: Store, rel: str, blob: bytes | None
     ) -> tuple[dict[str, FileEntry], str | None]:
         if blob is None:
             return {}, None
         name = rank_state_name(dist.rank())
         try:
-            self.store.write_bytes(f"{rel}/{name}", blob)
+            store.write_bytes(f"{rel}/{name}", blob)
         except Exception as exc:  # reported through the gather: a raise here would hang the others
             return {}, f"rank {dist.rank()}: {one_line(exc)}"
         return {name: hash_bytes(blob)}, None
@@ -247,6 +270,8 @@ class Checkpointer:
         (restoring.py: the newest is checked while it loads, so it is read once).
         Returns what was loaded, or None if nothing is committed; raises CheckpointCorrupt
         when committed checkpoints exist and none verifies."""
+        if self._tiered is not None:
+            return self._restore_tiered(step)
         listed = dist.leader_decides(lambda: restoring.candidates(self.store, step), self._group)
         infos = listed.or_raise(CheckpointCorrupt)  # newest first
         shared = {
@@ -278,6 +303,37 @@ class Checkpointer:
         self._saved_step, self._saved_time = info.step, self._clock()
         log.info("restored %s (step %d)", self.store.path(info.rel), info.step, extra=LEADER_ONLY)
         return info
+
+    def _restore_tiered(self, step: int | None) -> CheckpointInfo | None:
+        """restore() with tiers (tiered_restore.py): each file from the fastest good copy."""
+        assert self._tiered is not None
+        shared = {
+            n: obj.state_dict() for n, (obj, per_rank) in self._entries.items() if not per_rank
+        }
+        optional = [n for n in shared if hasattr(self._entries[n][0], "not_in_checkpoint")]
+        done = self._tiered.restore(shared, optional, step, self._group)
+        if done is None:
+            return None
+        for name, state in shared.items():
+            obj = self._entries[name][0]
+            if name in done.absent:
+                obj.not_in_checkpoint(done.info.step)  # type: ignore[attr-defined]
+            else:
+                obj.load_state_dict(state)
+        if done.rank_state is not None:
+            state = decode_rank_state(done.rank_state)
+            for key, (obj, per_rank) in self._entries.items():
+                if per_rank and key in state:
+                    obj.load_state_dict(state[key])
+        self._saved_step, self._saved_time = done.info.step, self._clock()
+        log.info(
+            "restored step %d from the %s tier (%s)",
+            done.info.step,
+            done.tier,
+            self._tiered.tier.store.path() if done.tier == "local" else self.store.path(),
+            extra=LEADER_ONLY,
+        )
+        return done.info
 
     def _absent(self, info: CheckpointInfo, shared: Mapping[str, Any]) -> list[str]:
         """The registered states that may be missing (they have `not_in_checkpoint`, as an

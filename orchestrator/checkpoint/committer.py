@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection
+from dataclasses import replace
 from typing import Any
 
 from orchestrator import dist
@@ -58,38 +59,66 @@ class Committer:
 
     def commit(self, attempt: Attempt, snap: Snapshot, gathered: Any) -> CheckpointInfo:
         """Commit `snap` from every rank's files (`gathered`), with the manifest written last."""
-        files = gathered_files(attempt, gathered)
+        manifest = self.manifest(attempt, snap, gathered)
         t0 = time.perf_counter()
-        timings = dict(snap.timings)
-        manifest = Manifest(
+        self._commits.commit(attempt, manifest.to_json())
+        return self.committed(attempt.final_rel, manifest, snap, time.perf_counter() - t0)
+
+    def manifest(self, attempt: Attempt, snap: Snapshot, gathered: Any) -> Manifest:
+        """The manifest of `snap` as written by every rank (`gathered`) into `attempt`."""
+        return Manifest(
             step=snap.step,
-            files=files,
+            files=gathered_files(attempt, gathered),
             world_size=dist.world_size(),
             parallel=self._parallel,
             config_hash=self._config_hash,
             metrics=snap.metrics,
-            timings=timings,
+            timings=dict(snap.timings),
             data_dir=attempt.data_dir,
         )
-        self._commits.commit(attempt, manifest.to_json())
-        timings["commit_s"] = time.perf_counter() - t0
-        self._log_committed(attempt.final_rel, manifest, timings, snap)
+
+    def committed(
+        self,
+        rel: str,
+        manifest: Manifest,
+        snap: Snapshot,
+        commit_s: float,
+        where: Store | None = None,
+        **extra: float,
+    ) -> CheckpointInfo:
+        """After the commit of `manifest` at `rel` (of `where`, default the run dir): the log
+        line and `on_commit` (timings and `extra`, e.g. the steps at risk of tiered
+        checkpoints)."""
+        timings = {**manifest.timings, "commit_s": commit_s}
+        self._log_committed((where or self._store).path(rel), manifest, timings, snap)
         if self._on_commit is not None:
-            self._on_commit(snap.step, timings)
+            self._on_commit(snap.step, {**timings, **extra})
+        info = self._manifests[rel] = CheckpointInfo(snap.step, rel, manifest)
+        return info  # retention's scan need not read back what was just written
+
+    def commit_copy(self, attempt: Attempt, manifest: Manifest) -> CheckpointInfo:
+        """Commit a copy of a committed checkpoint (tiered: a local commit made durable); its
+        files are at `attempt.write_rel` under the names `manifest` lists."""
+        copy = replace(
+            manifest,
+            files={attempt.final_name(name): e for name, e in manifest.files.items()},
+            data_dir=attempt.data_dir,
+        )
+        self._commits.commit(attempt, copy.to_json())
         info = self._manifests[attempt.final_rel] = CheckpointInfo(
-            snap.step, attempt.final_rel, manifest
-        )  # retention's scan need not read back what was just written
+            manifest.step, attempt.final_rel, copy
+        )
         return info
 
     def _log_committed(
-        self, rel: str, manifest: Manifest, timings: dict[str, float], snap: Snapshot
+        self, path: str, manifest: Manifest, timings: dict[str, float], snap: Snapshot
     ) -> None:
         copied = (
             f", copied at the next step {snap.lazy.copied_bytes / 1e6:.1f} MB" if snap.lazy else ""
         )
         self._log.info(
             "committed %s (%.1f MB, %s%s)",
-            self._store.path(rel),
+            path,
             manifest.total_bytes / 1e6,
             ", ".join(f"{k} {v:.3f}" for k, v in timings.items()),
             copied,

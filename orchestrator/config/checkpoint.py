@@ -121,10 +121,48 @@ class RetentionPolicy:
         return any(rule is not None for rule in rules)
 
 
+@dataclass(frozen=True)
+class TierPolicy:
+    """Tiered checkpoints (checkpoint/tiers.py, uploader.py): each save commits on the node
+    first and is made durable in run.dir in the background."""
+
+    # A node-local directory (e.g. /tmp/stockpot/${run.name} or /dev/shm/stockpot/...): every
+    # save commits there first, and a background upload makes it durable in run.dir with its
+    # own commit; a restore takes each file from the node's copy when it verifies. null: saves
+    # go straight to run.dir.
+    local_dir: str | None = None
+    # How many local commits each node keeps (the durable tier follows keep_* above).
+    local_keep: int = 2
+    # Make every Nth step's local commit durable; with durable_every_minutes also null, every
+    # local save is made durable (when the upload is behind, the newest one). The final save
+    # and a stop's save are always made durable.
+    durable_every_steps: int | None = None
+    # Make a local commit durable when N minutes passed since the last one was (null: off).
+    durable_every_minutes: float | None = None
+    # Cap each rank's upload to the durable tier at N MB/s (null: as fast as it goes).
+    upload_mb_s: float | None = None
+
+    def __post_init__(self) -> None:
+        require(
+            self.local_dir is None or (isinstance(self.local_dir, str) and self.local_dir != ""),
+            f"checkpoint.local_dir must be a directory path or null (got {self.local_dir!r})",
+        )
+        _count_or_none(self.local_keep, "local_keep", "it must keep at least one")
+        require(self.local_keep is not None, "checkpoint.local_keep must be an integer >= 1")
+        _count_or_none(self.durable_every_steps, "durable_every_steps")
+        for key in ("durable_every_minutes", "upload_mb_s"):
+            value = getattr(self, key)
+            require(
+                value is None
+                or (isinstance(value, int | float) and not isinstance(value, bool) and value > 0),
+                f"checkpoint.{key} must be a number > 0 (got {value!r}); use null to turn it off",
+            )
+
+
 # The bases in this order keep the section's key order (a dataclass lists its bases' fields from
 # the last base to the first): the schedule's, retention's, then these.
 @dataclass(frozen=True)
-class CheckpointConfig(RetentionPolicy, SaveSchedule):
+class CheckpointConfig(TierPolicy, RetentionPolicy, SaveSchedule):
     """The `checkpoint:` section: a SaveSchedule and a RetentionPolicy, and how saves run."""
 
     # Write and commit in the background (one save in flight). Parameters and optimizer state
@@ -137,3 +175,4 @@ class CheckpointConfig(RetentionPolicy, SaveSchedule):
     def __post_init__(self) -> None:
         SaveSchedule.__post_init__(self)
         RetentionPolicy.__post_init__(self)
+        TierPolicy.__post_init__(self)

@@ -79,7 +79,15 @@ from orchestrator.checkpoint.format.safetensors_codec import (
 from orchestrator.checkpoint.format.stored import Piece, StoredTensor
 
 if TYPE_CHECKING:  # imported on first use (torch, DCP): see __getattr__
-    from orchestrator.checkpoint.format.dcp_io import DiskFull, load_flat, load_shards, save_shards
+    from orchestrator.checkpoint.format.dcp_io import (
+        DiskFull,
+        Unreachable,
+        load_flat,
+        load_shards,
+        needed_files,
+        read_metadata,
+        save_shards,
+    )
     from orchestrator.checkpoint.format.dcp_write import LazyTensors
     from orchestrator.checkpoint.format.index import stored_items
     from orchestrator.checkpoint.format.pieces import (
@@ -95,6 +103,9 @@ _LAZY = {
     "DiskFull": "dcp_io",
     "load_flat": "dcp_io",
     "load_shards": "dcp_io",
+    "needed_files": "dcp_io",
+    "read_metadata": "dcp_io",
+    "Unreachable": "dcp_io",
     "save_shards": "dcp_io",
     "LazyTensors": "dcp_write",
     "stored_items": "index",
@@ -131,6 +142,7 @@ __all__ = [
     "Sink",
     "StoredTensor",
     "TensorEntry",
+    "Unreachable",
     "batches",
     "check_confined",
     "decode_piece",
@@ -146,11 +158,13 @@ __all__ = [
     "library_versions",
     "load_flat",
     "load_shards",
+    "needed_files",
     "optimizer_file_name",
     "parse_step_dirname",
     "plain_data_offset",
     "rank_state_name",
     "raw_bytes",
+    "read_metadata",
     "read_safetensors_index",
     "safetensors_header",
     "save_shards",

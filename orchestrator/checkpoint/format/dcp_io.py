@@ -12,6 +12,7 @@ whose text is a traceback per rank. It stops here: what leaves this module is Ch
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 import warnings
@@ -21,7 +22,9 @@ from typing import Any, NoReturn
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import (
@@ -84,13 +87,46 @@ class _SafeMetadataUnpickler(pickle.Unpickler):
         return False
 
 
-class _Reader(FileSystemReader):
-    """DCP's reader on the store's filesystem (what its FsspecReader is on one it builds)."""
+# Where each file of a checkpoint is read from (tiered checkpoints: the node's copy or the
+# durable one): its name, as DCP names it -> (store, path in that store).
+Sources = Mapping[str, tuple[Store, str]]
 
-    def __init__(self, store: Store, rel: str) -> None:
+
+class Unreachable(CheckpointError):
+    """A restore needed a file no tier it can read holds (a step committed only on other nodes)."""
+
+
+class _RoutedFileSystem(StoreFileSystem):
+    """DCP's filesystem for a checkpoint whose files come from several stores (`Sources`)."""
+
+    def __init__(self, base: str, sources: Sources) -> None:
+        FileSystem.__init__(self)
+        self._base, self._sources = base, sources
+        self._systems: dict[str, StoreFileSystem] = {}
+
+    def concat_path(self, path: str | os.PathLike, suffix: str) -> str:
+        return f"{os.fspath(path)}/{suffix}"
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
+        name = os.fspath(path)[len(self._base) + 1 :]
+        if name not in self._sources:
+            raise Unreachable(f"{name} is on no tier this rank can read")
+        store, rel = self._sources[name]
+        fs = self._systems.setdefault(store.url, StoreFileSystem(store))
+        with fs.create_stream(store.path(rel), mode) as stream:
+            yield stream
+
+
+class _Reader(FileSystemReader):
+    """DCP's reader on the store's filesystem (what its FsspecReader is on one it builds), or on
+    several (`sources`: tiered checkpoints)."""
+
+    def __init__(self, store: Store, rel: str, sources: Sources | None = None) -> None:
         super().__init__(store.path(rel))
-        self.fs: StoreFileSystem = StoreFileSystem(store)  # type: ignore[assignment]
         self.path = store.path(rel)  # a str: a URL is no Path
+        fs = StoreFileSystem(store) if sources is None else _RoutedFileSystem(self.path, sources)
+        self.fs: StoreFileSystem = fs  # type: ignore[assignment]
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self.fs.concat_path(self.path, METADATA_NAME)
@@ -186,15 +222,18 @@ def _raise_if_disk_full(mine: str | None, store: Store, rel: str, group: Any) ->
     raise DiskFull(f"no space left on device writing {full}") from None
 
 
-def load_shards(state: dict[str, Any], store: Store, rel: str, group: Any = None) -> None:
-    """Fill `state` in place from the checkpoint at `rel`, resharding to this world's layout.
-    A damaged file raises CheckpointCorrupt naming it (what our reader raised, on any rank);
-    any other failure (a state the checkpoint does not fit) a one-line CheckpointError."""
+def load_shards(
+    state: dict[str, Any], store: Store, rel: str, group: Any = None, sources: Sources | None = None
+) -> None:
+    """Fill `state` in place from the checkpoint at `rel`, resharding to this world's layout
+    (`sources`: each file from the store it names instead). A damaged file raises
+    CheckpointCorrupt naming it (what our reader raised, on any rank); any other failure (a
+    state the checkpoint does not fit) a one-line CheckpointError."""
     try:
         with _quiet_single_process():
             dcp.load(
                 state,
-                storage_reader=_Reader(store, rel),
+                storage_reader=_Reader(store, rel, sources),
                 process_group=group,
                 no_dist=not dist.is_initialized(),
             )
@@ -208,7 +247,7 @@ def _raise_ours(exc: CheckpointException, doing: str) -> NoReturn:
     its cause, for --debug). An interrupt (a failure that is no Exception: KeyboardInterrupt)
     stays the BaseException it was, so no `except Exception` swallows it."""
     failures = [failure for failure, _ in exc.failures.values()]
-    corrupt = next((e for e in failures if isinstance(e, CheckpointCorrupt)), None)
+    corrupt = next((e for e in failures if isinstance(e, CheckpointCorrupt | Unreachable)), None)
     if corrupt is not None:
         raise corrupt from None
     if not all(isinstance(e, Exception) for e in failures):
@@ -216,6 +255,14 @@ def _raise_ours(exc: CheckpointException, doing: str) -> NoReturn:
     ranks = ", ".join(str(rank) for rank in sorted(exc.failures))
     first = failures[0] if failures else exc
     raise CheckpointError(f"{doing} failed (rank {ranks}): {one_line(first)}") from exc
+
+
+def needed_files(state: dict[str, Any], metadata: Metadata) -> set[str]:
+    """The files a load of `state` reads on this rank (DCP's local plan; no collective)."""
+    planner = DefaultLoadPlanner()
+    planner.set_up_planner(state, metadata, is_coordinator=False)
+    storage = metadata.storage_data or {}
+    return {storage[item.storage_index].relative_path for item in planner.create_local_plan().items}
 
 
 def read_metadata(store: Store, rel: str) -> Metadata:
