@@ -262,8 +262,8 @@ class Training:
                     extra=LEADER_ONLY,
                 )
             s.ckpt.save_final(step, self._latest)
+            s.ckpt.close()  # with tiers, after the final upload (its `durable` line)
             s.metrics.flush()
-            s.ckpt.close()
             self.outcome = Outcome(True, step)
         elif self.outcome is None:  # nothing was registered: nothing to save
             self.outcome = Outcome(True, s.progress.step)

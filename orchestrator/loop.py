@@ -189,8 +189,8 @@ def _finish(run: TrainingRun, trainer: TrainerConfig, latest: dict[str, float]) 
     if not run.progress.history or run.progress.history[-1]["step"] != step:
         latest.update(evaluate(run, trainer.batch_size))
     run.ckpt.save_final(step, latest)
+    run.ckpt.close()  # with tiers, after the final upload, which records its `durable` line
     run.metrics.flush()  # the final eval's lines, when this step was saved before it ran
-    run.ckpt.close()
     return Outcome(True, step)
 
 

@@ -1,0 +1,159 @@
+"""Tiered checkpoints (`checkpoint.local_dir`), on real 2-rank `stockpot run` jobs: every save
+commits on the node first and is made durable in run.dir by the background uploader; a resume
+reads the node's copy when it holds one that verifies, else the durable one; a kill mid-upload
+leaves no durable commit; a stop makes its step durable within the grace window or says which
+step is not; an S3 outage leaves training going on the local tier, the steps at risk counted,
+until the uploads catch up."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from devtools.s3server import FaultProxy
+from orchestrator.checkpoint import catalog
+from orchestrator.metrics import read_metrics
+from orchestrator.storage import Store
+from tests import runs
+from tests.ckpt_helpers import assert_same, final_state
+from tests.runs import REPO, STOCKPOT, losses, newest_step
+
+MAX_STEPS, EVERY = runs.REFERENCE_STEPS, runs.REFERENCE_EVERY
+
+
+def _local_steps(local: Path) -> list[int]:
+    return [c.step for c in catalog.scan(Store(str(local))).committed]
+
+
+def test_kills_resume_from_the_node_copy_then_from_the_durable_one(
+    tmp_path: Path, demo_reference
+) -> None:
+    """SIGKILL the job twice: the first restart restores from the local tier; the local tier is
+    wiped before the second, which restores from the durable tier. Bit-identical at the end."""
+    ref = demo_reference("ddp")
+    run_dir, local, log = tmp_path / "run", tmp_path / "node", tmp_path / "run.log"
+    argv = [*runs.REFERENCE, f"run.dir={run_dir}", f"checkpoint.local_dir={local}"]
+    at = []
+    for goal in (12, 28):  # SIGKILL the whole job right after the durable commit of `goal`
+        job = runs.start_job(argv, log)
+        goal = max([goal, *(s + 1 for s in at)])
+        runs.wait_until(
+            lambda g=goal, j=job: newest_step(run_dir) >= g or j.poll() is not None, "a commit"
+        )
+        assert job.poll() is None, "the run ended before the kill"
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        at.append(newest_step(run_dir))
+        # The node's copy is at least as new as the durable one: the restart reads it.
+        assert max(_local_steps(local)) >= at[-1]
+    text = log.read_text()
+    assert "from the local tier" in text and "2 rank(s) read only their node's copy" in text
+    shutil.rmtree(local)
+    assert runs.stockpot_run(argv, log=log) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "restored step" in text.split("from the local tier")[-1]
+    assert "from the durable tier" in text, text[-3000:]
+    assert_same(final_state(ref, MAX_STEPS), final_state(run_dir, MAX_STEPS))
+    assert losses(run_dir) == losses(ref)
+    durable = [r for r in read_metrics(Store(str(run_dir))) if r.get("event") == "durable"]
+    assert durable and all("checkpoint/steps_at_risk" in r for r in durable)
+    assert _local_steps(local)[-1] == MAX_STEPS and len(_local_steps(local)) <= 2
+    assert at[-1] < MAX_STEPS
+
+
+def test_a_kill_mid_upload_leaves_no_durable_commit(tmp_path: Path) -> None:
+    """Uploads capped slow: the job is SIGKILLed while one is under way. The durable tier has no
+    commit of that step and its newest one verifies; the node's copy resumes the run."""
+    run_dir, local, log = tmp_path / "run", tmp_path / "node", tmp_path / "run.log"
+    argv = ["configs/demo.yaml", f"run.dir={run_dir}", f"checkpoint.local_dir={local}",
+            "trainer.max_steps=400", "checkpoint.every_steps=10", "checkpoint.upload_mb_s=0.2",
+            *runs.SMALL_DATA]  # fmt: skip
+    job = runs.start_job(argv, log)
+    ckpts = run_dir / "checkpoints"
+
+    def uploading() -> bool:  # a durable attempt dir (local disk: a temp sibling) is being filled
+        return newest_step(run_dir) >= 10 and any(
+            p.name.startswith(".tmp-") and any(p.iterdir()) for p in ckpts.iterdir()
+        )
+
+    runs.wait_until(uploading, "an upload under way after the first durable commit", 120)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    pending = [p.name for p in ckpts.iterdir() if p.name.startswith(".tmp-")]
+    assert pending, "the kill landed mid-upload"
+    durable = newest_step(run_dir)
+    assert f"step-{durable:09d}" not in pending[0]
+    check = subprocess.run([STOCKPOT, "verify", str(run_dir)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert max(_local_steps(local)) > durable, "the node holds a newer commit than the durable one"
+    newest = max(_local_steps(local))
+    assert runs.stockpot_run(argv, log=log) == 0, log.read_text()[-3000:]
+    assert f"restored step {newest} from the local tier" in log.read_text()
+    assert newest_step(run_dir) == 400
+
+
+def test_a_stop_makes_its_step_durable_or_says_it_is_not(tmp_path: Path) -> None:
+    """USR2: the stop's step is durable before the job exits. With a grace window too short
+    for the (capped) upload, the log names the step that is not durable, and the newest that is."""
+    for grace, cap, durable_expected in (("120", "5", True), ("1", "0.02", False)):
+        run_dir, local = tmp_path / f"run{grace}", tmp_path / f"node{grace}"
+        log = tmp_path / f"stop{grace}.log"
+        args = [STOCKPOT, "run", "configs/demo.yaml", f"run.dir={run_dir}",
+                f"checkpoint.local_dir={local}", "trainer.max_steps=400",
+                "checkpoint.every_steps=1000", f"launcher.signal_delay_s={grace}",
+                f"checkpoint.upload_mb_s={cap}", "trainer.log_every=1", *runs.SMALL_DATA]  # fmt: skip
+        with open(log, "wb") as out:
+            job = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while "step 5/400" not in log.read_text():
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+        job.send_signal(signal.SIGUSR2)
+        assert job.wait(timeout=180) == 75, log.read_text()[-2000:]
+        text = log.read_text()
+        stopped = max(_local_steps(local))
+        if durable_expected:
+            assert newest_step(run_dir) == stopped, text[-2000:]
+        else:
+            assert newest_step(run_dir) == 0
+            assert f"step {stopped} is committed on the local tier only" in text, text[-2000:]
+
+
+def test_an_s3_outage_leaves_training_on_the_local_tier_until_it_catches_up(
+    tmp_path: Path, s3_faults: FaultProxy, s3_bucket: str
+) -> None:
+    """Every checkpoint request to S3 fails for a while: training goes on, the steps at risk
+    grow and are recorded, and once S3 answers again the newest step becomes durable."""
+    url = f"{s3_bucket}/tiers"
+    local, log = tmp_path / "node", tmp_path / "run.log"
+    argv = ["configs/demo.yaml", f"run.dir={url}", f"checkpoint.local_dir={local}",
+            f"storage.s3.endpoint_url={s3_faults.endpoint_url}", "trainer.max_steps=160",
+            "checkpoint.every_steps=10", "storage.s3.max_attempts=1", *runs.SMALL_DATA]  # fmt: skip
+    s3_faults.fail("/checkpoints/", status=503, times=None)
+    job = runs.start_job(argv, log)
+    runs.wait_until(lambda: len(_local_steps(local)) >= 2, "local commits during the outage", 120)
+    assert "upload of step" in log.read_text()
+    with s3_faults._lock:
+        s3_faults.rules.clear()
+    assert job.wait(timeout=300) == 0, log.read_text()[-3000:]
+    store = Store(url, runs_storage(s3_faults.endpoint_url))
+    assert newest_step_of(store) == 160
+    records = read_metrics(store)
+    risk = [r["checkpoint/steps_at_risk"] for r in records if r.get("event") == "commit"]
+    assert max(risk) >= 20, risk
+    assert any(r.get("event") == "durable" for r in records)
+
+
+def runs_storage(endpoint: str):  # type: ignore[no-untyped-def]
+    from tests.fixtures.s3 import s3_storage
+
+    return s3_storage(endpoint)
+
+
+def newest_step_of(store: Store) -> int:
+    latest = catalog.scan(store).latest()
+    return latest.step if latest else 0
