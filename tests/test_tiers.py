@@ -19,7 +19,8 @@ from orchestrator.checkpoint import catalog
 from orchestrator.metrics import read_metrics
 from orchestrator.storage import Store
 from tests import runs
-from tests.ckpt_helpers import assert_same, final_state
+from tests.ckpt_helpers import assert_same, final_state, load_dump
+from tests.ranks import run_ranks
 from tests.runs import REPO, STOCKPOT, losses, newest_step
 
 MAX_STEPS, EVERY = runs.REFERENCE_STEPS, runs.REFERENCE_EVERY
@@ -157,3 +158,50 @@ def runs_storage(endpoint: str):  # type: ignore[no-untyped-def]
 def newest_step_of(store: Store) -> int:
     latest = catalog.scan(store).latest()
     return latest.step if latest else 0
+
+
+def _ranks(run: Path, log: Path, nproc: int, *args: str) -> None:
+    run_ranks("tests.workers.ckpt_worker", [str(run), *args], nproc, log_dir=log, timeout=240)
+
+
+def test_each_node_reads_its_own_copy_and_a_step_some_rank_cannot_reach_is_skipped(
+    tmp_path: Path,
+) -> None:
+    """Two ranks as two nodes (a local dir each). FSDP saves steps 1-4, durable every 2nd step.
+    Restoring step 4, each rank reads the files its node holds from there and the rest (DCP puts
+    replicated optimizer items in one rank's file) from the durable tier. Once step 4's durable
+    copy is removed it is committed on the nodes only, and no rank can read it whole: two FSDP
+    ranks, two DDP ranks and one rank all restore step 2 from the durable tier."""
+    run, nodes = tmp_path / "run", str(tmp_path / "node{rank}")
+    saved, at2 = tmp_path / "saved.pt", tmp_path / "at2.pt"
+    common = ["--local-dir", nodes, "--durable-every", "2", "--save-every", "1"]
+    _ranks(run, tmp_path, 2, "--parallel", "fsdp", "--steps", "4", *common,
+           "--dump", str(saved))  # fmt: skip
+    _ranks(tmp_path / "run2", tmp_path, 2, "--parallel", "fsdp", "--steps", "4",
+           "--dump-at", "2", "--dump", str(at2))  # fmt: skip
+    assert [c.step for c in catalog.scan(Store(str(run))).committed] == [2, 4]
+    for rank in (0, 1):
+        node = _local_steps(tmp_path / f"node{rank}")
+        assert node == [3, 4], node
+        files = {p.name for p in (tmp_path / f"node{rank}/checkpoints/step-000000004").iterdir()}
+        assert ".metadata" in files and f"__{rank}_0.distcp" in files
+        assert f"__{1 - rank}_0.distcp" not in files, "each node holds only its ranks' files"
+
+    back = tmp_path / "back.pt"
+    _ranks(run, tmp_path, 2, "--parallel", "fsdp", "--steps", "0", "--restore",
+           "--local-dir", nodes, "--dump", str(back))  # fmt: skip
+    assert_same(load_dump(saved), load_dump(back))
+    text = (tmp_path / "rank0.log").read_text()
+    assert "restored step 4 from the durable+local tier" in text, text[-2000:]
+
+    shutil.rmtree(run / "checkpoints" / "step-000000004")
+    for nproc, parallel in ((2, "fsdp"), (2, "ddp"), (1, "fsdp")):
+        (tmp_path / "rank0.log").unlink()
+        out = tmp_path / f"back-{nproc}-{parallel}.pt"
+        _ranks(run, tmp_path, nproc, "--parallel", parallel, "--steps", "0", "--restore",
+               "--local-dir", nodes, "--dump", str(out))  # fmt: skip
+        assert_same(load_dump(at2), load_dump(out))
+        text = (tmp_path / "rank0.log").read_text()
+        assert "step 4 cannot be restored" in text, text[-2000:]
+        assert "committed on other nodes only" in text
+        assert "restored step 2 from the durable tier" in text

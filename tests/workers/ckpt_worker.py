@@ -66,6 +66,8 @@ def main() -> None:
     p.add_argument(
         "--slow-writes", action="store_true", help="checkpoint writes crawl (3 ms a write)"
     )
+    p.add_argument("--local-dir", help="checkpoint.local_dir; {rank} names a node per rank")
+    p.add_argument("--durable-every", type=int, help="checkpoint.durable_every_steps")
     p.add_argument("--dump", help="rank 0 writes the full model+optimizer state here (torch.save)")
     args = p.parse_args()
     logging.basicConfig(
@@ -91,6 +93,8 @@ def main() -> None:
             every_steps=args.save_every or None,
             keep_last=args.keep_last,
             async_save=args.async_save,
+            local_dir=args.local_dir.format(rank=dist.rank()) if args.local_dir else None,
+            durable_every_steps=args.durable_every,
         ),
         parallel=args.parallel,
     )
