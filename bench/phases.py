@@ -219,6 +219,7 @@ def requests_phase(trainee: Trainee, args: dict[str, Any]) -> None:
 # -- tiered checkpoints (tiers.py) -------------------------------------------------------------
 
 UPLOAD_WAIT_S = 600.0  # how long a bench waits for an upload before the next save
+BASE_STEPS = 10  # steps with no upload before each tiered save (~25 ms each at the S3 size)
 
 
 def tiers_phase(trainee: Trainee, args: dict[str, Any]) -> None:
@@ -248,7 +249,7 @@ def _tier_saves(trainee: Trainee, args: dict[str, Any], tier: Path) -> None:
                 s = timed(functools.partial(straight.save, r + 2))
                 emit(repeat=r, variant=name, s=s, bytes=size)
                 continue
-            base = [_timed_step(trainee) for _ in range(3)]
+            base = [_timed_step(trainee) for _ in range(BASE_STEPS)]
             s = timed(functools.partial(tiered.save, r + 2))
             during: list[float] = []
             while not dist.agree(len(uploads) > r + 1) and len(during) < MAX_STEPS_DURING:
