@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import logging
 import os
 import shutil
 import time
@@ -27,6 +28,7 @@ from bench.s3 import MARK
 from bench.worker import Trainee, emit, timed
 from orchestrator import dist
 from orchestrator.checkpoint.checkpointer import Checkpointer
+from orchestrator.checkpoint.tiered import OnDurable
 from orchestrator.config.checkpoint import CheckpointConfig
 from orchestrator.state import ModelAndOptimizer
 from orchestrator.storage import S3Options, StorageOptions, Store
@@ -153,11 +155,19 @@ def _leader_read(files: list[Path]) -> None:
 
 
 def _s3_checkpointer(
-    args: dict[str, Any], trainee: Trainee, keep: int, prefix: str = "run"
+    args: dict[str, Any],
+    trainee: Trainee,
+    keep: int,
+    prefix: str = "run",
+    local_dir: Path | None = None,
+    on_durable: OnDurable | None = None,
 ) -> Checkpointer:
+    """A Checkpointer on s3://bucket/prefix; with `local_dir`, tiered (that dir its local tier)."""
     s3 = StorageOptions(s3=S3Options(endpoint_url=args["endpoint"]))
     store = Store(f"s3://{args['bucket']}/{prefix}", s3)
-    ckpt = Checkpointer(store, config=CheckpointConfig(every_steps=None, keep_last=keep))
+    config = CheckpointConfig(every_steps=None, keep_last=keep,
+                              local_dir=None if local_dir is None else str(local_dir))  # fmt: skip
+    ckpt = Checkpointer(store, config=config, on_durable=on_durable)
     ckpt.register("train", ModelAndOptimizer(trainee.model, trainee.optim))
     return ckpt
 
@@ -204,3 +214,93 @@ def requests_phase(trainee: Trainee, args: dict[str, Any]) -> None:
         fresh.restore()
         _mark(args, f"{keep}-restore")
         fresh.close()
+
+
+# -- tiered checkpoints (tiers.py) -------------------------------------------------------------
+
+UPLOAD_WAIT_S = 600.0  # how long a bench waits for an upload before the next save
+BASE_STEPS = 10  # steps with no upload before each tiered save (~25 ms each at the S3 size)
+
+
+def tiers_phase(trainee: Trainee, args: dict[str, Any]) -> None:
+    """Saves with a local tier vs straight to S3, then restores from either tier: `endpoint` is
+    the capped link to S3 for both sides."""
+    tier = Path(args["work"]) / "tier"
+    _tier_saves(trainee, args, tier)
+    _tier_restores(trainee, args, tier)
+
+
+def _tier_saves(trainee: Trainee, args: dict[str, Any], tier: Path) -> None:
+    """Saves with a local tier and straight to S3, interleaved (the order alternates). After
+    each tiered save, training steps run until its upload is durable, so the link is idle
+    again for the next save; their time against steps just before says what the background
+    upload costs training. One unreported save of each first (S3's first-save reads)."""
+    uploads: list[float] = []  # the leader's upload seconds, one per durable step
+    tiered = _s3_checkpointer(args, trainee, keep=1, prefix="tiered", local_dir=tier,
+                              on_durable=lambda _step, s, _at_risk: uploads.append(s))  # fmt: skip
+    straight = _s3_checkpointer(args, trainee, keep=1, prefix="straight")
+    size = nbytes(trainee.state())
+    straight.save(1)
+    tiered.save(1)
+    tiered.flush_durable(time.monotonic() + UPLOAD_WAIT_S)
+    for r in range(args["repeats"]):
+        for name in ("tiered", "straight") if r % 2 == 0 else ("straight", "tiered"):
+            if name == "straight":
+                s = timed(functools.partial(straight.save, r + 2))
+                emit(repeat=r, variant=name, s=s, bytes=size)
+                continue
+            base = [_timed_step(trainee) for _ in range(BASE_STEPS)]
+            s = timed(functools.partial(tiered.save, r + 2))
+            during: list[float] = []
+            while not dist.agree(len(uploads) > r + 1) and len(during) < MAX_STEPS_DURING:
+                during.append(_timed_step(trainee))
+            tiered.flush_durable(time.monotonic() + UPLOAD_WAIT_S)
+            emit(repeat=r, variant=name, s=s, bytes=size, upload_s=uploads[-1] if uploads else None,
+                 base_step_s=median(base), during_step_s=median(during) if during else None,
+                 steps_during=len(during))  # fmt: skip
+    straight.close()
+    tiered.close()
+
+
+class _Said(logging.Handler):
+    """The leader's log lines, to tell which tier a restore read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _tier_restores(trainee: Trainee, args: dict[str, Any], tier: Path) -> None:
+    """The newest tiered step (durable, and on the local tier) restored by a fresh Checkpointer:
+    from the local tier (cold), from S3 with the local tier moved away, and by an untiered
+    Checkpointer straight from S3 (the same durable copy); the order rotates every repeat."""
+    said = _Said()
+    logger = logging.getLogger("orchestrator.checkpoint.checkpointer")
+    logger.addHandler(said)
+    logger.setLevel(logging.INFO)  # no logging set up in the bench's ranks: WARNING otherwise
+    aside = tier.with_name(tier.name + ".aside")
+    newest = max((tier / "checkpoints").glob("step-*"))  # the tier keeps local_keep steps
+    size = sum(p.stat().st_size for p in files_under(newest))
+    names = ["local", "durable", "untiered"]
+    for r in range(args["repeats"]):
+        for name in names[r % 3 :] + names[: r % 3]:
+            if dist.rank() == 0:
+                if name == "local":
+                    evict(files_under(tier))
+                elif name == "durable":
+                    tier.rename(aside)
+            dist.barrier()
+            ckpt = _s3_checkpointer(args, trainee, keep=1, prefix="tiered",
+                                    local_dir=None if name == "untiered" else tier)  # fmt: skip
+            said.lines.clear()
+            s = timed(ckpt.restore)
+            ckpt.close()
+            read = next((x for x in said.lines if x.startswith("restored")), "")
+            emit(repeat=r, variant=name, s=s, bytes=size, said=read)
+            if dist.rank() == 0 and name == "durable":
+                shutil.rmtree(tier)
+                aside.rename(tier)
+            dist.barrier()

@@ -7,7 +7,8 @@
 
 Sections (bench/<name>.py): save (sync vs raw write, torch.save, dcp.save; async stall, step
 time and background throughput), load (restore vs raw read; resume start-up), s3 (moto_server:
-throughput vs put_file; requests per save and restore), loop (overhead vs a bare loop), soup.
+throughput vs put_file; requests per save and restore), tiers (a local tier vs S3 through a
+capped link: save stall, restore), loop (overhead vs a bare loop), soup.
 Writes bench/results.json, bench/results.md and bench/results.png. A section that fails
 becomes a "not measured" row saying why; the others still run.
 """
@@ -25,15 +26,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import load, loop, report, restart, s3, save, soup
+from bench import load, loop, report, restart, s3, save, soup, tiers
 from bench.common import REPO, Row, Sizes
 
-SECTIONS = ("save", "load", "s3", "loop", "soup")
+SECTIONS = ("save", "load", "s3", "tiers", "loop", "soup")
 # What each section measures, for its "not measured" row.
 FIGURES = {
     "save": "sync/async save against the raw write",
     "load": "restore and resume against the raw read",
     "s3": "S3 throughput and request counts",
+    "tiers": "tiered checkpoints: save and restore, local tier vs S3",
     "loop": "loop overhead against a bare loop",
     "soup": "soup engine peak RSS and throughput",
 }
@@ -70,6 +72,7 @@ def sections(
         "save": lambda: save.measure(sizes, work, details),
         "load": lambda: load.measure(sizes, work) + restart.restart_rows(sizes, work),
         "s3": lambda: s3.measure(sizes, work),
+        "tiers": lambda: tiers.measure(sizes, work),
         "loop": lambda: loop.measure(sizes),
         "soup": lambda: soup.measure(sizes, work, (2, 4, 8) if full else (2, 4)),
     }  # fmt: skip

@@ -28,6 +28,7 @@ PHASES = {
     "load": "bench.phases:restore_phase",
     "s3save": "bench.phases:s3_save_phase",
     "s3requests": "bench.phases:requests_phase",
+    "tiers": "bench.phases:tiers_phase",
 }
 
 
