@@ -96,7 +96,10 @@ class Uploader:
                 if left <= 0 and self.uploading is None:
                     break
                 self._cond.wait(timeout=min(1.0, max(left, 0.05)))
-            return self._durable_at(step)
+            done = self._durable_at(step)
+            if done:  # later uploads (and close) get their own patience again
+                self._deadline = None
+            return done
 
     def close(self, patience_s: float = FINAL_PATIENCE_S) -> None:
         """Finish the offers (retrying failures for up to `patience_s`), then stop the thread."""

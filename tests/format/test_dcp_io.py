@@ -88,3 +88,32 @@ def test_an_interrupt_inside_dcp_stays_an_interrupt(saved: Store, monkeypatch) -
     with pytest.raises(BaseException) as got:
         load_shards({"train.model.w": torch.zeros(3, 5)}, saved, "ckpt/data")
     assert not isinstance(got.value, Exception), "an `except Exception` would swallow it"
+
+
+class _RunsCode:
+    """Unpickled, it would create a directory: what a tampered checkpoint could do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        import os
+
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_byte_item_that_would_run_code_is_refused_and_runs_nothing(tmp_path: Path) -> None:
+    """DCP's own planner unpickles byte items with weights_only=False; ours never does."""
+    marker = tmp_path / "ran"
+    store = Store(str(tmp_path))
+    save_shards({"w": torch.ones(2), "evil": _RunsCode(marker)}, store, "ckpt")
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match=r"[Ww]eights only load failed|Unsupported"):
+        load_shards({"w": torch.zeros(2), "evil": None}, store, "ckpt")
+    assert not marker.exists(), "the pickle ran"
+    with pytest.raises(CheckpointError):
+        load_flat(store, "ckpt", ["evil"])
+    assert not marker.exists()
+    state = {"w": torch.zeros(2)}
+    load_shards(state, store, "ckpt")  # the tensors alone load
+    assert torch.equal(state["w"], torch.ones(2))

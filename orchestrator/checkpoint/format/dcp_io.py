@@ -3,7 +3,8 @@ store's own fsspec filesystem (the backend's: its settings and retries).
 
 Writing (each rank's files, hashed as they go out) is dcp_write.py's. DCP's `.metadata` is a
 pickle: it is read with a restricted unpickler that only builds DCP's own metadata classes,
-never arbitrary objects; tensors and byte items are loaded by DCP with `weights_only=True`.
+never arbitrary objects; tensors and byte items are loaded with `weights_only=True` (DCP's own
+planner loads byte items with `weights_only=False`: `_SafeLoadPlanner` replaces it).
 
 DCP reports a failure of any rank as a `CheckpointException` on every rank: a BaseException
 whose text is a traceback per rank. It stops here: what leaves this module is CheckpointCorrupt
@@ -12,6 +13,7 @@ whose text is a traceback per rank. It stops here: what leaves this module is Ch
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import sys
@@ -23,6 +25,7 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
@@ -150,7 +153,7 @@ class _Reader(FileSystemReader):
         other: list[ReadItem] = []
         for item in plan.items:
             info = self.storage_data[item.storage_index]
-            if item.type == LoadItemType.BYTE_IO or info.transform_descriptors:
+            if info.transform_descriptors:
                 other.append(item)
             else:
                 per_file.setdefault(info.relative_path, []).append(item)
@@ -159,6 +162,10 @@ class _Reader(FileSystemReader):
             with self.fs.create_stream(path, "rb") as stream:
                 for item in sorted(items, key=lambda i: self.storage_data[i.storage_index].offset):
                     info = self.storage_data[item.storage_index]
+                    if item.type == LoadItemType.BYTE_IO:  # in the same pass: one read a file
+                        stream.seek(info.offset)
+                        planner.load_bytes(item, io.BytesIO(stream.read(info.length)))
+                        continue
                     target = planner.resolve_tensor(item).detach()
                     try:
                         part = (item.storage_offsets, item.lengths)
@@ -171,6 +178,19 @@ class _Reader(FileSystemReader):
         done: Future[None] = Future()
         done.set_result(None)
         return done
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, but byte items (non-tensor state: param groups, counters) are
+    unpickled with `weights_only=True`: DCP's own uses `weights_only=False`, which would run
+    whatever a tampered checkpoint file holds."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
 
 
 @contextmanager
@@ -234,6 +254,7 @@ def load_shards(
             dcp.load(
                 state,
                 storage_reader=_Reader(store, rel, sources),
+                planner=_SafeLoadPlanner(),
                 process_group=group,
                 no_dist=not dist.is_initialized(),
             )
@@ -284,7 +305,9 @@ def load_flat(store: Store, rel: str, keys: list[str]) -> dict[str, Any]:
             state[key] = None
     try:
         with _quiet_single_process():
-            dcp.load(state, storage_reader=_Reader(store, rel), no_dist=True)
+            dcp.load(
+                state, storage_reader=_Reader(store, rel), planner=_SafeLoadPlanner(), no_dist=True
+            )
     except CheckpointException as exc:
         _raise_ours(exc, f"loading {store.path(rel)}")
     return state
