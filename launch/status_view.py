@@ -44,6 +44,25 @@ def progress_report(
         "eta_s": left / rate if rate and left and left > 0 else (0.0 if left == 0 else None),
         "last_line_age_s": None if last_time is None else max(0.0, now - last_time),
         "restarts": restart_causes(records, launcher),
+        "tiers": tier_report(records),
+    }
+
+
+def tier_report(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Tiered checkpoints (checkpoint.local_dir), from metrics.jsonl: the newest commit on the
+    nodes, the newest durable one in run.dir, the steps between them (at risk if a node is
+    lost), and the local commits not made durable since. None for a run without tiers."""
+    local = {int(r["step"]) for r in records if r.get("event") == "commit"
+             and "checkpoint/steps_at_risk" in r}  # fmt: skip
+    if not local:
+        return None
+    durable = {int(r["step"]) for r in records if r.get("event") == "durable"}
+    newest_local, newest_durable = max(local), max(durable, default=None)
+    return {
+        "newest_local": newest_local,
+        "newest_durable": newest_durable,
+        "steps_at_risk": max(0, newest_local - (newest_durable or 0)),
+        "local_only": sorted(s for s in local - durable if s > (newest_durable or 0)),
     }
 
 
@@ -103,6 +122,16 @@ def render(table: str, report: Mapping[str, Any], now: float) -> str:
         lines.append(
             f"newest commit: step {rows[-1]['step']}, {_age(now - rows[-1]['created_at'])} ago"
         )
+    tiers = p.get("tiers")
+    if tiers:
+        durable = tiers["newest_durable"]
+        lines.append(
+            f"tiers: newest commit on the nodes step {tiers['newest_local']}, newest durable "
+            f"step {'-' if durable is None else durable}; steps at risk {tiers['steps_at_risk']}"
+        )
+        if tiers["local_only"]:
+            steps = ", ".join(str(s) for s in tiers["local_only"][-8:])
+            lines.append(f"on the nodes only (not durable yet): step {steps}")
     in_flight = _in_flight(report)
     if in_flight:
         lines.append(f"save in flight (not committed yet): {', '.join(in_flight)}")

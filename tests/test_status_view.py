@@ -13,7 +13,7 @@ import termios
 import time
 from pathlib import Path
 
-from launch.status_view import CLEAR, progress_report, restart_causes
+from launch.status_view import CLEAR, progress_report, render, restart_causes
 from tests import runs
 from tests.runs import REPO, STOCKPOT
 
@@ -168,3 +168,29 @@ def test_a_stop_near_the_time_limit_is_a_time_out_else_a_preemption() -> None:
     ]
     assert restart_causes(records, slurm) == {"preemption": 1, "time-out": 1, "crash": 1}
     assert restart_causes(records, {"kind": "local"}) == {"signal": 2, "crash": 1}
+
+
+def test_tiers_show_the_newest_commit_on_each_tier_and_the_steps_at_risk() -> None:
+    """From metrics.jsonl: commits of a tiered run carry steps_at_risk; `durable` events say
+    which made it to run.dir. A run without tiers shows no tier line."""
+    risk = "checkpoint/steps_at_risk"
+    records = [_line(s, float(s), loss=1.0) for s in range(1, 41)]
+    records += [_line(10, 10.5, event="commit", **{risk: 10}),
+                _line(10, 10.8, event="durable", **{risk: 0}),
+                _line(20, 20.5, event="commit", **{risk: 10}),
+                _line(30, 30.5, event="commit", **{risk: 20}),
+                _line(40, 40.5, event="commit", **{risk: 30})]  # fmt: skip
+    p = progress_report(records, {"trainer": {"max_steps": 40}}, now=41.0)
+    assert p["tiers"] == {
+        "newest_local": 40, "newest_durable": 10, "steps_at_risk": 30, "local_only": [20, 30, 40]
+    }  # fmt: skip
+    text = render("TABLE", {"progress": p, "checkpoints": [], "leftovers": []}, now=41.0)
+    assert "newest commit on the nodes step 40, newest durable step 10; steps at risk 30" in text
+    assert "on the nodes only (not durable yet): step 20, 30, 40" in text
+    plain = [r for r in records if r.get("event") != "durable" and risk not in r]
+    plain.append(_line(40, 40.5, event="commit"))
+    p = progress_report(plain, {"trainer": {"max_steps": 40}}, now=41.0)
+    assert p["tiers"] is None
+    assert "tiers:" not in render(
+        "TABLE", {"progress": p, "checkpoints": [], "leftovers": []}, now=41.0
+    )
