@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,24 +79,39 @@ def test_two_nodes_preempted_once_resume_on_both_and_end_bit_identical(
     tmp_path: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
+    """With tiered checkpoints, a local dir per node (`${oc.env:SLURMD_NODENAME}`): the stop's
+    save commits on both nodes and is made durable in run.dir before the job exits; requeued
+    onto the same nodes, each rank reads its node's files from there and the other node's from
+    run.dir. Then, with n2's dir wiped, a job on the same nodes restores the final step, n2's
+    rank reading all from run.dir."""
     reference = reference_run(tmp_path_factory)
-    run_dir = tmp_path / "run"
+    run_dir, nodes = tmp_path / "run", tmp_path / "nodes"
+    tiers = (f"checkpoint.local_dir={nodes}/${{oc.env:SLURMD_NODENAME}}",)
     # The reference runs 2 ranks on one 2-CPU node: 1 CPU thread each (env.cpu_threads). One
     # rank per node would take 2, and a different thread count changes float reduction order:
     # pinned, so the two layouts can be compared bit for bit.
-    job = sbatch(
-        run_dir,
-        "--nodes=2",
-        "--ntasks-per-node=1",
-        env={"STOCKPOT_PYTHON": str(host_logging_python), "OMP_NUM_THREADS": "1"},
-    )
+    env = {"STOCKPOT_PYTHON": str(host_logging_python), "OMP_NUM_THREADS": "1"}
+    job = sbatch(run_dir, "--nodes=2", "--ntasks-per-node=1", env=env, overrides=tiers)
     timings = preempt_once(job, run_dir)
     log = job.log()
     for restart in (0, 1):
         hosts = dict(re.findall(rf"^host-check: rank (\d) on (\S+) restart {restart}$", log, re.M))
         assert hosts == {"0": "n1", "1": "n2"}, f"restart {restart}: {hosts}\n{job.tail()}"
     assert job.info().get("NodeList") == "n[1-2]"
-    check_resumed_and_identical(job, run_dir, reference, int(timings["stopped_at_step"]))
+    stopped = int(timings["stopped_at_step"])
+    check_resumed_and_identical(job, run_dir, reference, stopped)
+    assert f"restored step {stopped} from the durable+local tier" in log, log[-3000:]
+    for node, rank in (("n1", 0), ("n2", 1)):
+        held = {p.name for p in (nodes / node / "checkpoints" / f"step-{MAX_STEPS:09d}").iterdir()}
+        assert f"__{rank}_0.distcp" in held and f"__{1 - rank}_0.distcp" not in held, held
+    shutil.rmtree(nodes / "n2")
+    again = sbatch(run_dir, "--nodes=2", "--ntasks-per-node=1", env=env, overrides=tiers)
+    again.wait_gone(START_TIMEOUT_S)
+    text = again.log()
+    assert f"restore of step {MAX_STEPS}: 0 rank(s) read only their node's copy, 2 read" in text, (
+        text[-3000:]
+    )
+    assert_same(final_state(reference), final_state(run_dir))
 
 
 def test_a_node_failure_requeues_onto_healthy_nodes_and_ends_bit_identical(

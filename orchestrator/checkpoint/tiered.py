@@ -174,7 +174,7 @@ class Tiered:
         self.uploader.durable_step = max(durable) if durable else None
         done = tiered_restore.restore(
             self.tier, self.run, shared, optional, step, group,
-            checksums=self.config.verify_checksums,
+            checksums=self.config.verify_checksums, found=found,
         )  # fmt: skip
         if done is None:
             return None

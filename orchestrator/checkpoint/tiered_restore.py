@@ -138,10 +138,19 @@ def restore(
     group: Group,
     *,
     checksums: bool,
+    found: list[Candidate] | None = None,
 ) -> Restored | None:
     """Load the newest candidate every rank can read whole and that verifies into `shared`
-    (`optional`: states that may be absent, left out then). None if nothing is committed."""
-    found = candidates(tier, run, step, group)
+    (`optional`: states that may be absent, left out then). None if nothing is committed.
+    `found`: the candidates, when the caller listed them already (every step)."""
+    if found is None:
+        found = candidates(tier, run, step, group)
+    elif step is not None:
+        found = [c for c in found if c.step == step]
+        if not found:
+            raise CheckpointCorrupt(
+                f"no committed full checkpoint at step {step} in {run.path()} or its local tiers"
+            )
     for c in found:
         copies = _Copies(c, tier, run)
         for retry in (False, True):
