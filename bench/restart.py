@@ -46,6 +46,7 @@ def _restart_once(run_dir: Path, sizes: Sizes, log: Path, warm: bool) -> tuple[f
         ranks = jobs.ranks_of(job)
         for pid in ranks:  # hold them while the files are evicted (a save may be under way)
             os.kill(pid, signal.SIGSTOP)
+        _wait(job, log, deadline, lambda: all(_stopped(pid) for pid in ranks))
         evict(files_under(run_dir / "checkpoints"))
         killed_at = time.time()
         os.kill(ranks[-1], signal.SIGKILL)
@@ -66,6 +67,12 @@ def _wait(job: subprocess.Popen[bytes], log: Path, deadline: float, done) -> Non
         if job.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the run ended or stalled: {log.read_text()[-2000:]}")
         time.sleep(0.01)
+
+
+def _stopped(pid: int) -> bool:
+    """SIGSTOP takes effect a moment after kill() returns: state T in /proc once it has."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0] in ("T", "t")
 
 
 def _first_step_after_resume(run_dir: Path) -> float | None:
