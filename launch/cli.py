@@ -181,6 +181,7 @@ def run_config(cfg) -> int:  # cfg: orchestrator.config.Config
             argv,
             cfg.trainer.nproc,
             max_restarts=cfg.launcher.max_restarts,
+            standby_after_s=cfg.launcher.standby_after_s,
             on_killed=lambda life, rank, why: _record_killed(cfg, life, rank, why),
         )
 

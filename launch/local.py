@@ -31,9 +31,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from launch.standby import Standby
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 # How often the wait loop checks children and forwards signals.
@@ -92,9 +96,16 @@ class Life:
 
 
 def run_life(
-    argv: list[str], nproc: int, *, env: Mapping[str, str] | None = None, grace_s: float = 10.0
+    argv: list[str],
+    nproc: int,
+    *,
+    env: Mapping[str, str] | None = None,
+    grace_s: float = 10.0,
+    standby: Standby | None = None,
 ) -> Life:
-    """`spawn_local`, with the detail a supervisor needs to decide what comes next."""
+    """`spawn_local`, with the detail a supervisor needs to decide what comes next. With a
+    `standby` (launch/standby.py) its waiting processes become this life's ranks (cold starts
+    for any it lacks), and it may start the next life's while this one runs."""
     if nproc < 1:
         raise ValueError(f"nproc={nproc} must be >= 1")
     if not argv:
@@ -106,9 +117,11 @@ def run_life(
     children = _Children()
     with _recording_signals(children.pending):
         try:
-            for rank in range(nproc):
-                children.start(argv, rank_environ(base, rank, nproc, port))
-            code = children.wait(grace_s)
+            envs = [rank_environ(base, rank, nproc, port) for rank in range(nproc)]
+            warm = standby.release(envs) if standby is not None else [None] * nproc
+            for rank_env, proc in zip(envs, warm, strict=True):
+                children.start(argv, rank_env, proc)
+            code = children.wait(grace_s, standby.tick if standby is not None else None)
         finally:
             children.kill_running()
     returncodes = tuple(p.returncode for p in children.procs)
@@ -135,16 +148,20 @@ class _Children:
         self.forwarded: list[int] = []
         self.killed: set[int] = set()
 
-    def start(self, argv: list[str], env: Mapping[str, str]) -> None:
+    def start(
+        self, argv: list[str], env: Mapping[str, str], warm: subprocess.Popen[bytes] | None
+    ) -> None:
         # Same process group as the spawner (no start_new_session): see the module docstring.
-        self.procs.append(subprocess.Popen(argv, env=env))
+        self.procs.append(warm or subprocess.Popen(argv, env=env))
 
-    def wait(self, grace_s: float) -> int:
+    def wait(self, grace_s: float, on_poll: Callable[[], None] | None = None) -> int:
         failure: int | None = None
         escalations = iter((signal.SIGTERM, signal.SIGKILL))
         deadline = float("inf")
         while True:
             self.forward_pending()
+            if on_poll is not None:
+                on_poll()
             codes = [p.poll() for p in self.procs]
             if failure is None:
                 failure = first_failure(codes)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 
+from launch import standby
 from launch.local import Life, run_life
 from orchestrator import ending
 from orchestrator.config import Config
@@ -46,8 +47,30 @@ def supervise_local(
     env: Mapping[str, str] | None = None,
     grace_s: float = 10.0,
     on_killed: OnKilled | None = None,
+    standby_after_s: float | None = None,
 ) -> int:
-    """Run the ranks here, restarting them after a transient failure; the job's exit code."""
+    """Run the ranks here, restarting them after a transient failure; the job's exit code.
+    With `standby_after_s` (launcher.standby_after_s), restarts take warm standby ranks
+    (launch/standby.py), which are killed unused whenever the run ends instead."""
+    spare = None
+    if standby_after_s is not None and max_restarts > 0 and standby.fits(argv):
+        spare = standby.Standby(argv, nproc, {**os.environ, **(env or {})}, standby_after_s)
+    try:
+        return _supervise(argv, nproc, max_restarts, env, grace_s, on_killed, spare)
+    finally:
+        if spare is not None:
+            spare.discard()
+
+
+def _supervise(
+    argv: list[str],
+    nproc: int,
+    max_restarts: int,
+    env: Mapping[str, str] | None,
+    grace_s: float,
+    on_killed: OnKilled | None,
+    spare: standby.Standby | None,
+) -> int:
     stamp = f"local-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="stockpot-ends-") as ends:
         restarts = 0
@@ -57,7 +80,9 @@ def supervise_local(
             os.mkdir(end_dir)
             extra = {**(env or {}), ending.LIFE_ID_VAR: life, ending.END_DIR_VAR: end_dir}
             started = time.monotonic()
-            result = run_life(argv, nproc, env=extra, grace_s=grace_s)
+            if spare is not None:  # the last life allowed has no use for standbys
+                spare.expect(end_dir if restarts < max_restarts else "")
+            result = run_life(argv, nproc, env=extra, grace_s=grace_s, standby=spare)
             # A deterministic failure was said by its rank, on this terminal: one line, no echo.
             klass = ending.life_class(ending.read_words(end_dir), nproc)
             killed = _killed(result)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import re
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
@@ -42,7 +44,10 @@ def init(
     master_port: int,
     timeout_s: float = 600.0,
 ) -> None:
-    """Join the default group through a TCP rendezvous at master_addr:master_port."""
+    """Join the default group through a TCP rendezvous at master_addr:master_port (rank 0
+    serves it)."""
+    if rank != LEADER:
+        _wait_for_listener(master_addr, master_port, timeout_s)
     dist.init_process_group(
         backend=backend,
         init_method=f"tcp://{master_addr}:{master_port}",
@@ -50,6 +55,22 @@ def init(
         world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+
+
+def _wait_for_listener(addr: str, port: int, timeout_s: float) -> None:
+    """Return once something listens at addr:port (rank 0's store), or at the timeout. torch's
+    client backs off ~0.4 s after a refused connect, so a rank that starts a few ms before
+    rank 0 (the usual race when all start together) lost that much; plain connects retried
+    every few ms do not. At the timeout, init_process_group fails as it would have."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((addr, port), timeout=1.0).close()
+            return
+        except (ConnectionRefusedError, TimeoutError):  # not listening yet
+            time.sleep(0.005)
+        except OSError:  # a name that does not resolve, no route: torch says it its own way
+            return
 
 
 def teardown() -> None:

@@ -45,6 +45,7 @@ CLASSES = (FINISHED, STOPPED, TRANSIENT, DETERMINISTIC)  # in rising severity
 LIVES_DIR = "lives"
 # Set by a supervisor for the ranks it starts: which life this is, and where to say how it ended.
 LIFE_ID_VAR, END_DIR_VAR = "STOCKPOT_LIFE_ID", "STOCKPOT_END_DIR"
+STARTED_PREFIX = "started-"  # in the end dir: a rank past its life's first step
 
 # The step the rank is at, for a failure's signature (the session points it at its Progress).
 _where: list[Progress] = []
@@ -212,6 +213,26 @@ def lives(ends: Sequence[EndRecord]) -> list[dict[str, Any]]:
             "time": max(e.time for e in group),
         })  # fmt: skip
     return out
+
+
+def mark_started(environ: Mapping[str, str], rank: int) -> None:
+    """Tell a supervisor this rank trained its life's first step (`started-NNNNN` in its end
+    dir): the start-up is over, so what the supervisor does next (launch/standby.py) no longer
+    competes with it. Best effort, like `record`."""
+    end_dir = environ.get(END_DIR_VAR)
+    if end_dir:
+        try:
+            open(os.path.join(end_dir, f"{STARTED_PREFIX}{rank:05d}"), "w").close()
+        except OSError as exc:
+            log.warning("could not tell the supervisor rank %d started: %s", rank, exc)
+
+
+def started_ranks(end_dir: str) -> int:
+    """How many ranks of the life that writes to `end_dir` trained their first step."""
+    try:
+        return sum(name.startswith(STARTED_PREFIX) for name in os.listdir(end_dir))
+    except OSError:
+        return 0
 
 
 def life_class(words: Mapping[int, tuple[str, str]], nproc: int) -> str:

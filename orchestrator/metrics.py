@@ -218,16 +218,22 @@ class Deferred:
             call(self._sink)
 
 
+# Set by orchestrator.standby in a process started before its life: when it became a rank.
+HANDED_OVER_VAR = "STOCKPOT_HANDED_OVER_AT"
+
+
 class StartupClock:
     """When each phase of this rank's start ended, for the `startup` line: from the process's
     start to its first step, split where a restart's time goes (make bench: bench/load.py).
     Phases are marked in order (`Session`: imports, rendezvous, build, restore, logs,
     first_step); each lasts from the end of the one before, the first from the process's start
-    (unknown off Linux: then the split starts at the second)."""
+    (unknown off Linux: then the split starts at the second), or from a standby's hand-over
+    (orchestrator.standby: its imports done, it read its life's environment)."""
 
     def __init__(self) -> None:
         self._ends: list[tuple[str, float]] = []
-        self._start = process_start_time()
+        handed_over = os.environ.get(HANDED_OVER_VAR)  # a standby's wait is no start-up
+        self._start = float(handed_over) if handed_over else process_start_time()
 
     def mark(self, phase: str) -> None:
         """`phase` ended now; a phase marked again keeps its first end."""

@@ -190,6 +190,7 @@ class Session:
     def _first_step_done(self, step: int) -> None:
         """The checkpointer was offered this life's first step: the start-up is over."""
         self.startup.mark("first_step")
+        ending.mark_started(os.environ, self.env.rank)
         self.metrics.started(step, self.startup)
         self.metrics.open_deferred()  # TensorBoard's writer, after the first step
 

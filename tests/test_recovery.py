@@ -27,7 +27,11 @@ def lives(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize(
     ("fault", "parallel", "extra"),
-    [("kill", "ddp", ()), ("stop", "fsdp", ("trainer.collective_timeout_s=5",))],
+    # The kill's restart takes standby ranks (launch/standby.py); the hang's starts cold.
+    [
+        ("kill", "ddp", ("launcher.standby_after_s=0",)),
+        ("stop", "fsdp", ("trainer.collective_timeout_s=5",)),
+    ],
 )
 def test_a_rank_killed_or_hung_recovers_in_place_bit_identical(
     fault: str, parallel: str, extra: tuple[str, ...], tmp_path: Path, demo_reference

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from orchestrator import standby
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.format import CHECKPOINTS_DIR, TMP_PREFIX, load_flat, stored_items
 from orchestrator.storage import Store
@@ -93,12 +94,20 @@ def kill_job(job: subprocess.Popen) -> None:
 
 
 def ranks_of(job: subprocess.Popen) -> list[int]:
-    """The rank processes the spawner started, in rank order."""
+    """The rank processes the spawner started, in rank order (not its standbys, which
+    launch/standby.py starts beside them)."""
     try:
         text = Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text()
     except OSError:
         return []
-    return [int(c) for c in text.split()]
+    return [int(c) for c in text.split() if not _is_standby(int(c))]
+
+
+def _is_standby(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == standby.COMM
+    except OSError:
+        return False  # gone: not a rank either, but the caller's signal will say so
 
 
 def newest_step(store: Store) -> int:
