@@ -71,7 +71,7 @@ def test_a_kill_mid_upload_leaves_no_durable_commit(tmp_path: Path) -> None:
     commit of that step and its newest one verifies; the node's copy resumes the run."""
     run_dir, local, log = tmp_path / "run", tmp_path / "node", tmp_path / "run.log"
     argv = ["configs/demo.yaml", f"run.dir={run_dir}", f"checkpoint.local_dir={local}",
-            "trainer.max_steps=400", "checkpoint.every_steps=10", "checkpoint.upload_mb_s=0.2",
+            "trainer.max_steps=150", "checkpoint.every_steps=10", "checkpoint.upload_mb_s=0.2",
             *runs.SMALL_DATA]  # fmt: skip
     job = runs.start_job(argv, log)
     ckpts = run_dir / "checkpoints"
@@ -94,7 +94,7 @@ def test_a_kill_mid_upload_leaves_no_durable_commit(tmp_path: Path) -> None:
     newest = max(_local_steps(local))
     assert runs.stockpot_run(argv, log=log) == 0, log.read_text()[-3000:]
     assert f"restored step {newest} from the local tier" in log.read_text()
-    assert newest_step(run_dir) == 400
+    assert newest_step(run_dir) == 150
 
 
 def test_a_stop_makes_its_step_durable_or_says_it_is_not(tmp_path: Path) -> None:
