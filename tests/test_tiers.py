@@ -14,8 +14,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from devtools.s3server import FaultProxy
 from orchestrator.checkpoint import catalog
+from orchestrator.errors import ConfigError
 from orchestrator.metrics import read_metrics
 from orchestrator.storage import Store
 from tests import runs
@@ -205,3 +208,25 @@ def test_each_node_reads_its_own_copy_and_a_step_some_rank_cannot_reach_is_skipp
         assert "step 4 cannot be restored" in text, text[-2000:]
         assert "committed on other nodes only" in text
         assert "restored step 2 from the durable tier" in text
+
+
+def test_a_local_tier_of_another_run_is_swept_and_one_of_this_run_kept(tmp_path: Path) -> None:
+    """The tier names its run (TIER.json): a requeue of the same run keeps its commits, another
+    run's are removed when this run claims the dir, and so is an interrupted local save."""
+    from orchestrator.checkpoint.tiers import LocalTier, local_store
+
+    run, other, node = Store(str(tmp_path / "run")), Store(str(tmp_path / "other")), tmp_path / "n"
+    step = node / "checkpoints" / "step-000000010"
+    step.mkdir(parents=True)
+    (step / "MANIFEST.json").write_text("{}")
+    (node / "checkpoints" / ".tmp-step-000000020-abc").mkdir()
+    LocalTier(local_store(str(node), run), run)
+    assert (step / "MANIFEST.json").exists(), "this run's commits stay"
+    assert not (node / "checkpoints" / ".tmp-step-000000020-abc").exists()
+    LocalTier(local_store(str(node), other), other)
+    assert not step.exists(), "another run's commits are swept"
+    assert other.url in (node / "TIER.json").read_text()
+    with pytest.raises(ConfigError, match=r"checkpoint\.local_dir is run\.dir"):
+        local_store(str(tmp_path / "run"), run)
+    with pytest.raises(ConfigError, match="must be a directory on the node"):
+        local_store("s3://bucket/x", run)
