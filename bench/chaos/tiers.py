@@ -46,6 +46,9 @@ TIER_VARIANTS = {
 # or slow enough that an upload takes about as long as the whole 24-step run.
 CAPS = (None, 1.0, 4.0)
 GRACE_S = 60  # launcher.signal_delay_s in tier-stop: the flush has all it needs
+# tier-stop's task: the demo's numbers at >= 50 ms a step, so that the stop lands before the
+# run's end (see tests/fault_tasks.py's Paced); 24 steps take ~1.2 s more.
+PACED = ("task._target_=tests.fault_tasks.Paced", "task.step_s=0.05")
 CUT = re.compile(rf"^{re.escape(TMP_PREFIX)}step-(\d+)-")
 RESTORED = re.compile(r"restored step (\d+) from the (\S+) tier")
 
@@ -171,7 +174,7 @@ def stop(trial: Trial, work: Path, refs, rng: random.Random) -> None:
     cap = CAPS[rng.randrange(len(CAPS))]
     at, wiped = rng.randrange(1, MAX_STEPS - 2 * EVERY), rng.random() < 0.5
     trial.notes.update(cap=cap, at=at, wiped=wiped)
-    argv = tier_argv(str(run_dir), local, trial.variant, *cap_args(cap),
+    argv = tier_argv(str(run_dir), local, trial.variant, *cap_args(cap), *PACED,
                      f"launcher.signal_delay_s={GRACE_S}")  # fmt: skip
     job = jobs.start(argv, log)
     try:
