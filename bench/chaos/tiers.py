@@ -6,8 +6,8 @@ tier-kill    SIGKILL the whole job after a local commit, with uploads capped so 
              of a cut step; the restart restores the newest local commit from the node's copy.
 tier-wipe    SIGKILL after a durable commit, wipe the node's dir: the restart restores the
              durable tier's newest step.
-tier-outage  run.dir on S3; every checkpoint request fails (503) for a while from a random
-             commit on: training goes on, the steps at risk grow and are recorded, and once S3
+tier-outage  run.dir on S3; every checkpoint request fails (503) for 2-3 saves (sometimes on
+             past the run's end), from the start or from the first durable commit: training goes on, the steps at risk grow and are recorded, and once S3
              answers the uploads catch up (the final step durable). One run, exit 0.
 tier-stop    USR2 at a random step: exit 75 with the stop's step durable; the next run resumes
              from it (from the durable tier alone when the node's dir is wiped in between).
@@ -46,8 +46,9 @@ TIER_VARIANTS = {
 # or slow enough that an upload takes about as long as the whole 24-step run.
 CAPS = (None, 1.0, 4.0)
 GRACE_S = 60  # launcher.signal_delay_s in tier-stop: the flush has all it needs
-# tier-stop's task: the demo's numbers at >= 50 ms a step, so that the stop lands before the
-# run's end (see tests/fault_tasks.py's Paced); 24 steps take ~1.2 s more.
+# The task of tier-stop and tier-outage: the demo's numbers at >= 50 ms a step, so that a stop
+# lands before the run's end (see tests/fault_tasks.py's Paced) and an outage can begin after a
+# durable commit and span a few saves; 24 steps take ~1.2 s more.
 PACED = ("task._target_=tests.fault_tasks.Paced", "task.step_s=0.05")
 CUT = re.compile(rf"^{re.escape(TMP_PREFIX)}step-(\d+)-")
 RESTORED = re.compile(r"restored step (\d+) from the (\S+) tier")
@@ -204,19 +205,23 @@ def stop(trial: Trial, work: Path, refs, rng: random.Random) -> None:
 def outage(trial: Trial, work: Path, refs, rng: random.Random, s3) -> None:
     """tier-outage: see the module's docstring; `s3`: the chaos S3 environment."""
     url, local, log = f"{s3.bucket()}/run", work / "node", work / "run.log"
-    start, span = rng.randrange(0, 2 * EVERY + 1, EVERY), rng.randrange(2, 4) * EVERY
-    trial.notes.update(start=start, span=span)
+    after_durable, span = rng.random() < 0.5, rng.randrange(2, 4) * EVERY
+    past_end = rng.random() < 0.3  # and on after training ended, through two failed uploads
+    trial.notes.update(after_durable=after_durable, span=span, past_end=past_end)
     proxy = FaultProxy(upstream=s3._up()).start()
-    argv = tier_argv(url, local, trial.variant, "storage.s3.max_attempts=1")
+    argv = tier_argv(url, local, trial.variant, "storage.s3.max_attempts=1", *PACED)
     try:
         store = _store(url, s3)
         job = jobs.start(argv, log, s3.env(proxy.endpoint_url))
         try:
-            if start:
-                jobs.wait_for(lambda: newest_local(local) >= start, job, f"a commit at {start}")
+            if after_durable:  # else from the start: no step durable before it
+                jobs.wait_for(lambda: jobs.newest_step(store) > 0, job, "a durable commit")
             proxy.fail(f"/{CHECKPOINTS_DIR}/", status=503, times=None)
             began, before = newest_local(local), proxy.seen(f"/{CHECKPOINTS_DIR}/")
             jobs.wait_for(lambda: newest_local(local) >= began + span, job, "commits in the outage")
+            if past_end:
+                jobs.wait_for(lambda: newest_local(local) == MAX_STEPS and failed_uploads(log) >= 2,
+                              job, "two failed uploads after the final commit")  # fmt: skip
             failed = proxy.seen(f"/{CHECKPOINTS_DIR}/") - before  # each answered 503
             ended, durable = newest_local(local), jobs.newest_step(store)
             with proxy._lock:
@@ -236,8 +241,7 @@ def _judge_outage(
     """Training went on through the outage on the local tier, the steps at risk were recorded
     growing past one save's worth, and the uploads caught up once it ended."""
     began, ended, durable = seen
-    text = log.read_text(errors="replace")
-    failures = len(re.findall(r"upload of step \d+ to \S+ failed \(training goes on", text))
+    failures = failed_uploads(log)
     trial.faults += failures
     trial.notes.update(began=began, ended=ended, durable_then=durable, failures=failures,
                        requests_failed=failed)  # fmt: skip
@@ -253,6 +257,11 @@ def _judge_outage(
     check(jobs.newest_step(store) == MAX_STEPS, f"the final step is not durable: {risk}")
     check(any(r.get("event") == "durable" and r["step"] == MAX_STEPS for r in read_metrics(store)),
           "no durable event of the final step")  # fmt: skip
+
+
+def failed_uploads(log: Path) -> int:
+    text = log.read_text(errors="replace")
+    return len(re.findall(r"upload of step \d+ to \S+ failed \(training goes on", text))
 
 
 def _store(url: str, s3) -> Store:
