@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +55,18 @@ class Faulty(SyntheticClassification):
                 return False
             marker.write_text(f"{self.fault} rank {self.on_rank} step {self.at_step}\n")
         return True
+
+
+class Paced(SyntheticClassification):
+    """The demo's task with every batch's loss taking at least `step_s` more: the same numbers,
+    slower steps. Ranks agree on a stop about every 0.1 s of steps (orchestrator/cadence.py);
+    on the demo's ~3 ms steps that can be 30 steps apart, past the end of a 24-step run, so a
+    stop asked mid-run there can end as a finished run. Paced, it lands within a step or two."""
+
+    def __init__(self, step_s: float = 0.05, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.step_s = step_s
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        time.sleep(self.step_s)
+        return super().loss(model, batch)

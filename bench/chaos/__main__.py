@@ -1,6 +1,6 @@
 """`python -m bench.chaos [--trials N] [--only SCENARIO ...] [--s3-fault-rate R]` (`make chaos`).
 
-Runs N trials (quick mode: 16) round-robin over the scenarios, each variant in turn, prints a
+Runs N trials (quick mode: one cycle, 26) round-robin over the scenarios, each variant in turn, prints a
 line per trial and a summary, writes bench/chaos.json and (--readme) README's Reliability table.
 Exit 1 if any trial failed.
 """
@@ -19,15 +19,16 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.chaos import crashes, faults, inputs, jobs, report
+from bench.chaos import crashes, faults, inputs, jobs, report, tiers
 from bench.chaos.jobs import Trial
 from bench.chaos.s3env import S3Env, s3_faults
 from orchestrator.storage import Store
 
 # One cycle of the schedule: kills weigh most, every scenario appears.
-CYCLE = ("kill", "setup", "crash-kill", "corrupt", "kill", "s3", "disk-full", "kill", "corrupt",
-         "crash-bug", "hang", "setup", "kill", "corrupt", "setup", "crash-hang", "s3", "corrupt",
-         "setup", "kill", "corrupt", "setup")  # fmt: skip
+CYCLE = ("kill", "setup", "crash-kill", "tier-kill", "corrupt", "kill", "s3", "disk-full",
+         "tier-stop", "kill", "corrupt", "crash-bug", "hang", "tier-wipe", "setup", "kill",
+         "corrupt", "setup", "crash-hang", "tier-outage", "s3", "corrupt", "setup", "kill",
+         "corrupt", "setup")  # fmt: skip
 QUICK_TRIALS = len(CYCLE)
 
 
@@ -38,6 +39,7 @@ def variants(scenario: str) -> tuple[str, ...]:
         "disk-full": ("ddp-sync",),
         "hang": ("ddp-sync",),
         **crashes.CRASH_VARIANTS,
+        **tiers.TIER_VARIANTS,
         "setup": inputs.SETUPS,
         "corrupt": tuple(f"{t}:{d}" for d in inputs.DAMAGES for t in inputs.TARGETS),
     }[scenario]
@@ -68,6 +70,10 @@ class Suite:
             "hang": lambda t, w: faults.hung_rank(t, w, self.refs, rng),
             **dict.fromkeys(crashes.FAULT, lambda t, w: crashes.crash(t, w, self.refs, rng)),
             "s3": lambda t, w: s3_faults(t, w, self.refs, rng, self.s3),
+            "tier-kill": lambda t, w: tiers.kill(t, w, self.refs, rng),
+            "tier-wipe": lambda t, w: tiers.wipe(t, w, self.refs, rng),
+            "tier-stop": lambda t, w: tiers.stop(t, w, self.refs, rng),
+            "tier-outage": lambda t, w: tiers.outage(t, w, self.refs, rng, self.s3),
             "setup": lambda t, w: inputs.bad_setup(t, w, self.s3),
             "corrupt": lambda t, w: inputs.corrupt(t, w, self.refs, rng, self.base()),
         }[scenario]
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             trial = suite.trial(n, scenario, variant)
             trials.append(trial)
             mark = "ok  " if trial.ok else "FAIL"
-            print(f"{mark} {n:3d} {scenario:10s} {variant:26s} {trial.seconds:6.1f}s {trial.why}",
+            print(f"{mark} {n:3d} {scenario:11s} {variant:26s} {trial.seconds:6.1f}s {trial.why}",
                   flush=True)  # fmt: skip
     finally:
         suite.s3.close()

@@ -20,6 +20,10 @@ WHAT = {
     "crash-kill": "a rank SIGKILLs itself: one `stockpot run` restarts every rank, exits 0",
     "crash-hang": "a rank SIGSTOPs itself: its peer times out, every rank restarts, exit 0",
     "crash-bug": "a rank raises at the same step each life: one restart, then deterministic exit 1",
+    "tier-kill": "tiered checkpoints: SIGKILL the job (often mid-upload); restore the node's copy",
+    "tier-wipe": "tiered: SIGKILL, wipe the node's dir; restore the durable tier's newest step",
+    "tier-outage": "tiered on S3: checkpoint requests fail (503) a while; training goes on, catches up",
+    "tier-stop": "tiered: USR2 at a random step: its step durable at exit 75; resume from it",
     "corrupt": "random bytes / truncation / bit flip in a checkpoint file or config.yaml",
     "setup": "no credentials, 403, unknown bucket, unreachable endpoint, read-only dir: exit 2",
 }
