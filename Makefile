@@ -65,7 +65,7 @@ TORCH_TESTS := tests/format tests/test_checkpointer.py tests/test_checkpointer_a
 	tests/test_library_models.py tests/test_soup.py tests/test_soup_dist.py \
 	tests/test_soup_rules.py tests/test_soup_stream.py tests/test_soup_memory.py \
 	tests/test_strict_warnings.py tests/test_api.py tests/test_loader.py \
-	tests/test_training_extras.py tests/test_examples.py
+	tests/test_training_extras.py tests/test_examples.py tests/test_tiers.py
 
 test-torch: $(TORCH_VENV)/.stockpot-installed
 	$(TORCH_VENV)/bin/python -m pytest -m "not slurm" $(TORCH_TESTS)

@@ -140,7 +140,7 @@ def test_an_s3_outage_leaves_training_on_the_local_tier_until_it_catches_up(
     s3_faults.fail("/checkpoints/", status=503, times=None)
     job = runs.start_job(argv, log)
     runs.wait_until(lambda: len(_local_steps(local)) >= 2, "local commits during the outage", 120)
-    assert "upload of step" in log.read_text()
+    runs.wait_until(lambda: "upload of step" in log.read_text(), "a failed upload logged", 120)
     with s3_faults._lock:
         s3_faults.rules.clear()
     assert job.wait(timeout=300) == 0, log.read_text()[-3000:]

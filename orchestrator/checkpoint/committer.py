@@ -49,13 +49,17 @@ class Committer:
 
     def prepare(self, step: int) -> Attempt:
         """Where checkpoint `step` is written; the first save collects the garbage first."""
-        if not self._collected_garbage:
-            collect_garbage(self._store, self._commits)
-            self._collected_garbage = True
+        self.collect_garbage_once()
         # A bad checkpoint that the restore fell back past: this run writes its step again.
         if catalog.drop_if_bad(self._store, step_rel(step), checksums=self._checksums):
             self._manifests.pop(step_rel(step), None)
         return self._commits.prepare(step_rel(step))
+
+    def collect_garbage_once(self) -> None:
+        """What interrupted saves left (commit.py's GC), once per run: before the first save."""
+        if not self._collected_garbage:
+            collect_garbage(self._store, self._commits)
+            self._collected_garbage = True
 
     def commit(self, attempt: Attempt, snap: Snapshot, gathered: Any) -> CheckpointInfo:
         """Commit `snap` from every rank's files (`gathered`), with the manifest written last."""

@@ -210,6 +210,7 @@ class Tiered:
     # -- the durable side (the leader, on the upload thread) ------------------------------
 
     def _prepare(self, step: int) -> Attempt | None:
+        self._committer.collect_garbage_once()  # an upload a kill cut, even if none follows
         if self.run.exists(f"{step_rel(step)}/{MANIFEST_NAME}"):
             return None
         return self._committer.prepare(step)
