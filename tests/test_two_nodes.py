@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from devtools.s3server import S3Server
 from launch.jobs import job_state
 from orchestrator.metrics import read_metrics
 from orchestrator.storage import Store
@@ -78,19 +79,25 @@ def test_two_nodes_preempted_once_resume_on_both_and_end_bit_identical(
     host_logging_python: Path,
     tmp_path: Path,
     tmp_path_factory: pytest.TempPathFactory,
+    s3_server: S3Server,
+    s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With tiered checkpoints, a local dir per node (`${oc.env:SLURMD_NODENAME}`): the stop's
-    save commits on both nodes and is made durable in run.dir before the job exits; requeued
+    """With tiered checkpoints, a local dir per node (`${oc.env:SLURMD_NODENAME}`) and run.dir
+    on S3 (moto): the stop's save commits on both nodes and is made durable on S3 before the
+    job exits; requeued
     onto the same nodes, each rank reads its node's files from there and the other node's from
     run.dir. Then, with n2's dir wiped, a job on the same nodes restores the final step, n2's
     rank reading all from run.dir."""
     reference = reference_run(tmp_path_factory)
-    run_dir, nodes = tmp_path / "run", tmp_path / "nodes"
+    run_dir, nodes = f"{s3_bucket}/run", tmp_path / "nodes"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)  # ranks and this process
     tiers = (f"checkpoint.local_dir={nodes}/${{oc.env:SLURMD_NODENAME}}",)
     # The reference runs 2 ranks on one 2-CPU node: 1 CPU thread each (env.cpu_threads). One
     # rank per node would take 2, and a different thread count changes float reduction order:
     # pinned, so the two layouts can be compared bit for bit.
-    env = {"STOCKPOT_PYTHON": str(host_logging_python), "OMP_NUM_THREADS": "1"}
+    env = {"STOCKPOT_PYTHON": str(host_logging_python), "OMP_NUM_THREADS": "1",
+           "AWS_ENDPOINT_URL": s3_server.endpoint_url}  # fmt: skip
     job = sbatch(run_dir, "--nodes=2", "--ntasks-per-node=1", env=env, overrides=tiers)
     timings = preempt_once(job, run_dir)
     log = job.log()
