@@ -25,12 +25,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from orchestrator.storage import Store
+from orchestrator.errors import StorageError
+from orchestrator.storage import Store, redact
 
 log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.jsonl"
 _LINE_KEYS = ("step", "event", "restart", "time")  # what `record` adds; the rest are values
+HOLD_RETRY_S = 10.0  # how often `flush_soon` tries a run.dir that did not answer
 
 
 class Sink(Protocol):
@@ -55,6 +57,11 @@ class MetricsLog:
         self.run, self.enabled, self.restart = run, enabled, restart
         self.sinks: list[Sink] = list(sinks or []) if enabled else []
         self._pending: list[str] = []
+        self._held_since: float | None = None  # run.dir stopped answering a flush (monotonic)
+        self._tried = 0.0  # the last append's start (monotonic)
+        self._appending = threading.Lock()  # one append at a time (flush_soon's thread)
+        self._writer: threading.Thread | None = None
+        self._wake = threading.Event()
         self._born = time.monotonic()  # built at the start of the rank's process
         # An async save commits on the checkpointer's thread while the loop records steps.
         self._lock = threading.Lock()
@@ -140,14 +147,75 @@ class MetricsLog:
         values = {"checkpoint/upload_s": upload_s, "checkpoint/steps_at_risk": at_risk}
         self.record(step, values, event="durable")
 
-    def flush(self) -> None:
+    def flush(self, *, hold_on_failure: bool = False) -> None:
+        """Append what was recorded to metrics.jsonl and flush the sinks. With
+        `hold_on_failure`, a run.dir that does not answer keeps the lines in memory for the
+        next flush, with one warning per outage; otherwise its error fails the caller."""
         self.open_deferred()  # a flush before a commit writes everything recorded so far
+        self._append(hold_on_failure)
         with self._lock:
-            if self._pending:
-                self.run.append_bytes(METRICS_NAME, ("\n".join(self._pending) + "\n").encode())
-                self._pending.clear()
             for sink in list(self.sinks):
                 self._guarded(sink, sink.flush)
+
+    def flush_soon(self) -> None:
+        """`flush` on a thread of its own, holding the lines while run.dir does not answer
+        (tiered checkpoints: a save commits on the nodes and waits neither for run.dir nor for
+        its retries). A held flush is tried again every HOLD_RETRY_S, and at the next call."""
+        if not self.enabled:
+            return
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_soon, name="stockpot-metrics",
+                                            daemon=True)  # fmt: skip
+            self._writer.start()
+        self._wake.set()
+
+    @property
+    def held(self) -> int:
+        """Lines a failed flush holds in memory (lost if the process ends first)."""
+        return len(self._pending) if self._held_since is not None else 0
+
+    def _write_soon(self) -> None:
+        while True:
+            self._wake.wait(timeout=None if self._held_since is None else HOLD_RETRY_S)
+            self._wake.clear()
+            if self._held_since is not None and time.monotonic() - self._tried < HOLD_RETRY_S:
+                continue  # a save during an outage: its lines wait for the next try
+            self.flush(hold_on_failure=True)
+
+    def _append(self, hold_on_failure: bool) -> None:
+        """metrics.jsonl gets the pending lines; one appender at a time, and `record` goes on
+        meanwhile (the lines it adds wait for the next append)."""
+        with self._appending:
+            with self._lock:
+                lines = list(self._pending)
+            if not lines:
+                return
+            self._tried = time.monotonic()
+            try:
+                self.run.append_bytes(METRICS_NAME, ("\n".join(lines) + "\n").encode())
+            except (StorageError, OSError) as exc:
+                if not hold_on_failure:
+                    raise
+                if self._held_since is None:
+                    self._held_since = self._tried
+                    log.warning(
+                        "metrics: cannot append to %s (%s); training goes on, its lines are "
+                        "held in memory and written once it answers (lost if this life ends "
+                        "first)",
+                        self.run.path(METRICS_NAME),
+                        redact(" ".join(f"{type(exc).__name__}: {exc}".split())[:300]),
+                    )
+                return
+            with self._lock:
+                del self._pending[: len(lines)]
+            if self._held_since is not None:
+                log.warning(
+                    "metrics: %s answers again after %.0f s; %d held line(s) written",
+                    self.run.path(METRICS_NAME),
+                    time.monotonic() - self._held_since,
+                    len(lines),
+                )
+                self._held_since = None
 
     def _lines_of(self, step: int) -> list[dict[str, Any]]:
         """The lines of `step` in metrics.jsonl, oldest first; a line torn by a kill is skipped."""

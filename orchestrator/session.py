@@ -118,8 +118,9 @@ class Session:
                 self.store,
                 config=self.cfg.checkpoint,
                 # Metrics first: once a checkpoint commits, a resume never re-runs its steps,
-                # so their lines must already be durable (a kill in between would lose them).
-                before_save=self.metrics.flush,
+                # so their lines must already be durable (a kill in between would lose them);
+                # with tiers, not at the cost of the save (`_flush_metrics`).
+                before_save=self._flush_metrics,
                 on_commit=self.metrics.commit,
                 parallel=self.cfg.trainer.parallel,
                 config_hash=config_hash(self.cfg),
@@ -186,6 +187,14 @@ class Session:
         self.startup.mark("logs")
         self.restored_step = self.progress.step
         return self.progress.step
+
+    def _flush_metrics(self) -> None:
+        """Before each save. A tiered save commits on the nodes: the metrics lines go to run.dir
+        on a thread of their own (held in memory while it does not answer, an S3 outage)."""
+        if self.cfg.checkpoint.local_dir is None:
+            self.metrics.flush()
+        else:
+            self.metrics.flush_soon()
 
     def _first_step_done(self, step: int) -> None:
         """The checkpointer was offered this life's first step: the start-up is over."""
@@ -264,7 +273,10 @@ def commit_stop(
                 extra=LEADER_ONLY,
             )
     metrics.stopped(step, stop.signal_name)
-    metrics.flush()
+    metrics.flush(hold_on_failure=flushed is not None)  # tiered: the exit goes on regardless
+    if metrics.held:
+        log.warning("metrics: %d line(s) of this life are lost: run.dir did not answer",
+                    metrics.held, extra=LEADER_ONLY)  # fmt: skip
     since_signal = time.monotonic() - (stop.received_at or t0)
     log.warning(
         "stop requested (%s): step %d committed %.2f s after the signal; run again to resume",

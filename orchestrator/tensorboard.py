@@ -10,7 +10,9 @@ flushed that mark, or after, and the mark shows once either way.
 Where the files go: a local run dir gets them directly in `<run.dir>/tb/`. SummaryWriter only
 writes local files, so an `s3://` run writes to a local scratch dir and uploads each event file
 whole to `<run.dir>/tb/` at every flush (before each checkpoint commits and at the end); every
-life writes its own file, so uploads never overwrite another life's events.
+life writes its own file, so uploads never overwrite another life's events. An upload that
+fails (an S3 outage) is said once and done again at the next flush: the scratch dir keeps the
+events meanwhile.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from orchestrator.storage import Store
+from orchestrator.errors import StorageError
+from orchestrator.storage import Store, redact
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class TensorBoardWriter:
         # flush_secs: a killed run keeps what it logged up to ~10 s before the kill; what is
         # lost is re-trained after the resume anyway.
         self._writer = SummaryWriter(self.local_dir, purge_step=purge_step, flush_secs=10)
+        self._behind = False  # an upload failed; the next flush uploads again
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():
@@ -69,11 +73,29 @@ class TensorBoardWriter:
         self._writer.close()
         if self._remote:
             self._upload()
+            if self._behind:
+                log.warning("tensorboard: this life's last events are not in %s; they are in %s",
+                            self.run.path(TB_DIR), self.local_dir)  # fmt: skip
 
     def _upload(self) -> None:
-        for name in sorted(os.listdir(self.local_dir)):
-            with open(os.path.join(self.local_dir, name), "rb") as f:
-                self.run.write_bytes(f"{TB_DIR}/{name}", f.read())
+        try:
+            for name in sorted(os.listdir(self.local_dir)):
+                with open(os.path.join(self.local_dir, name), "rb") as f:
+                    self.run.write_bytes(f"{TB_DIR}/{name}", f.read())
+        except (StorageError, OSError) as exc:
+            if not self._behind:
+                log.warning(
+                    "tensorboard: cannot upload to %s (%s); the events wait in %s for the next "
+                    "flush",
+                    self.run.path(TB_DIR),
+                    redact(" ".join(f"{type(exc).__name__}: {exc}".split())[:300]),
+                    self.local_dir,
+                )
+            self._behind = True
+            return
+        if self._behind:
+            log.warning("tensorboard: %s answers again; events uploaded", self.run.path(TB_DIR))
+            self._behind = False
 
 
 def writer_opener(

@@ -179,3 +179,34 @@ def test_a_failing_sink_is_dropped_and_never_fails_a_commit(tmp_path: Path, capl
     assert metrics.sinks == [] and "No space left on device" in caplog.text
     metrics.flush()
     assert last_per_step(read_metrics(run), "loss") == {1: 1.0}
+
+
+def test_a_run_dir_that_does_not_answer_holds_the_lines_until_it_does(
+    tmp_path: Path, caplog
+) -> None:
+    """Tiered checkpoints flush the metrics on a thread of their own (`flush_soon`): a run.dir
+    that cannot take the append (here a file where its directory should be) holds the lines,
+    says so once, and writes them all, in order, once it answers; `flush` without
+    hold_on_failure still fails its caller."""
+    blocked = tmp_path / "run"
+    blocked.write_text("not a directory")
+    run = Store(str(blocked))
+    metrics = MetricsLog(run, enabled=True)
+    for step in (1, 2):
+        metrics.record(step, {"loss": float(step)})
+    with caplog.at_level("WARNING", logger="orchestrator.metrics"):
+        metrics.flush_soon()
+        runs.wait_until(lambda: metrics.held == 2, "the lines held")
+        metrics.record(3, {"loss": 3.0})
+        metrics.flush_soon()  # within HOLD_RETRY_S of the failed try: not tried again
+        with pytest.raises(OSError):
+            metrics.flush()
+        assert metrics.held == 3
+        blocked.unlink()
+        metrics.flush_soon()
+        metrics.flush(hold_on_failure=True)  # waits for the thread's append, if it runs
+    held = [r.getMessage() for r in caplog.records if "cannot append" in r.getMessage()]
+    assert len(held) == 1, held
+    assert any("answers again" in r.getMessage() for r in caplog.records)
+    assert metrics.held == 0
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]

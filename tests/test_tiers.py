@@ -130,26 +130,37 @@ def test_a_stop_makes_its_step_durable_or_says_it_is_not(tmp_path: Path) -> None
 def test_an_s3_outage_leaves_training_on_the_local_tier_until_it_catches_up(
     tmp_path: Path, s3_faults: FaultProxy, s3_bucket: str
 ) -> None:
-    """Every checkpoint request to S3 fails for a while: training goes on, the steps at risk
-    grow and are recorded, and once S3 answers again the newest step becomes durable."""
+    """S3 stops answering mid-run, every request of the run's bucket (checkpoints and metrics
+    alike): training goes on on the local tier, the steps at risk grow and are recorded, the
+    metrics lines are held; once S3 answers again the newest step becomes durable and every
+    line is in metrics.jsonl."""
     url = f"{s3_bucket}/tiers"
     local, log = tmp_path / "node", tmp_path / "run.log"
     argv = ["configs/demo.yaml", f"run.dir={url}", f"checkpoint.local_dir={local}",
             f"storage.s3.endpoint_url={s3_faults.endpoint_url}", "trainer.max_steps=160",
             "checkpoint.every_steps=10", "storage.s3.max_attempts=1", *runs.SMALL_DATA]  # fmt: skip
-    s3_faults.fail("/checkpoints/", status=503, times=None)
+    store = Store(url, runs_storage(s3_faults.endpoint_url))
     job = runs.start_job(argv, log)
-    runs.wait_until(lambda: len(_local_steps(local)) >= 2, "local commits during the outage", 120)
-    runs.wait_until(lambda: "upload of step" in log.read_text(), "a failed upload logged", 120)
+    runs.wait_until(lambda: newest_step_of(store) > 0, "a durable commit before the outage", 120)
+    s3_faults.fail(s3_bucket.removeprefix("s3://"), status=503, times=None)
+    first = max(_local_steps(local))
+    text = lambda: log.read_text()  # noqa: E731
+    runs.wait_until(lambda: max(_local_steps(local)) >= first + 30, "local commits", 120)
+    runs.wait_until(lambda: "upload of step" in text(), "a failed upload logged", 120)
+    runs.wait_until(lambda: "metrics: cannot append" in text(), "the metrics held", 120)
+    assert job.poll() is None, text()[-3000:]
     with s3_faults._lock:
         s3_faults.rules.clear()
-    assert job.wait(timeout=300) == 0, log.read_text()[-3000:]
-    store = Store(url, runs_storage(s3_faults.endpoint_url))
+    assert job.wait(timeout=300) == 0, text()[-3000:]
+    assert "held line(s) written" in text()
+    assert "tensorboard: cannot upload" in text() and "events uploaded" in text()
+    assert "no longer logging" not in text(), "TensorBoard is kept through the outage"
     assert newest_step_of(store) == 160
     records = read_metrics(store)
     risk = [r["checkpoint/steps_at_risk"] for r in records if r.get("event") == "commit"]
     assert max(risk) >= 20, risk
     assert any(r.get("event") == "durable" for r in records)
+    assert sorted({r["step"] for r in records if "loss" in r}) == list(range(25, 161, 25))
 
 
 def runs_storage(endpoint: str):  # type: ignore[no-untyped-def]

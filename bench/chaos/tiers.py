@@ -7,8 +7,11 @@ tier-kill    SIGKILL the whole job after a local commit, with uploads capped so 
 tier-wipe    SIGKILL after a durable commit, wipe the node's dir: the restart restores the
              durable tier's newest step.
 tier-outage  run.dir on S3; every checkpoint request fails (503) for 2-3 saves (sometimes on
-             past the run's end), from the start or from the first durable commit: training goes on, the steps at risk grow and are recorded, and once S3
-             answers the uploads catch up (the final step durable). One run, exit 0.
+             past the run's end), from the start or from the first durable commit (then half
+             the time every request of the bucket, metrics and TensorBoard too): training goes
+             on, the steps at risk grow and are recorded, and once S3 answers the uploads catch
+             up (the final step durable) and the held metrics lines are written. One run,
+             exit 0.
 tier-stop    USR2 at a random step: exit 75 with the stop's step durable; the next run resumes
              from it (from the durable tier alone when the node's dir is wiped in between).
 
@@ -204,10 +207,14 @@ def stop(trial: Trial, work: Path, refs, rng: random.Random) -> None:
 
 def outage(trial: Trial, work: Path, refs, rng: random.Random, s3) -> None:
     """tier-outage: see the module's docstring; `s3`: the chaos S3 environment."""
-    url, local, log = f"{s3.bucket()}/run", work / "node", work / "run.log"
+    bucket = s3.bucket()
+    url, local, log = f"{bucket}/run", work / "node", work / "run.log"
     after_durable, span = rng.random() < 0.5, rng.randrange(2, 4) * EVERY
     past_end = rng.random() < 0.3  # and on after training ended, through two failed uploads
-    trial.notes.update(after_durable=after_durable, span=span, past_end=past_end)
+    # A run cannot start without run.dir: a whole-bucket outage begins after a durable commit.
+    whole = after_durable and rng.random() < 0.5
+    failing = f"/{bucket.removeprefix('s3://')}" if whole else f"/{CHECKPOINTS_DIR}/"
+    trial.notes.update(after_durable=after_durable, span=span, past_end=past_end, whole=whole)
     proxy = FaultProxy(upstream=s3._up()).start()
     argv = tier_argv(url, local, trial.variant, "storage.s3.max_attempts=1", *PACED)
     try:
@@ -216,13 +223,15 @@ def outage(trial: Trial, work: Path, refs, rng: random.Random, s3) -> None:
         try:
             if after_durable:  # else from the start: no step durable before it
                 jobs.wait_for(lambda: jobs.newest_step(store) > 0, job, "a durable commit")
-            proxy.fail(f"/{CHECKPOINTS_DIR}/", status=503, times=None)
-            began, before = newest_local(local), proxy.seen(f"/{CHECKPOINTS_DIR}/")
-            jobs.wait_for(lambda: newest_local(local) >= began + span, job, "commits in the outage")
+            proxy.fail(failing, status=503, times=None)
+            began, before = newest_local(local), proxy.seen(failing)
+            # Until 2-3 saves and one failed upload (a fast run's first upload may come late).
+            jobs.wait_for(lambda: newest_local(local) >= began + span and failed_uploads(log) > 0,
+                          job, "commits and a failed upload in the outage")  # fmt: skip
             if past_end:
                 jobs.wait_for(lambda: newest_local(local) == MAX_STEPS and failed_uploads(log) >= 2,
                               job, "two failed uploads after the final commit")  # fmt: skip
-            failed = proxy.seen(f"/{CHECKPOINTS_DIR}/") - before  # each answered 503
+            failed = proxy.seen(failing) - before  # each answered 503
             ended, durable = newest_local(local), jobs.newest_step(store)
             with proxy._lock:
                 proxy.rules.clear()
@@ -232,6 +241,13 @@ def outage(trial: Trial, work: Path, refs, rng: random.Random, s3) -> None:
     finally:
         proxy.stop()
     _judge_outage(trial, log, code, store, (began, ended, durable), failed)
+    if whole:
+        text = log.read_text(errors="replace")
+        check("metrics: cannot append" in text, "the metrics were never held in the outage")
+        check("held line(s) written" in text, "the held metrics lines were not written")
+        logged = {r["step"] for r in read_metrics(store) if "loss" in r}
+        want = set(range(1, MAX_STEPS + 1))  # trainer.log_every=1
+        check(logged >= want, f"metrics.jsonl lacks the losses of steps {sorted(want - logged)}")
     jobs.judge(store, refs(trial.variant.split("-")[0]), log, parts=STATE)
 
 
