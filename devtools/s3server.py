@@ -162,13 +162,16 @@ class FaultProxy:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
     _links: tuple[Throttle, Throttle] | None = None  # (up, down), with a rate
+    carried: list[int] = field(default_factory=lambda: [0, 0])  # body bytes (up, down)
 
     def __post_init__(self) -> None:
         if self.rate_mb_s is not None:
             self._links = (Throttle(self.rate_mb_s), Throttle(self.rate_mb_s))
 
     def carry(self, n: int, up: bool) -> None:
-        """Wait until the capped link has carried n more bytes (no wait without a cap)."""
+        """Count n more body bytes, and wait until a capped link has carried them."""
+        with self._lock:
+            self.carried[0 if up else 1] += n
         if self._links is not None:
             self._links[0 if up else 1].take(n)
 

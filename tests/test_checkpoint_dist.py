@@ -109,8 +109,8 @@ def test_async_save_written_while_training_goes_on_holds_its_step(
 
 
 def test_a_bad_file_found_by_another_rank_falls_back_on_every_rank(tmp_path: Path) -> None:
-    """Ranks split the checksum pass of a restore (catalog.share): a flipped byte in a file
-    rank 1 checks makes every rank skip that checkpoint and load the previous one."""
+    """A flipped byte in one file (one rank 1 would check in a split pass, catalog.share; its
+    load hashes what it reads) makes every rank skip that checkpoint and load the previous one."""
     run = str(tmp_path / "run")
     _run(run, {}, tmp_path, 2, "--steps", "4", "--save-every", "2",
          "--dump", str(tmp_path / "at2.pt"), "--dump-at", "2")  # fmt: skip

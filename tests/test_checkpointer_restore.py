@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 from pathlib import Path
 
 import pytest
+import torch
 
+from devtools.s3server import FaultProxy
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint import checkpointer as checkpointer_module
 from orchestrator.checkpoint.checkpointer import MANUAL
@@ -23,6 +24,7 @@ from tests.checkpointer_fixtures import (
     train,
 )
 from tests.ckpt_helpers import assert_same
+from tests.fixtures.s3 import s3_storage
 
 
 def test_flipped_byte_falls_back_loudly_to_the_previous_checkpoint(tmp_path: Path, caplog) -> None:
@@ -43,36 +45,39 @@ def test_flipped_byte_falls_back_loudly_to_the_previous_checkpoint(tmp_path: Pat
         fresh_restore(str(tmp_path), step=2)
 
 
-def test_the_newest_checkpoint_is_checked_while_it_loads(tmp_path: Path, monkeypatch) -> None:
+def test_the_newest_checkpoint_is_checked_by_its_own_load(tmp_path: Path, monkeypatch) -> None:
     """The small files (DCP's `.metadata`, unpickled by the load; the rank's state) are checked
-    before the load starts; the shards' checksum pass runs on its own thread while the main one
-    loads them (restoring.py), so their bytes come from disk once; the state is the saved one."""
+    before the load starts; the shards are hashed by the load as it reads them (a Tap), so
+    their bytes are read once and no separate pass reads them; the state is the saved one."""
     model, optim = model_and_optimizer()
     train(model, optim)
     ckpt = checkpointer(Store(str(tmp_path)), model, optim)
     ckpt.save(1)
     at_one = {k: v.clone() for k, v in model.state_dict().items()}
-    seen: list[tuple[str, bool]] = []  # (what: the files checked or "load", on the main thread)
+    seen: list[str] = []  # the files verified apart, or "load"
+    taps = []
     verify, load_shards = catalog.verify, checkpointer_module.load_shards
 
-    def on_main() -> bool:
-        return threading.current_thread() is threading.main_thread()
-
     def spying(*args, names, **kwargs):
-        seen.append((" ".join(sorted(names)), on_main()))
+        seen.append(" ".join(sorted(names)))
         return verify(*args, names=names, **kwargs)
 
-    def loading(*args, **kwargs):
-        seen.append(("load", on_main()))
-        return load_shards(*args, **kwargs)
+    def loading(*args, tap, **kwargs):
+        seen.append("load")
+        taps.append(tap)
+        return load_shards(*args, tap=tap, **kwargs)
 
     monkeypatch.setattr(catalog, "verify", spying)
     monkeypatch.setattr(checkpointer_module, "load_shards", loading)
     restored, _, info = fresh_restore(str(tmp_path))
     assert info.step == 1
     assert_same(at_one, restored.state_dict())
-    assert seen[0] == (".metadata ranks/rank-00000.json", True)
-    assert sorted(seen[1:]) == [("__0_0.distcp __0_optim.distcp", False), ("load", True)]
+    assert seen == [".metadata ranks/rank-00000.json", "load"]
+    assert sorted(taps[0].got) == ["__0_0.distcp", "__0_optim.distcp"]
+    step = tmp_path / "checkpoints/step-000000001"
+    assert {n: e.size for n, e in taps[0].got.items()} == {
+        n: (step / n).stat().st_size for n in taps[0].got
+    }
 
 
 def test_no_verifying_checkpoint_refuses_to_start_over(tmp_path: Path) -> None:
@@ -119,3 +124,34 @@ def test_tampered_dcp_metadata_cannot_run_code(tmp_path: Path) -> None:
     with pytest.raises(CheckpointCorrupt, match=r"refusing to load posix\.system"):
         stored_items(Store(str(tmp_path)), "checkpoints/step-000000001")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_restore_from_s3_downloads_the_checkpoint_once(
+    s3_faults: FaultProxy, s3_bucket: str
+) -> None:
+    """The load verifies the shards it reads (a Tap): a restore from S3 downloads the
+    checkpoint's bytes about once (shards, small files, manifests and listings), not twice
+    (the load, then a checksum pass over the same shards). Counted at the proxy, in bytes."""
+    storage = s3_storage(s3_faults.endpoint_url)
+    url = f"{s3_bucket}/run"
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.Linear(1024, 256))
+    optim = torch.optim.AdamW(model.parameters())
+    train_wide(model, optim)
+    checkpointer(Store(url, storage), model, optim).save(1)
+    saved = catalog.scan(Store(url, storage)).latest()
+    assert saved is not None
+    size = saved.manifest.total_bytes
+    fresh = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.Linear(1024, 256))
+    fresh_optim = torch.optim.AdamW(fresh.parameters())
+    before = s3_faults.carried[1]
+    info = checkpointer(Store(url, storage), fresh, fresh_optim).restore()
+    down = s3_faults.carried[1] - before
+    assert info is not None and info.step == 1
+    assert_same(model.state_dict(), fresh.state_dict())
+    assert size <= down < 1.2 * size, f"{down} bytes downloaded for a {size}-byte checkpoint"
+
+
+def train_wide(model: torch.nn.Module, optim: torch.optim.Optimizer) -> None:
+    model(torch.randn(4, 256)).pow(2).mean().backward()
+    optim.step()

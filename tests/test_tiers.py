@@ -208,6 +208,21 @@ def test_each_node_reads_its_own_copy_and_a_step_some_rank_cannot_reach_is_skipp
     text = (tmp_path / "rank0.log").read_text()
     assert "restored step 4 from the durable+local tier" in text, text[-2000:]
 
+    # A node copy that no longer matches the manifest (checked by the load that reads it) is
+    # removed, and the step loaded again with that file from the durable tier.
+    bad = tmp_path / "node0/checkpoints/step-000000004/__0_0.distcp"
+    raw = bytearray(bad.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    bad.write_bytes(bytes(raw))
+    (tmp_path / "rank0.log").unlink()
+    _ranks(run, tmp_path, 2, "--parallel", "fsdp", "--steps", "0", "--restore",
+           "--local-dir", nodes, "--dump", str(back))  # fmt: skip
+    assert_same(load_dump(saved), load_dump(back))
+    text = (tmp_path / "rank0.log").read_text()
+    assert "step 4: a node copy failed verification" in text and "__0_0.distcp" in text, text
+    assert "restored step 4 from the durable+local tier" in text, text[-2000:]
+    assert not bad.exists(), "the bad node copy is removed"
+
     shutil.rmtree(run / "checkpoints" / "step-000000004")
     for nproc, parallel in ((2, "fsdp"), (2, "ddp"), (1, "fsdp")):
         (tmp_path / "rank0.log").unlink()

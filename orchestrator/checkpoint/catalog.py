@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 from orchestrator.checkpoint.format import (
     CHECKPOINTS_DIR,
+    CHECKSUM_ALGORITHM,
     MANIFEST_NAME,
+    FileEntry,
     Manifest,
     hash_stream,
     is_shard_file,
@@ -140,11 +142,18 @@ def verify(
         elif checksums or not is_shard_file(name):
             with ckpt.open_read(name) as stream:
                 got = hash_stream(stream, chunk=chunk)
-            if got.checksum != entry.checksum:
-                problems.append(
-                    f"{ckpt.path(name)}: checksum mismatch ({manifest.checksum_algorithm})"
-                )
+            if problem := mismatch(ckpt.path(name), got, entry):
+                problems.append(problem)
     return problems
+
+
+def mismatch(path: str, got: FileEntry, want: FileEntry) -> str | None:
+    """How a file's size and checksum as read differ from its manifest entry, or None."""
+    if got.size != want.size:
+        return f"{path}: size {got.size} != {want.size} in manifest"
+    if got.checksum != want.checksum:
+        return f"{path}: checksum mismatch ({CHECKSUM_ALGORITHM})"
+    return None
 
 
 def small_files(manifest: Manifest) -> set[str]:

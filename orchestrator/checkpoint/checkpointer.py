@@ -33,6 +33,7 @@ from orchestrator.checkpoint.commit import Attempt
 from orchestrator.checkpoint.committer import Committer
 from orchestrator.checkpoint.format import (
     FileEntry,
+    Tap,
     decode_rank_state,
     encode_rank_state,
     hash_bytes,
@@ -282,10 +283,10 @@ class Checkpointer:
 
         absent: list[str] = []
 
-        def load(info: CheckpointInfo) -> None:
+        def load(info: CheckpointInfo, tap: Tap | None) -> None:
             absent[:] = self._absent(info, shared)
             present = {k: v for k, v in shared.items() if k not in absent}
-            load_shards(present, self.store, info.data_rel, self._group)
+            load_shards(present, self.store, info.data_rel, self._group, tap=tap)
 
         info = restoring.newest_loaded(
             self.store, infos, load if shared else None, self._group,

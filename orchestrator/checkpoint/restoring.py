@@ -3,12 +3,13 @@
 Verification (sizes and xxh3 of every file against the manifest) is split between the ranks
 (catalog.share). Nothing is parsed before it verifies: the small files (DCP's `.metadata`, an
 unpickler's input on every rank; the per-rank state JSON) are checked, and the outcome agreed,
-before the load starts. The shards' checksum pass, for the newest candidate, runs on a thread
-*while* the ranks load them: the load and the pass read the same bytes, so the bulk of the
-checkpoint comes from disk once instead of twice (for a checkpoint bigger than the page cache, a
-whole cold read saved). A candidate is used only when every rank's checks pass; a bad one is
-reported and the previous one verified first, then loaded, over whatever the bad one left in
-the state.
+before the load starts. The newest candidate's shards are hashed by the load itself (format's
+Tap): each file a rank's load reads mostly is read front to back and hashed as it goes, so the
+bulk of the checkpoint is read once, not twice (on S3, downloaded once; on disk, a cold read
+saved when it is bigger than the page cache); the files no rank's load read so are checked
+apart, split between the ranks, after the load. A candidate is used only when every rank's
+checks pass; a bad one is reported and the previous one verified first, then loaded, over
+whatever the bad one left in the state.
 
 When committed checkpoints exist and none verifies, the restore raises: starting the run over
 would train from scratch on top of a state that may hold part of a bad checkpoint, and its
@@ -19,16 +20,20 @@ this once. Nothing committed at all is a fresh start (None).
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import dist
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.catalog import CheckpointInfo
+from orchestrator.checkpoint.format import Manifest
 from orchestrator.errors import CheckpointCorrupt
 from orchestrator.storage import Store
 
-Load = Callable[[CheckpointInfo], None]  # reads a checkpoint into the registered state
+if TYPE_CHECKING:
+    from orchestrator.checkpoint.format import Tap
+
+# Reads a checkpoint into the registered state (hashing what the Tap asks for, when given).
+Load = Callable[[CheckpointInfo, "Tap | None"], None]
 
 
 def candidates(run: Store, step: int | None) -> list[CheckpointInfo]:
@@ -61,7 +66,7 @@ def newest_loaded(
         else:
             problems = _problems(run, info, group, checksums=checksums)
             if not problems and load is not None:
-                load(info)
+                load(info, None)
         if not problems:
             return info
         if exact:
@@ -90,30 +95,47 @@ def _everyones(found: list[str], group: Any) -> list[str]:
 def _load_while_verifying(
     run: Store, info: CheckpointInfo, load: Load, group: Any, *, checksums: bool
 ) -> list[str]:
-    """The small files first, then `load` on this thread while this rank's share of the shards
-    is checked on another. Every rank's load unpickles `.metadata` and each rank parses its own
-    state file, so the small files are checked (split between the ranks) and the outcome agreed
-    before any load starts: a bad one is reported once, never parsed (DCP logs what its reader
-    raised with a traceback, on every rank). Only the shards, the bulk of the bytes, are read
-    once. A load that fails on a checkpoint whose checks fail is one more sign it is bad; one
-    that fails on a checkpoint that verifies is raised (DCP fails every rank's load alike)."""
+    """The small files first, then `load`, which hashes the shards it reads (a Tap); then the
+    shards no rank's load hashed are checked apart. Every rank's load unpickles `.metadata`
+    and each rank parses its own state file, so the small files are checked (split between
+    the ranks) and the outcome agreed before any load starts: a bad one is reported once,
+    never parsed (DCP logs what its reader raised with a traceback, on every rank). A load
+    that fails on a checkpoint whose checks fail is one more sign it is bad; one that fails on
+    a checkpoint that verifies is raised (DCP fails every rank's load alike)."""
+    from orchestrator.checkpoint.format import Tap
+
     small = catalog.small_files(info.manifest)
     problems = _everyones(_my_share(run, info, group, checksums, small), group)
     if problems:
         return problems
-    shards = set(info.manifest.files) - small
-    with ThreadPoolExecutor(1, "stockpot-verify") as pool:
-        checking = pool.submit(_my_share, run, info, group, checksums, shards)
-        failed: BaseException | None = None
-        try:
-            load(info)
-        except Exception as exc:
-            failed = exc
-        found = checking.result()
+    manifest = info.manifest
+    shards = set(manifest.files) - small
+    plain = {name: manifest.data_path(name) for name in _dcp_names(manifest, shards)}
+    tap = Tap({name: manifest.files[path] for name, path in plain.items()}) if checksums else None
+    failed: BaseException | None = None
+    try:
+        load(info, tap)
+    except Exception as exc:
+        failed = exc
+    got = tap.got if tap is not None else {}
+    ckpt = run.child(info.rel)
+    found = [
+        problem
+        for name, entry in sorted(got.items())
+        if (problem := catalog.mismatch(ckpt.path(plain[name]), entry, manifest.files[plain[name]]))
+    ]
+    hashed = {plain[n] for names in dist.all_gather_objects(sorted(got), group) for n in names}
+    found += _my_share(run, info, group, checksums, shards - hashed)
     problems = _everyones(found, group)
     if failed is not None and not problems:
         raise failed
     return problems
+
+
+def _dcp_names(manifest: Manifest, names: Collection[str]) -> list[str]:
+    """`names` (relative to the checkpoint dir) as DCP names them (relative to its data dir)."""
+    prefix = f"{manifest.data_dir}/" if manifest.data_dir else ""
+    return [n[len(prefix) :] for n in names if n.startswith(prefix)]
 
 
 def _my_share(

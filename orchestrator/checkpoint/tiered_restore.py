@@ -9,15 +9,15 @@ cannot reach a file (a step committed only on other nodes, or wiped there), ever
 to the next candidate together: a local-only step is never resumed by ranks that cannot read it.
 
 Verification is restoring.py's, per copy: every copy some rank reads is checked against the
-manifest by one of the ranks that read that copy (spread by bytes), while the load runs. A bad
-node copy is removed and the step loaded again from the durable tier; a bad durable copy makes
-the step bad, as without tiers.
+manifest, by the load that reads it (format's Tap: a copy a rank's load reads mostly is hashed
+as it is read) or else, after the load, by one of the ranks that read it (spread by bytes). A
+bad node copy is removed and the step loaded again from the durable tier; a bad durable copy
+makes the step bad, as without tiers.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from orchestrator.checkpoint.format import (
     METADATA_NAME,
     FileEntry,
     Manifest,
+    Tap,
     Unreachable,
     hash_stream,
     is_shard_file,
@@ -218,16 +219,19 @@ def _try(
     problems = [p for ps, _ in everyone for p in ps]
     if problems:
         return _failed(copies, found, problems, group)
-    checks = _my_checks(copies, [reads for _, reads in everyone], me)
-    with ThreadPoolExecutor(1, "stockpot-verify") as pool:
-        checking = pool.submit(_check_all, copies, checks, checksums)
-        failed: BaseException | None = None
-        try:
-            load_shards({k: v for k, v in shared.items() if k not in absent}, run_of(copies),
-                        "", group, copies.sources)  # fmt: skip
-        except (CheckpointError, Unreachable) as exc:
-            failed = exc
-        found = checking.result()
+    tap = Tap({n: copies.entries[n] for n in needed if is_shard_file(n)}) if checksums else None
+    failed: BaseException | None = None
+    try:
+        load_shards({k: v for k, v in shared.items() if k not in absent}, run_of(copies),
+                    "", group, copies.sources, tap)  # fmt: skip
+    except (CheckpointError, Unreachable) as exc:
+        failed = exc
+    got = tap.got if tap is not None else {}
+    found = [(n, p) for n, entry in sorted(got.items()) if (p := _mismatch(copies, n, entry))]
+    hashed = {tuple(pair) for pairs in dist.all_gather_objects(
+        sorted((n, copies.kinds[n]) for n in got), group) for pair in pairs}  # fmt: skip
+    reads = [[p for p in pairs if tuple(p) not in hashed] for _, pairs in everyone]
+    found += _check_all(copies, _my_checks(copies, reads, me), checksums)
     problems = [p for ps in dist.all_gather_objects([p for _, p in found], group) for p in ps]
     if failed is not None and not problems:
         raise failed
@@ -274,6 +278,12 @@ def _my_checks(copies: _Copies, reads: list[list[tuple[str, str]]], me: int) -> 
 
 def _check_all(copies: _Copies, names: list[str], checksums: bool) -> list[tuple[str, str]]:
     return [(n, p) for n in names if (p := _check(copies, n, checksums=checksums))]
+
+
+def _mismatch(copies: _Copies, name: str, got: FileEntry) -> str | None:
+    """How this rank's copy of `name`, as its load read it, differs from the manifest."""
+    store, rel = copies.sources[name]
+    return catalog.mismatch(store.path(rel), got, copies.entries[name])
 
 
 def _check(copies: _Copies, name: str, *, checksums: bool) -> str | None:

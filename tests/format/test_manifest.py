@@ -13,6 +13,7 @@ import torch
 from orchestrator.checkpoint.format import (
     FileEntry,
     Hasher,
+    HashingReader,
     Manifest,
     check_confined,
     decode_rank_state,
@@ -122,3 +123,27 @@ def test_rank_state_refuses_what_json_cannot_carry_back() -> None:
         encode_rank_state({"__bytes__": "x"})
     with pytest.raises(ValueError, match="unknown tensor dtype 'Tensor'"):
         decode_rank_state(b'{"x":{"__tensor__":"","dtype":"Tensor","shape":[0]}}')
+
+
+def test_a_hashing_reader_hashes_every_byte_of_a_file_read_in_order() -> None:
+    """What a load reads through a HashingReader: pieces with gaps between them (seeks forward
+    read and hash the gap), some into a buffer; `finish` reads the tail. The checksum is the
+    whole file's; a backward seek gives it up (None), and reads still return the right bytes."""
+    data = bytes(range(256)) * 100
+    reader = HashingReader(io.BytesIO(data), chunk=1000)
+    reader.seek(10)
+    assert reader.read(5) == data[10:15]
+    reader.seek(7000)
+    buf = bytearray(300)
+    assert reader.readinto(memoryview(buf)) == 300 and bytes(buf) == data[7000:7300]
+    assert reader.tell() == 7300
+    assert reader.finish() == hash_bytes(data)
+    back = HashingReader(io.BytesIO(data))
+    back.seek(500)
+    back.seek(100)
+    assert back.read(4) == data[100:104]
+    assert back.finish() is None
+    past = HashingReader(io.BytesIO(data))
+    past.seek(len(data) + 10)
+    assert past.read(1) == b""
+    assert past.finish() == hash_bytes(data)

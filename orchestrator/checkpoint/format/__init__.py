@@ -10,11 +10,12 @@ stalls the shard writer):
   `MODEL_KEY`, `OPTIM_KEY`, `step_dirname`, `step_rel`, `parse_step_dirname`,
   `rank_state_name`, `is_optimizer_item`, `optimizer_file_name`, `is_optimizer_file`,
   `SHARD_SUFFIX`, `is_shard_file`
-- the commit record (manifest.py): `Manifest`, `FileEntry`, `Hasher`, `hash_bytes`,
-  `hash_stream`, `check_confined`, `library_versions`
+- the commit record (manifest.py): `Manifest`, `FileEntry`, `CHECKSUM_ALGORITHM`, `Hasher`,
+  `HashingReader`, `hash_bytes`, `hash_stream`, `check_confined`, `library_versions`
 - per-rank state as JSON (rank_state.py): `encode_rank_state`, `decode_rank_state`
 - DCP shards (dcp_io.py, dcp_write.py): `save_shards`, `load_shards`, `load_flat`, `DiskFull`,
-  `LazyTensors` (what a background save's lazy copy offers the writer)
+  `Tap` (a load that verifies what it reads), `LazyTensors` (what a background save's lazy
+  copy offers the writer)
 - what a checkpoint stores (index.py, stored.py): `stored_items`, `StoredTensor`, `Piece`
 - one stored piece (pieces.py): `HEAD_BYTES`, `Layout`, `tensor_layout`, `plain_data_offset`,
   `decode_piece`
@@ -50,8 +51,10 @@ from orchestrator.checkpoint.format.layout import (
     step_rel,
 )
 from orchestrator.checkpoint.format.manifest import (
+    CHECKSUM_ALGORITHM,
     FileEntry,
     Hasher,
+    HashingReader,
     Manifest,
     check_confined,
     hash_bytes,
@@ -81,6 +84,7 @@ from orchestrator.checkpoint.format.stored import Piece, StoredTensor
 if TYPE_CHECKING:  # imported on first use (torch, DCP): see __getattr__
     from orchestrator.checkpoint.format.dcp_io import (
         DiskFull,
+        Tap,
         Unreachable,
         load_flat,
         load_shards,
@@ -105,6 +109,7 @@ _LAZY = {
     "load_shards": "dcp_io",
     "needed_files": "dcp_io",
     "read_metadata": "dcp_io",
+    "Tap": "dcp_io",
     "Unreachable": "dcp_io",
     "save_shards": "dcp_io",
     "LazyTensors": "dcp_write",
@@ -121,6 +126,7 @@ _LAZY = {
 __all__ = [
     "BATCH_BYTES",
     "CHECKPOINTS_DIR",
+    "CHECKSUM_ALGORITHM",
     "DTYPE_CODES",
     "DTYPE_NAMES",
     "HEAD_BYTES",
@@ -134,6 +140,7 @@ __all__ = [
     "DiskFull",
     "FileEntry",
     "Hasher",
+    "HashingReader",
     "Layout",
     "LazyTensors",
     "Loader",
@@ -141,6 +148,7 @@ __all__ = [
     "Piece",
     "Sink",
     "StoredTensor",
+    "Tap",
     "TensorEntry",
     "Unreachable",
     "batches",

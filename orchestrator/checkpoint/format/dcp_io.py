@@ -47,7 +47,7 @@ from orchestrator.checkpoint.format.dcp_write import (
     StoreFileSystem,
 )
 from orchestrator.checkpoint.format.layout import METADATA_NAME
-from orchestrator.checkpoint.format.manifest import FileEntry
+from orchestrator.checkpoint.format.manifest import FileEntry, HashingReader
 from orchestrator.dist import one_line
 from orchestrator.errors import CheckpointCorrupt, CheckpointError
 from orchestrator.storage import Store
@@ -121,12 +121,35 @@ class _RoutedFileSystem(StoreFileSystem):
             yield stream
 
 
+HASH_SHARE = 0.5  # a load that reads this share of a file's bytes reads and hashes all of it
+
+
+class Tap:
+    """Verification in a load's own pass (restoring.py, tiered_restore.py): `expected` names the
+    files to check (as DCP names them) with their manifest entries. A file the load reads at
+    least HASH_SHARE of is read front to back, every byte hashed (the gaps between its items
+    and its tail too), and `got` holds its size and checksum; one read less, or out of order,
+    is not in `got`, and the caller checks it apart. On S3 a restore then downloads each file
+    once instead of twice (the load, and the checksum pass beside it)."""
+
+    def __init__(self, expected: Mapping[str, FileEntry]) -> None:
+        self.expected = dict(expected)
+        self.got: dict[str, FileEntry] = {}
+
+    def wants(self, name: str, reading: int) -> bool:
+        entry = self.expected.get(name)
+        return entry is not None and reading >= HASH_SHARE * entry.size
+
+
 class _Reader(FileSystemReader):
     """DCP's reader on the store's filesystem (what its FsspecReader is on one it builds), or on
-    several (`sources`: tiered checkpoints)."""
+    several (`sources`: tiered checkpoints); with a `tap`, hashing what it reads."""
 
-    def __init__(self, store: Store, rel: str, sources: Sources | None = None) -> None:
+    def __init__(
+        self, store: Store, rel: str, sources: Sources | None = None, tap: Tap | None = None
+    ) -> None:
         super().__init__(store.path(rel))
+        self.tap = tap
         self.path = store.path(rel)  # a str: a URL is no Path
         fs = StoreFileSystem(store) if sources is None else _RoutedFileSystem(self.path, sources)
         self.fs: StoreFileSystem = fs  # type: ignore[assignment]
@@ -159,7 +182,11 @@ class _Reader(FileSystemReader):
                 per_file.setdefault(info.relative_path, []).append(item)
         for rel, items in per_file.items():
             path = self.fs.concat_path(self.path, rel)
-            with self.fs.create_stream(path, "rb") as stream:
+            reading = sum(self.storage_data[i.storage_index].length for i in items)
+            with self.fs.create_stream(path, "rb") as raw:
+                tapped = self.tap is not None and self.tap.wants(rel, reading)
+                hashing = HashingReader(raw) if tapped else None
+                stream = hashing or raw
                 for item in sorted(items, key=lambda i: self.storage_data[i.storage_index].offset):
                     info = self.storage_data[item.storage_index]
                     if item.type == LoadItemType.BYTE_IO:  # in the same pass: one read a file
@@ -173,6 +200,8 @@ class _Reader(FileSystemReader):
                     except (ValueError, EOFError, RuntimeError) as exc:
                         raise CheckpointCorrupt(f"{path}: {item.dest_index.fqn}: {exc}") from exc
                     planner.commit_tensor(item, target)
+                if hashing is not None and self.tap is not None and (entry := hashing.finish()):
+                    self.tap.got[rel] = entry
         if other:
             return super().read_data(LoadPlan(other, plan.storage_data), planner)
         done: Future[None] = Future()
@@ -243,17 +272,23 @@ def _raise_if_disk_full(mine: str | None, store: Store, rel: str, group: Any) ->
 
 
 def load_shards(
-    state: dict[str, Any], store: Store, rel: str, group: Any = None, sources: Sources | None = None
+    state: dict[str, Any],
+    store: Store,
+    rel: str,
+    group: Any = None,
+    sources: Sources | None = None,
+    tap: Tap | None = None,
 ) -> None:
     """Fill `state` in place from the checkpoint at `rel`, resharding to this world's layout
-    (`sources`: each file from the store it names instead). A damaged file raises
+    (`sources`: each file from the store it names instead; `tap`: hashing the files it reads
+    mostly, see Tap). A damaged file raises
     CheckpointCorrupt naming it (what our reader raised, on any rank); any other failure (a
     state the checkpoint does not fit) a one-line CheckpointError."""
     try:
         with _quiet_single_process():
             dcp.load(
                 state,
-                storage_reader=_Reader(store, rel, sources),
+                storage_reader=_Reader(store, rel, sources, tap),
                 planner=_SafeLoadPlanner(),
                 process_group=group,
                 no_dist=not dist.is_initialized(),

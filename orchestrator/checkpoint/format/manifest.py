@@ -171,3 +171,48 @@ def hash_stream(stream: Any, chunk: int = 8 << 20) -> FileEntry:
     while block := stream.read(chunk):
         h.update(block)
     return h.entry()
+
+
+class HashingReader:
+    """A binary stream read in order, every byte hashed: a forward seek reads (and hashes) the
+    bytes it skips and `finish` reads the rest, so a load that reads a file verifies it in the
+    same pass (dcp_io's Tap). A backward seek gives the hash up (`finish` is then None)."""
+
+    def __init__(self, stream: Any, chunk: int = 8 << 20) -> None:
+        self._stream, self._chunk = stream, chunk
+        self._hasher, self._pos, self._whole = Hasher(), 0, True
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self._stream.read(n)
+        self._took(data)
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        got = self._stream.readinto(buf) or 0
+        self._took(memoryview(buf).cast("B")[:got])
+        return got
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != 0 or offset < self._pos:
+            self._whole = False
+            self._pos = self._stream.seek(offset, whence)
+            return self._pos
+        while self._pos < offset and self.read(min(offset - self._pos, self._chunk)):
+            pass
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def finish(self) -> FileEntry | None:
+        """Size and checksum of the whole stream (read to its end), or None if not read in order."""
+        if not self._whole:
+            return None
+        while self.read(self._chunk):
+            pass
+        return self._hasher.entry()
+
+    def _took(self, data: Any) -> None:
+        if self._whole:
+            self._hasher.update(data)
+        self._pos += len(data)
