@@ -296,10 +296,12 @@ def _tier_restores(trainee: Trainee, args: dict[str, Any], tier: Path) -> None:
             ckpt = _s3_checkpointer(args, trainee, keep=1, prefix="tiered",
                                     local_dir=None if name == "untiered" else tier)  # fmt: skip
             said.lines.clear()
+            _mark(args, f"{r}-{name}-start")  # the bytes between the marks: the restore's
             s = timed(ckpt.restore)
+            _mark(args, f"{r}-{name}-end")
             ckpt.close()
             read = next((x for x in said.lines if x.startswith("restored")), "")
-            emit(repeat=r, variant=name, s=s, bytes=size, said=read)
+            emit(repeat=r, variant=name, s=s, bytes=size, said=read, world=dist.world_size())
             if dist.rank() == 0 and name == "durable":
                 shutil.rmtree(tier)
                 aside.rename(tier)

@@ -6,7 +6,8 @@ s3.py's proxy capped at 50 MB/s, the same link for both sides of every figure.
   runs in the background, against the steps just before it.
 - Restore: a fresh Checkpointer restoring the newest step with the local tier intact (read
   cold) vs with it moved away (every file from S3); an untiered restore of the same durable
-  copy is in the note, so the tiered fallback's cost shows.
+  copy is in the note, so the tiered fallback's cost shows. And the bytes a restore from S3
+  downloads (counted at the proxy between marks) against what the ranks' loads read.
 
 One start of the ranks for both (bench/phases.py tiers_phase).
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Row, Sizes, median, ranks, ratio_row
-from bench.s3 import CAP_MB_S, bucket_name, moto_server
+from bench.s3 import CAP_MB_S, MARK, bucket_name, moto_server
 from devtools.s3server import FAKE_ENV, FaultProxy
 
 
@@ -45,6 +46,28 @@ def save_rows(lines: list[dict[str, Any]]) -> list[Row]:
                   note=f"step {median([x['base_step_s'] for x in tiered]):.3f} s; "
                   f"{median([x['steps_during'] for x in tiered]):.0f} steps during an upload"),
     ]  # fmt: skip
+
+
+def downloaded(proxy: FaultProxy) -> dict[str, int]:
+    """Bytes the proxy sent down between each `NAME-start` and `NAME-end` mark (phases._mark)."""
+    at: dict[str, int] = {}
+    for (_method, path), down in zip(proxy.requests, proxy.down_at, strict=True):
+        if f"/{MARK}/" in path:
+            at[path.rsplit("/", 1)[1]] = down
+    return {k.removesuffix("-end"): at[k] - at[k.replace("-end", "-start")]
+            for k in at if k.endswith("-end")}  # fmt: skip
+
+
+def bytes_row(lines: list[dict[str, Any]], down: dict[str, int]) -> Row:
+    """A restore straight from S3 should download what the loads read, once: under DDP every
+    rank reads the whole checkpoint, so the floor is its bytes times the ranks."""
+    ratios = {v: median([down[f"{x['repeat']}-{v}"] / (x["bytes"] * x["world"])
+                         for x in _by(lines, v)]) for v in ("untiered", "durable")}  # fmt: skip
+    x = _by(lines, "untiered")[0]
+    return ratio_row("S3 restore: bytes downloaded / bytes the ranks' loads read", ratios["untiered"],
+                     "<= 1.10", at_most=1.10,
+                     note=f"{x['bytes'] / 1e6:.0f} MB x {x['world']} ranks (DDP: each reads it "
+                     f"whole); tiered with the tier removed {ratios['durable']:.2f}")  # fmt: skip
 
 
 def restore_row(lines: list[dict[str, Any]]) -> Row:
@@ -73,6 +96,7 @@ def measure(sizes: Sizes, work: Path) -> list[Row]:
                     "endpoint": proxy.endpoint_url, "bucket": bucket_name(endpoint),
                     "work": str(work / "tiers")}  # fmt: skip
             lines = ranks("bench.worker", ["tiers", json.dumps(args)], env=FAKE_ENV)
+            down = downloaded(proxy)
         finally:
             proxy.stop()
-    return [*save_rows(lines), restore_row(lines)]
+    return [*save_rows(lines), restore_row(lines), bytes_row(lines, down)]

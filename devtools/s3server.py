@@ -163,6 +163,7 @@ class FaultProxy:
     _server: ThreadingHTTPServer | None = None
     _links: tuple[Throttle, Throttle] | None = None  # (up, down), with a rate
     carried: list[int] = field(default_factory=lambda: [0, 0])  # body bytes (up, down)
+    down_at: list[int] = field(default_factory=list)  # carried[1] as each request came
 
     def __post_init__(self) -> None:
         if self.rate_mb_s is not None:
@@ -201,6 +202,7 @@ class FaultProxy:
     def record(self, method: str, path: str) -> None:
         with self._lock:
             self.requests.append((method, path))
+            self.down_at.append(self.carried[1])
 
     def decide(self, method: str, path: str) -> Rule | None:
         """The rule that answers this request (None: forward it); records the request. A
