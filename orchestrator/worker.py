@@ -59,7 +59,22 @@ def run_rank(cfg: Config, env: DistEnv) -> RankEnd:
         end = ending.make_end(_life(env), env.rank, klass, cause, world=env.world_size)
         # Every rank finished or stopped alike: the leader's record says it for the run dir.
         ending.record(_run_store(cfg) if env.is_leader else None, os.environ, end)
+    if not outcome.finished:
+        _leave_together()
     return RankEnd(outcome.exit_code, outcome)
+
+
+def _leave_together() -> None:
+    """A stopped rank exits once every rank is done with its stop (the leader's last metrics
+    lines and records): a launcher that ends the job when one rank exits non-zero (torchrun,
+    `srun --kill-on-bad-exit`) must not cut the others short, or the job ends killed, not
+    stopped, and is not requeued."""
+    from orchestrator import dist
+
+    try:
+        dist.barrier()
+    except Exception as exc:  # a peer gone already: nothing left to wait for
+        logging.getLogger("stockpot").warning("ranks did not leave together: %s", exc)
 
 
 def _failed(cfg: Config, env: DistEnv, exc: Exception) -> RankEnd:

@@ -10,7 +10,6 @@ resolves on both; they share the filesystem, so the pytest tmp dir serves as sha
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -181,14 +180,23 @@ def _ranks_of(job_id: str) -> list[int]:
 
 
 def _fail_node(job_id: str, node: str) -> None:
-    """What a dead node looks like: no slurmd, marked down, its ranks gone without a word."""
+    """What a dead node looks like: every process on it (its slurmd, the slurmd's forked
+    children, slurmstepd, the job's rank) killed at once, then marked down. Killing only the
+    slurmd of the PID file once left a forked child that answered slurmctld 0.4 s after the
+    node was marked down, and ReturnToService=2 put the node back in service."""
     pid_file = Path(os.environ.get("STOCKPOT_SLURM_DIR", "/var/tmp/stockpot-slurm"))
-    os.kill(int((pid_file / "run" / f"slurmd-{node}.pid").read_text()), signal.SIGKILL)
-    slurm("scontrol", "update", f"nodename={node}", "state=down", "reason=node-failure-test")
+    slurmd = int((pid_file / "run" / f"slurmd-{node}.pid").read_text())
+    uts = os.readlink(f"/proc/{slurmd}/ns/uts")  # each node is a UTS namespace of its own
+    assert uts != os.readlink("/proc/self/ns/uts"), f"{node} is not a node of its own here"
     killed = 0
-    for pid, env, _ in _environs(job_id):
-        if f"SLURMD_NODENAME={node}".encode() in env:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.readlink(proc / "ns/uts") != uts:
+                continue
+            ours = f"SLURM_JOB_ID={job_id}".encode() in (proc / "environ").read_bytes()
+            os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+        killed += ours
+    slurm("scontrol", "update", f"nodename={node}", "state=down", "reason=node-failure-test")
     assert killed, f"no process of job {job_id} on {node}"
