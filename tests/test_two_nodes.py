@@ -10,6 +10,7 @@ resolves on both; they share the filesystem, so the pytest tmp dir serves as sha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -188,15 +189,16 @@ def _fail_node(job_id: str, node: str) -> None:
     slurmd = int((pid_file / "run" / f"slurmd-{node}.pid").read_text())
     uts = os.readlink(f"/proc/{slurmd}/ns/uts")  # each node is a UTS namespace of its own
     assert uts != os.readlink("/proc/self/ns/uts"), f"{node} is not a node of its own here"
-    killed = 0
-    for proc in Path("/proc").glob("[0-9]*"):
+    on_node: dict[int, bool] = {}  # pid -> a process of the job; all found before any dies
+    for proc in Path("/proc").glob("[0-9]*"):  # (a task may die with its slurmstepd)
         try:
-            if os.readlink(proc / "ns/uts") != uts:
-                continue
-            ours = f"SLURM_JOB_ID={job_id}".encode() in (proc / "environ").read_bytes()
-            os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
+            if os.readlink(proc / "ns/uts") == uts:
+                env = (proc / "environ").read_bytes()
+                on_node[int(proc.name)] = f"SLURM_JOB_ID={job_id}".encode() in env
+        except OSError:
             continue
-        killed += ours
+    assert any(on_node.values()), f"no process of job {job_id} on {node}"
+    for pid in on_node:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     slurm("scontrol", "update", f"nodename={node}", "state=down", "reason=node-failure-test")
-    assert killed, f"no process of job {job_id} on {node}"
