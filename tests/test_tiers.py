@@ -153,7 +153,8 @@ def test_an_s3_outage_leaves_training_on_the_local_tier_until_it_catches_up(
         s3_faults.rules.clear()
     assert job.wait(timeout=300) == 0, text()[-3000:]
     assert "held line(s) written" in text()
-    assert "tensorboard: cannot upload" in text() and "events uploaded" in text()
+    if "tensorboard: cannot upload" in text():  # when its flush came within the outage
+        assert "events uploaded" in text()
     assert "no longer logging" not in text(), "TensorBoard is kept through the outage"
     assert newest_step_of(store) == 160
     records = read_metrics(store)

@@ -4,7 +4,8 @@
 # times), after a deterministic failure it ends the job. It, not a rank, calls scontrol: the
 # ranks may run in a container without Slurm's binaries. submitit's command below never runs.
 export SUBMITIT_EXECUTOR=slurm
-stockpot_say() { echo "stockpot supervisor: $(date '+%F %T.%3N') $*"; }
+# The time from bash itself: a `$(date)` once died under the signals of the requeue just made.
+stockpot_say() { local t=$EPOCHREALTIME; printf 'stockpot supervisor: %(%F %T)T.%s %s\n' "${t%.*}" "${t: -6:3}" "$*"; }
 STOCKPOT_JOB=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
 STOCKPOT_JOB=${STOCKPOT_JOB:-$SLURM_JOB_ID}
 STOCKPOT_OUT=%j
