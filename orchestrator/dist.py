@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar, cast
 import torch
 import torch.distributed as dist
 
-from orchestrator.errors import StockpotError
+from orchestrator.errors import one_line  # re-exported: where ranks' problems are told
 
 T = TypeVar("T")
 LEADER = 0  # global rank that decides for everyone (commits, chooses what to restore)
@@ -227,12 +227,3 @@ def lost_peer(exc: BaseException) -> str | None:
         f"rank {me}: a collective failed: {who} died, left or hung past "
         f"trainer.collective_timeout_s ({text[:200]})"
     )
-
-
-def one_line(exc: BaseException) -> str:
-    """A problem as it travels between ranks and into logs: one line. Our own errors read as
-    their message (it is written for the user); anything else is prefixed with its type."""
-    text = " ".join(str(exc).split())[:500]
-    if isinstance(exc, StockpotError) and text:
-        return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -47,3 +47,12 @@ class CheckpointCorrupt(StockpotError):
 
     exit_code = 3
     restart = "never"  # restore already fell back to an older one when it could
+
+
+def one_line(exc: BaseException) -> str:
+    """A problem as it travels between ranks and into logs: one line. Our own errors read as
+    their message (it is written for the user); anything else is prefixed with its type."""
+    text = " ".join(str(exc).split())[:500]
+    if isinstance(exc, StockpotError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

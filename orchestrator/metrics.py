@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from orchestrator.errors import StorageError
+from orchestrator.errors import StorageError, one_line
 from orchestrator.storage import Store, redact
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class MetricsLog:
                         "held in memory and written once it answers (lost if this life ends "
                         "first)",
                         self.run.path(METRICS_NAME),
-                        redact(" ".join(f"{type(exc).__name__}: {exc}".split())[:300]),
+                        redact(one_line(exc)),
                     )
                 return
             with self._lock:

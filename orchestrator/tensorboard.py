@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from orchestrator.errors import StorageError
+from orchestrator.errors import StorageError, one_line
 from orchestrator.storage import Store, redact
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class TensorBoardWriter:
                     "tensorboard: cannot upload to %s (%s); the events wait in %s for the next "
                     "flush",
                     self.run.path(TB_DIR),
-                    redact(" ".join(f"{type(exc).__name__}: {exc}".split())[:300]),
+                    redact(one_line(exc)),
                     self.local_dir,
                 )
             self._behind = True
