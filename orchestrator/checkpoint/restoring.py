@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 from orchestrator import dist
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.catalog import CheckpointInfo
-from orchestrator.checkpoint.format import Manifest
 from orchestrator.errors import CheckpointCorrupt
 from orchestrator.storage import Store
 
@@ -110,8 +109,8 @@ def _load_while_verifying(
         return problems
     manifest = info.manifest
     shards = set(manifest.files) - small
-    plain = {name: manifest.data_path(name) for name in _dcp_names(manifest, shards)}
-    tap = Tap({name: manifest.files[path] for name, path in plain.items()}) if checksums else None
+    data = {n: e for n, e in manifest.data_files().items() if manifest.data_path(n) in shards}
+    tap = Tap(data) if checksums else None
     failed: BaseException | None = None
     try:
         load(info, tap)
@@ -122,20 +121,16 @@ def _load_while_verifying(
     found = [
         problem
         for name, entry in sorted(got.items())
-        if (problem := catalog.mismatch(ckpt.path(plain[name]), entry, manifest.files[plain[name]]))
+        if (problem := catalog.mismatch(ckpt.path(manifest.data_path(name)), entry, data[name]))
     ]
-    hashed = {plain[n] for names in dist.all_gather_objects(sorted(got), group) for n in names}
+    hashed = {
+        manifest.data_path(n) for ns in dist.all_gather_objects(sorted(got), group) for n in ns
+    }
     found += _my_share(run, info, group, checksums, shards - hashed)
     problems = _everyones(found, group)
     if failed is not None and not problems:
         raise failed
     return problems
-
-
-def _dcp_names(manifest: Manifest, names: Collection[str]) -> list[str]:
-    """`names` (relative to the checkpoint dir) as DCP names them (relative to its data dir)."""
-    prefix = f"{manifest.data_dir}/" if manifest.data_dir else ""
-    return [n[len(prefix) :] for n in names if n.startswith(prefix)]
 
 
 def _my_share(

@@ -99,7 +99,7 @@ class _Copies:
     """This rank's view of one candidate: each file's name (as DCP names it) -> (store, path)."""
 
     def __init__(self, c: Candidate, tier: LocalTier, run: Store) -> None:
-        self.c, self.entries = c, _plain_names(c.manifest)
+        self.c, self.entries = c, c.manifest.data_files()
         here = c.local is not None and tier.node_ranks[0] in c.nodes
         self.sources: dict[str, tuple[Store, str]] = {}
         self.kinds: dict[str, str] = {}  # name -> DURABLE or this node's key
@@ -122,12 +122,6 @@ class _Copies:
             store, rel = self.sources[name]
             if self.kinds[name] != DURABLE:
                 store.delete(rel)
-
-
-def _plain_names(manifest: Manifest) -> dict[str, FileEntry]:
-    """The manifest's files by the names DCP uses (relative to the data dir)."""
-    prefix = f"{manifest.data_dir}/" if manifest.data_dir else ""
-    return {n[len(prefix) :]: e for n, e in manifest.files.items() if n.startswith(prefix)}
 
 
 def restore(
@@ -296,8 +290,7 @@ def _check(copies: _Copies, name: str, *, checksums: bool) -> str | None:
             return f"{store.path(rel)}: size {size} != {entry.size} in manifest"
         if checksums or not is_shard_file(name):
             with store.open_read(rel) as stream:
-                if hash_stream(stream).checksum != entry.checksum:
-                    return f"{store.path(rel)}: checksum mismatch"
+                return _mismatch(copies, name, hash_stream(stream))
     except FileNotFoundError:
         return f"{store.path(rel)}: missing"
     return None

@@ -58,6 +58,12 @@ class Manifest:
         """Path of a data file (as DCP names it) relative to the checkpoint directory."""
         return f"{self.data_dir}/{name}" if self.data_dir else name
 
+    def data_files(self) -> dict[str, FileEntry]:
+        """The data files by the names DCP uses (relative to the data dir): `data_path`'s
+        inverse over `files`."""
+        prefix = f"{self.data_dir}/" if self.data_dir else ""
+        return {n[len(prefix) :]: e for n, e in self.files.items() if n.startswith(prefix)}
+
     @property
     def total_bytes(self) -> int:
         return sum(entry.size for entry in self.files.values())
