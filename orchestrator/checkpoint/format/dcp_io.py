@@ -184,8 +184,7 @@ class _Reader(FileSystemReader):
             path = self.fs.concat_path(self.path, rel)
             reading = sum(self.storage_data[i.storage_index].length for i in items)
             with self.fs.create_stream(path, "rb") as raw:
-                tapped = self.tap is not None and self.tap.wants(rel, reading)
-                hashing = HashingReader(raw) if tapped else None
+                hashing = HashingReader(raw) if self.tap and self.tap.wants(rel, reading) else None
                 stream = hashing or raw
                 for item in sorted(items, key=lambda i: self.storage_data[i.storage_index].offset):
                     info = self.storage_data[item.storage_index]
